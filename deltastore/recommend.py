@@ -1,0 +1,98 @@
+"""`deltaserve recommend`: delta statistics and the method the DAREx pipeline picks.
+
+The pipeline (Deng et al. 2024): if you control training, fine-tune with AdamR-L2
+and prune with DARE/DAREx-q. Otherwise look at the delta: large deltas (continued
+pre-training, mean |delta| around 1e-2) prune better by importance (magnitude,
+WANDA); ordinary SFT deltas (mean |delta| around 1e-3 or less) by DAREx-q, with q
+searched on labels (q_v) when you have them, on calibration text (q_e) when not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from deltastore.sources import FinetuneSource
+
+# Between the paper's "large" (~1e-2) and "small" (~1e-3 or less): the geometric middle.
+LARGE_DELTA = 3e-3
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    name: str
+    numel: int
+    mean: float
+    mean_abs: float
+    std: float
+    max_abs: float
+    base_mean_abs: float
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    method: str
+    q_search: str | None
+    reason: str
+    mean_abs: float
+    std: float
+    max_abs: float
+    relative: float  # mean |delta| / mean |base weight|
+    tensors: list[TensorStats]
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def delta_stats(ft: FinetuneSource, progress: bool = True) -> list[TensorStats]:
+    out = []
+    names = ft.base.names()
+    for name, d in tqdm(ft.deltas(), total=len(names), desc="stats", disable=not progress):
+        d64 = d.to(torch.float64)
+        base_abs = float(ft.base.get(name).to(torch.float64).abs().mean())
+        out.append(
+            TensorStats(
+                name,
+                d.numel(),
+                float(d64.mean()),
+                float(d64.abs().mean()),
+                float(d64.std(correction=0)),
+                float(d64.abs().max()),
+                base_abs,
+            )
+        )
+    return out
+
+
+def _on(have_labels: bool) -> str:
+    return "on labels (q_v)" if have_labels else "on calibration text (q_e)"
+
+
+def recommend(stats: list[TensorStats], have_labels: bool = False) -> Recommendation:
+    if not stats:
+        raise ValueError("the fine-tune does not change any tensor of the base")
+    n = sum(s.numel for s in stats)
+    mean_abs = sum(s.mean_abs * s.numel for s in stats) / n
+    # pooled std over all entries, from each tensor's mean and (population) std
+    mean = sum(s.mean * s.numel for s in stats) / n
+    second = sum((s.std**2 + s.mean**2) * s.numel for s in stats) / n
+    std = math.sqrt(max(second - mean**2, 0.0))
+    max_abs = max(s.max_abs for s in stats)
+    base_abs = sum(s.base_mean_abs * s.numel for s in stats) / n
+    relative = mean_abs / base_abs if base_abs else math.inf
+    if mean_abs >= LARGE_DELTA:
+        method, q_search = "magnitude", None
+        reason = (
+            f"mean |delta| = {mean_abs:.2e} >= {LARGE_DELTA:.0e}: a large delta (continued "
+            "pre-training scale), where importance-based pruning beats random drop"
+        )
+    else:
+        method, q_search = "darex-q", ("labelled" if have_labels else "unlabelled")
+        reason = (
+            f"mean |delta| = {mean_abs:.2e} < {LARGE_DELTA:.0e}: an ordinary SFT delta, where "
+            f"DAREx-q holds at high p; q searched {_on(have_labels)}"
+        )
+    return Recommendation(method, q_search, reason, mean_abs, std, max_abs, relative, stats)

@@ -1,0 +1,1 @@
+"""deltaserve's serving side: the HTTP app, engine and scheduler, and the CLI."""

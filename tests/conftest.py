@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny Llama models built in the test (never downloaded)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer with no merges: 256 byte tokens plus <eos> and <pad>."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    vocab |= {"<eos>": len(vocab), "<pad>": len(vocab) + 1}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_config(**kw: object) -> LlamaConfig:
+    cfg = dict(
+        vocab_size=260,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=256,
+        pad_token_id=257,
+        bos_token_id=None,
+    )
+    cfg.update(kw)
+    return LlamaConfig(**cfg)
+
+
+def make_model(seed: int = 0, **kw: object) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_config(**kw)).eval()
+
+
+def perturbed(model: LlamaForCausalLM, scale: float, seed: int) -> LlamaForCausalLM:
+    """A 'fine-tune': every parameter moved by Gaussian noise of std scale*std(W)."""
+    g = torch.Generator().manual_seed(seed)
+    ft = LlamaForCausalLM(model.config).eval()
+    ft.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in ft.parameters():
+            std = float(p.std()) if p.numel() > 1 else 1.0
+            p.add_(torch.randn(p.shape, generator=g) * scale * max(std, 1e-3))
+    return ft
+
+
+def save(model: LlamaForCausalLM, path: Path, **kw: object) -> Path:
+    model.save_pretrained(path, **kw)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    base = make_model(0)
+    ft = perturbed(base, 0.05, seed=1)
+    text = " ".join(
+        random.Random(0).choice(["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran"])
+        for _ in range(600)
+    )
+    (root / "calib.txt").write_text(text)
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(4)]
+    (root / "val.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return {
+        "base": save(base, root / "base"),
+        "ft": save(ft, root / "ft"),
+        "calib": root / "calib.txt",
+        "val": root / "val.jsonl",
+        "root": root,
+    }

@@ -1,0 +1,133 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from server.cli import main
+
+
+def _run(*args):
+    return main([str(a) for a in args])
+
+
+def test_compress_inspect_recommend_materialize(tmp_path, tiny_dirs, capsys):
+    out = tmp_path / "bot.delta.safetensors"
+    rc = _run(
+        "compress",
+        tiny_dirs["base"],
+        tiny_dirs["ft"],
+        "-o",
+        out,
+        "--method",
+        "darex-q",
+        "--rate",
+        "0.9",
+        "--q-search",
+        "unlabelled",
+        "--calib",
+        tiny_dirs["calib"],
+        "--calib-tokens",
+        "256",
+        "--seq-len",
+        "64",
+        "--q-step",
+        "0.1",
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "q search (unlabelled)" in text and "<- chosen" in text
+    assert "bytes per kept entry" in text
+
+    assert _run("inspect", out, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "darex-q" and info["rate"] == 0.9 and info["kept"] > 0
+    assert info["q_search"]["mode"] == "unlabelled"
+
+    assert _run("inspect", out, "--tensors") == 0
+    assert "model.embed_tokens.weight" in capsys.readouterr().out
+
+    assert _run("recommend", tiny_dirs["base"], tiny_dirs["ft"]) == 0
+    assert "recommended: --method" in capsys.readouterr().out
+
+    assert _run("materialize", tiny_dirs["base"], out, "-o", tmp_path / "hf") == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_errors_are_clear_and_exit_2(tmp_path, tiny_dirs, capsys):
+    out = tmp_path / "d.safetensors"
+    assert (
+        _run(
+            "compress",
+            tiny_dirs["base"],
+            tiny_dirs["ft"],
+            "-o",
+            out,
+            "--method",
+            "dare",
+            "--rate",
+            "1.0",
+        )
+        == 2
+    )
+    assert "rate" in capsys.readouterr().err
+    assert not out.exists()
+    assert (
+        _run(
+            "compress",
+            tiny_dirs["base"],
+            tmp_path / "missing",
+            "-o",
+            out,
+            "--method",
+            "dare",
+            "--rate",
+            "0.5",
+        )
+        == 2
+    )
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "junk.safetensors").write_bytes(b"junk" * 10)
+    assert _run("inspect", tmp_path / "junk.safetensors") == 2
+    assert "not a readable safetensors" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _run(
+            "compress",
+            tiny_dirs["base"],
+            tiny_dirs["ft"],
+            "-o",
+            out,
+            "--method",
+            "ties",
+            "--rate",
+            "0.5",
+        )
+    assert "darex-q" in capsys.readouterr().err
+
+
+def test_existing_output_needs_force(tmp_path, tiny_dirs, capsys):
+    out = tmp_path / "d.safetensors"
+    args = [
+        "compress",
+        tiny_dirs["base"],
+        tiny_dirs["ft"],
+        "-o",
+        out,
+        "--method",
+        "dare",
+        "--rate",
+        "0.5",
+    ]
+    assert _run(*args) == 0
+    assert _run(*args) == 2
+    assert "--force" in capsys.readouterr().err
+    assert _run(*args, "--force") == 0
+
+
+@pytest.mark.parametrize("cmd", [[], ["compress"], ["inspect"], ["recommend"], ["materialize"]])
+def test_help(cmd):
+    res = subprocess.run(
+        [sys.executable, "-m", "server.cli", *cmd, "--help"], capture_output=True, text=True
+    )
+    assert res.returncode == 0 and "usage: deltaserve" in res.stdout

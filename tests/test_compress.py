@@ -1,0 +1,181 @@
+import math
+
+import pytest
+import torch
+
+from deltastore.apply import FlatWeights, apply_delta_, bind
+from deltastore.compress import CompressOptions, compress
+from deltastore.format import load_delta, save_delta
+from deltastore.materialize import materialize
+from deltastore.methods import Method
+from deltastore.qsearch import (
+    QSearch,
+    RowStats,
+    SearchTrace,
+    coarse_to_fine,
+    layer_q,
+    phi,
+    q_grid,
+)
+from deltastore.sources import fingerprint, open_finetune, open_model
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_dirs):
+    base = open_model(tiny_dirs["base"])
+    return base, open_finetune(base, tiny_dirs["ft"])
+
+
+def _opts(tiny_dirs, **kw):
+    kw.setdefault("calib", tiny_dirs["calib"])
+    kw.setdefault("val", tiny_dirs["val"])
+    return CompressOptions(progress=False, calib_tokens=256, seq_len=64, **kw)
+
+
+@pytest.mark.parametrize("method", list(Method))
+def test_every_method_compresses_and_records(pair, tiny_dirs, method):
+    base, ft = pair
+    q = 0.3 if method is Method.DAREX_Q else None
+    delta = compress(base, ft, _opts(tiny_dirs, method=method, rate=0.9, q=q))
+    meta = delta.meta
+    assert meta.method == method.value and meta.rate == 0.9
+    assert meta.base_fingerprint == fingerprint(base)
+    assert meta.policy["dense_tensors"] == 5  # 2 layers x 2 norms + final norm
+    for t in delta.tensors.values():
+        assert t.dense == (len(t.shape) < 2)
+        if not t.dense:
+            assert t.values.dtype == torch.float16  # what the file stores
+    sparse = [t for t in delta.tensors.values() if not t.dense]
+    kept = sum(t.count for t in sparse) / sum(t.numel for t in sparse)
+    assert 0.05 < kept < 0.15
+
+
+def test_dense_pattern_policy(pair, tiny_dirs):
+    base, ft = pair
+    opts = _opts(tiny_dirs, method=Method.DARE, rate=0.9, dense_patterns=(r"embed_tokens",))
+    delta = compress(base, ft, opts)
+    assert delta.tensors["model.embed_tokens.weight"].dense
+    assert delta.meta.policy["dense_patterns"] == ["embed_tokens"]
+
+
+def test_option_validation(tiny_dirs):
+    with pytest.raises(ValueError, match="darex-q needs"):
+        _opts(tiny_dirs, method=Method.DAREX_Q, rate=0.9)
+    with pytest.raises(ValueError, match="dare rescales"):
+        _opts(tiny_dirs, method=Method.DARE, rate=0.9, q=0.5)
+    with pytest.raises(ValueError, match="q must be"):
+        _opts(tiny_dirs, method=Method.DAREX_Q, rate=0.9, q=0.0)
+    with pytest.raises(ValueError, match="--val"):
+        CompressOptions(method=Method.DAREX_Q, rate=0.9, q_search=QSearch.LABELLED)
+    with pytest.raises(ValueError, match="--calib"):
+        CompressOptions(method=Method.WANDA, rate=0.9)
+    with pytest.raises(ValueError, match="pattern"):
+        _opts(tiny_dirs, method=Method.DARE, rate=0.9, dense_patterns=("(",))
+
+
+@pytest.mark.parametrize("how", [QSearch.UNLABELLED, QSearch.LABELLED])
+def test_global_q_search(pair, tiny_dirs, how):
+    base, ft = pair
+    delta = compress(
+        base, ft, _opts(tiny_dirs, method=Method.DAREX_Q, rate=0.9, q_search=how, q_step=0.1)
+    )
+    rec = delta.meta.q_search
+    assert rec is not None and rec["mode"] == how.value
+    assert len(rec["grid"]) == len(rec["values"]) >= 4
+    assert all(0.1 - 1e-9 <= q <= 1.0 for q in rec["grid"])
+    pick = min if rec["minimise"] else max
+    assert rec["best_value"] == pick(rec["values"])
+    assert math.isclose(delta.meta.q, rec["best"])
+    for t in delta.tensors.values():
+        if not t.dense:
+            assert math.isclose(t.scale, 1 / rec["best"])
+
+
+def test_analytical_q_is_per_layer(pair, tiny_dirs):
+    base, ft = pair
+    opts = _opts(tiny_dirs, method=Method.DAREX_Q, rate=0.9, q_search=QSearch.ANALYTICAL)
+    delta = compress(base, ft, opts)
+    rec = delta.meta.q_search
+    assert rec["mode"] == "analytical" and rec["parameter"] == "eta"
+    qs = rec["layer_q"]
+    assert set(qs) == {n for n, t in delta.tensors.items() if not t.dense}
+    assert all(0.1 - 1e-9 <= q <= 0.998 for q in qs.values())
+    for name, q in qs.items():
+        assert math.isclose(delta.tensors[name].scale, 1 / q)
+
+
+def test_coarse_to_fine_finds_the_minimum_and_stops_early():
+    calls = []
+
+    def f(q):
+        calls.append(q)
+        return (q - 0.237) ** 2
+
+    trace = SearchTrace("q", "sq", minimise=True)
+    best = coarse_to_fine(f, 0.01, 1.0, 0.05, trace, progress=False)
+    assert abs(best - 0.237) <= 0.005 + 1e-9
+    # coarse: 0.01 .. 0.26 improve, then 3 misses -> stop long before 1.0
+    assert max(calls) < 0.5
+    assert len(set(calls)) == len(calls)  # nothing evaluated twice
+
+
+def test_phi_and_q_grid():
+    assert phi(0.5) == 0.5
+    assert math.isclose(phi(0.4999999), 0.5, rel_tol=1e-3)
+    assert phi(0.99) > 0
+    g = q_grid(0.99)
+    assert math.isclose(float(g[0]), 0.01) and math.isclose(float(g[-1]), 0.998)
+
+
+def test_layer_q_in_range_and_sensitive_to_eta():
+    g = torch.Generator().manual_seed(0)
+    s1 = torch.randn(64, generator=g, dtype=torch.float64) * 1e-2
+    s2 = s1.abs() * 1e-2
+    grid = q_grid(0.9)
+    qs = {eta: layer_q(RowStats(s1, s2), 0.9, eta, grid) for eta in (-1e4, -10.0, 10.0, 1e4)}
+    assert all(0.1 <= q <= 0.998 for q in qs.values())
+    assert len(set(qs.values())) > 1
+
+
+def test_materialize_equals_base_plus_delta(tmp_path, pair, tiny_dirs):
+    base, ft = pair
+    delta = compress(base, ft, _opts(tiny_dirs, method=Method.DAREX_Q, rate=0.9, q=0.4))
+    save_delta(tmp_path / "d.safetensors", delta)
+    loaded = load_delta(tmp_path / "d.safetensors")
+    out = materialize(base, loaded, tmp_path / "mat", progress=False)
+    mat = open_model(out).load_model()
+    # the same model built directly: the base with the delta applied in place
+    direct = base.load_model()
+    weights = FlatWeights.from_module(direct, fingerprint=fingerprint(base))
+    apply_delta_(weights, bind(loaded, weights))
+    for (n, a), (_, b) in zip(mat.named_parameters(), direct.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+    x = torch.randint(0, 256, (2, 16))
+    assert torch.equal(mat(x).logits, direct(x).logits)
+    with pytest.raises(FileExistsError):
+        materialize(base, loaded, tmp_path / "mat", progress=False)
+
+
+def test_lora_compresses(tmp_path, tiny_dirs):
+    from peft import LoraConfig, get_peft_model
+
+    base = open_model(tiny_dirs["base"])
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(base.load_model(), cfg).save_pretrained(tmp_path / "adapter")
+    delta = compress(
+        base,
+        open_finetune(base, tmp_path / "adapter"),
+        _opts(tiny_dirs, method=Method.DARE, rate=0.5),
+    )
+    assert sorted(delta.tensors) == [f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1)]
+    assert delta.meta.policy["unchanged_tensors"] == len(base.names()) - 2
+
+
+def test_identical_finetune_is_an_error(tiny_dirs):
+    base = open_model(tiny_dirs["base"])
+    with pytest.raises(ValueError, match="identical"):
+        compress(
+            base,
+            open_finetune(base, tiny_dirs["base"]),
+            _opts(tiny_dirs, method=Method.DARE, rate=0.5),
+        )
