@@ -167,16 +167,27 @@ def bind(
     return BoundDelta(tuple(groups))
 
 
+# On CPU the gather and the scatter of one chunk touch the same cache lines: chunks
+# this size keep them in cache between the two (measured best on 2-core x86; see
+# BENCHMARKS.md). On a GPU one chunk: there kernel launches are what cost.
+CPU_CHUNK = 1 << 14
+
+
 def apply_delta_(weights: FlatWeights, delta: BoundDelta) -> UndoLog:
     """Scatter-add `delta` into `weights` in place (fp32 arithmetic, written back in
     the weights' dtype). Returns the undo log that `revert_delta_` needs."""
     undo = []
     for g in delta.groups:
         flat = weights.buffers[g.group]
-        old = flat.index_select(0, g.index)  # (k,) gather: the undo log
-        # out of place: for fp32 weights .to(float32) is `old` itself, the undo log
-        new = torch.add(old.to(torch.float32), g.values).to(flat.dtype)
-        flat.index_copy_(0, g.index, new)  # (k,) scatter
+        k = int(g.index.numel())
+        old = torch.empty(k, dtype=flat.dtype, device=flat.device)  # (k,) the undo log
+        step = k if flat.device.type == "cuda" else CPU_CHUNK
+        for s in range(0, k, step):
+            index, saved = g.index[s : s + step], old[s : s + step]
+            torch.take(flat, index, out=saved)  # gather
+            # out of place: for fp32 weights .to(float32) is `saved` itself
+            new = torch.add(saved.to(torch.float32), g.values[s : s + step]).to(flat.dtype)
+            flat.index_put_((index,), new)  # scatter
         undo.append((g.group, g.index, old))
     token = next(weights._ids)
     weights._applied.append(token)
@@ -192,5 +203,5 @@ def revert_delta_(weights: FlatWeights, undo: UndoLog) -> None:
             f"(applied: {weights._applied}, reverting: {undo.token})"
         )
     for group, index, old in reversed(undo.groups):
-        weights.buffers[group].index_copy_(0, index, old)
+        weights.buffers[group].index_put_((index,), old)
     weights._applied.pop()

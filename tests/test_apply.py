@@ -28,7 +28,7 @@ def _random_delta(weights: dict[str, torch.Tensor], seed: int, rate: float = 0.9
     for name, w in weights.items():
         d = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed)) * 1e-2
         pos = select(Method.DARE, d, rate, tensor_generator(seed, name))
-        tensors[name] = TensorDelta(name, tuple(w.shape), pos, d.reshape(-1)[pos].half(), 10.0)
+        tensors[name] = TensorDelta(name, tuple(w.shape), pos, d.reshape(-1)[pos].bfloat16(), 10.0)
     meta = DeltaMeta(base_fingerprint="fp", method="dare", rate=rate)
     return Delta(meta, tensors)
 

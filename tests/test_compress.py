@@ -44,7 +44,7 @@ def test_every_method_compresses_and_records(pair, tiny_dirs, method):
     for t in delta.tensors.values():
         assert t.dense == (len(t.shape) < 2)
         if not t.dense:
-            assert t.values.dtype == torch.float16  # what the file stores
+            assert t.values.dtype == torch.bfloat16  # what the file stores
     sparse = [t for t in delta.tensors.values() if not t.dense]
     kept = sum(t.count for t in sparse) / sum(t.numel for t in sparse)
     assert 0.05 < kept < 0.15

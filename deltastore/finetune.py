@@ -1,0 +1,119 @@
+"""A small supervised fine-tune of a base on (prompt, answer) pairs: the real
+fine-tunes behind the demo variants and the benchmarks, made with AdamW or AdamR.
+
+Loss is on the answer tokens only; prompts go through the tokenizer's chat template
+when it has one. The result is an ordinary HF model directory in the base's dtype.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from deltastore.adamr import AdamR
+from deltastore.calib import Example
+from deltastore.sources import open_model
+
+_DONE = ".deltaserve-complete"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    steps: int = 30
+    batch_size: int = 8
+    lr: float = 5e-5
+    optimizer: Literal["adamw", "adamr"] = "adamw"
+    reg: float = 0.1  # AdamR's pull toward the base
+    max_len: int = 96
+    seed: int = 0
+    chat: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"bad fine-tune config {self}")
+        if self.optimizer not in ("adamw", "adamr"):
+            raise ValueError(f"optimizer must be adamw or adamr, got {self.optimizer!r}")
+
+
+def format_prompt(tokenizer: Any, prompt: str, chat: bool) -> str:
+    if chat and getattr(tokenizer, "chat_template", None):
+        return str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        )
+    return prompt
+
+
+def _encode(tokenizer: Any, ex: Example, cfg: FinetuneConfig) -> tuple[list[int], list[int]]:
+    prompt = tokenizer(format_prompt(tokenizer, ex.prompt, cfg.chat), add_special_tokens=False)
+    answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt["input_ids"] + answer)[: cfg.max_len]
+    labels = ([-100] * len(prompt["input_ids"]) + answer)[: cfg.max_len]
+    return ids, labels
+
+
+def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.int64)
+    labels = torch.full((len(rows), width), -100, dtype=torch.int64)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = (
+            torch.tensor(x),
+            torch.tensor(y),
+            1,
+        )
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def finetune(
+    base_dir: Path,
+    examples: list[Example],
+    out: Path,
+    cfg: FinetuneConfig = FinetuneConfig(),
+    progress: bool = True,
+    desc: str = "fine-tune",
+) -> Path:
+    """Fine-tune `base_dir` on `examples` into `out` (skipped when already complete)."""
+    if (out / _DONE).is_file():
+        return out
+    if not examples:
+        raise ValueError("no training examples")
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    source = open_model(base_dir)
+    tokenizer = source.load_tokenizer()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = source.load_model(torch.float32).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt: torch.optim.Optimizer = (
+        AdamR(params, lr=cfg.lr, reg=cfg.reg)
+        if cfg.optimizer == "adamr"
+        else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    )
+    encoded = [_encode(tokenizer, ex, cfg) for ex in examples]
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, unit="step")
+    for _ in bar:
+        batch = _batch(rng.sample(encoded, min(cfg.batch_size, len(encoded))), pad)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+    staged = out.with_name(out.name + ".partial")
+    if staged.exists():
+        shutil.rmtree(staged)
+    model.eval().save_pretrained(staged, safe_serialization=True)
+    tokenizer.save_pretrained(staged)
+    (staged / _DONE).write_text(f"{cfg}\n")
+    if out.exists():
+        shutil.rmtree(out)
+    staged.rename(out)
+    return out
