@@ -80,6 +80,12 @@ def add_commands(sub: Any) -> None:
         metavar="REGEX",
         help="also store tensors whose name matches REGEX dense (repeatable)",
     )
+    c.add_argument(
+        "--search-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="dtype of the one model a q search or calibration holds (bfloat16: half the memory)",
+    )
     c.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
     c.add_argument("--name", default="", help="source name recorded in the file")
     c.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
@@ -142,6 +148,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         q_max=args.q_max,
         eta_search=args.eta_search,
         val_limit=args.val_limit,
+        search_dtype=args.search_dtype,
         progress=_progress(),
         source_name=args.name,
     )

@@ -69,16 +69,26 @@ def test_option_validation(tiny_dirs):
         CompressOptions(method=Method.DAREX_Q, rate=0.9, q_search=QSearch.LABELLED)
     with pytest.raises(ValueError, match="--calib"):
         CompressOptions(method=Method.WANDA, rate=0.9)
+    with pytest.raises(ValueError, match="search dtype"):
+        _opts(tiny_dirs, method=Method.DARE, rate=0.9, search_dtype="int8")
     with pytest.raises(ValueError, match="pattern"):
         _opts(tiny_dirs, method=Method.DARE, rate=0.9, dense_patterns=("(",))
 
 
-@pytest.mark.parametrize("how", [QSearch.UNLABELLED, QSearch.LABELLED])
-def test_global_q_search(pair, tiny_dirs, how):
+@pytest.mark.parametrize(
+    ("how", "dtype"),
+    [
+        (QSearch.UNLABELLED, "float32"),
+        (QSearch.LABELLED, "float32"),
+        (QSearch.UNLABELLED, "bfloat16"),
+    ],
+)
+def test_global_q_search(pair, tiny_dirs, how, dtype):
     base, ft = pair
-    delta = compress(
-        base, ft, _opts(tiny_dirs, method=Method.DAREX_Q, rate=0.9, q_search=how, q_step=0.1)
+    opts = _opts(
+        tiny_dirs, method=Method.DAREX_Q, rate=0.9, q_search=how, q_step=0.1, search_dtype=dtype
     )
+    delta = compress(base, ft, opts)
     rec = delta.meta.q_search
     assert rec is not None and rec["mode"] == how.value
     assert len(rec["grid"]) == len(rec["values"]) >= 4
