@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.tasks import arithmetic
 from deltastore.apply import FlatWeights, apply_delta_, bind, revert_delta_
 from deltastore.calib import Example, exact_match
 from deltastore.compress import CompressOptions, compress
@@ -28,6 +27,7 @@ from deltastore.methods import Method
 from deltastore.paths import cache_dir
 from deltastore.qsearch import QSearch
 from deltastore.sources import fingerprint, open_finetune, open_model
+from server.tasks import arithmetic
 
 
 def main() -> None:

@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.tasks import arithmetic
 from deltastore.apply import FlatWeights, apply_delta_, bind, revert_delta_
 from deltastore.compress import CompressOptions, compress
 from deltastore.embedded import ensure_embedded_base
@@ -38,6 +37,7 @@ from deltastore.format import Delta, load_delta, save_delta
 from deltastore.methods import Method
 from deltastore.paths import cache_dir
 from deltastore.sources import fingerprint, open_finetune, open_model
+from server.tasks import arithmetic
 
 
 def sync(device: torch.device) -> None:

@@ -130,6 +130,25 @@ def check_base(delta: Delta, weights: FlatWeights) -> None:
         )
 
 
+def _slot_for(t: TensorDelta, weights: FlatWeights) -> Slot:
+    slot = weights.slots.get(t.name)
+    if slot is None:
+        raise BaseMismatchError(
+            f"delta touches {t.name!r}, which the resident model does not have "
+            f"(it has e.g. {sorted(weights.slots)[:3]})"
+        )
+    if slot.shape != t.shape:
+        raise BaseMismatchError(f"{t.name}: delta shape {t.shape}, resident {slot.shape}")
+    return slot
+
+
+def check_compatible(delta: Delta, weights: FlatWeights) -> None:
+    """Refuse a delta for another base: fingerprint, tensor names and shapes."""
+    check_base(delta, weights)
+    for t in delta.tensors.values():
+        _slot_for(t, weights)
+
+
 def bind(
     delta: Delta | Iterable[TensorDelta],
     weights: FlatWeights,
@@ -146,14 +165,7 @@ def bind(
         tensors = list(delta)
     per_group: dict[int, list[tuple[int, TensorDelta]]] = {}
     for t in tensors:
-        slot = weights.slots.get(t.name)
-        if slot is None:
-            raise BaseMismatchError(
-                f"delta touches {t.name!r}, which the resident model does not have "
-                f"(it has e.g. {sorted(weights.slots)[:3]})"
-            )
-        if slot.shape != t.shape:
-            raise BaseMismatchError(f"{t.name}: delta shape {t.shape}, resident {slot.shape}")
+        slot = _slot_for(t, weights)
         per_group.setdefault(slot.group, []).append((slot.offset, t))
     groups = []
     for group, members in sorted(per_group.items()):

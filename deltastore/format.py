@@ -283,7 +283,14 @@ def read_meta(path: str | os.PathLike[str]) -> DeltaMeta:
         raise DeltaFormatError(f"{path}: a safetensors file, but not a deltaserve delta")
     try:
         meta = DeltaMeta.model_validate(json.loads(raw))
-    except (ValueError, ValidationError) as e:
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise DeltaFormatError(
+            f"{path}: invalid delta metadata ({e.error_count()} errors; first: {where}: "
+            f"{first['msg']}, got {first.get('input')!r})"
+        ) from e
+    except ValueError as e:
         raise DeltaFormatError(f"{path}: invalid delta metadata ({e})") from e
     if meta.format_version != FORMAT_VERSION:
         raise DeltaFormatError(

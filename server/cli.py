@@ -5,8 +5,75 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
 
 from deltastore.cli import add_commands
+from server.config import Settings
+
+
+def _field_type(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and args:
+        annotation = args[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str
+    return annotation
+
+
+def add_serve(sub: Any) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="start the OpenAI-compatible server",
+        description="Serve the base and every delta in the store over an OpenAI-compatible "
+        "HTTP API. Each flag overrides its DELTASERVE_<NAME> environment variable.",
+    )
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind = _field_type(info.annotation)
+        env = f"DELTASERVE_{name.upper()}"
+        default = (
+            info.default.get_secret_value()
+            if hasattr(info.default, "get_secret_value")
+            else info.default
+        )
+        help_ = f"{info.description} [env {env}; default {default}]"
+        if kind is bool:
+            s.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            continue
+        choices = (
+            typing.get_args(info.annotation)
+            if typing.get_origin(info.annotation) is typing.Literal
+            else None
+        )
+        s.add_argument(
+            flag,
+            default=None,
+            choices=choices,
+            help=help_,
+            type=Path if kind is Path else int if kind is int else float if kind is float else str,
+        )
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from deltastore.embedded import ensure_embedded_base
+    from server.app import create_app
+    from server.demo import install_demos
+    from server.store import DeltaStore
+
+    overrides = {n: getattr(args, n) for n in Settings.model_fields if getattr(args, n) is not None}
+    settings = Settings(**overrides)
+    if settings.base is None:
+        base_dir = ensure_embedded_base()
+        if settings.demo:
+            install_demos(base_dir, DeltaStore(settings.store))
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_commands(sub)
+    add_serve(sub)
     return parser
 
 

@@ -20,7 +20,15 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 def tiny_config(**kw: object) -> LlamaConfig:
@@ -29,6 +37,7 @@ def tiny_config(**kw: object) -> LlamaConfig:
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
+        initializer_range=0.2,  # large enough that outputs depend on the weights
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,

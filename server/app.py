@@ -1,0 +1,89 @@
+"""The FastAPI app: state built in the lifespan, one router per resource.
+
+    create_app(settings) -> FastAPI
+
+The base loads in a background thread, so /health answers at once and /ready says
+when the base is in place (completions answer 503 until then).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from starlette.middleware.base import RequestResponseEndpoint
+
+from deltastore.embedded import ensure_embedded_base
+from deltastore.sources import open_model
+from server import errors
+from server.config import Settings
+from server.engine import Engine
+from server.metrics import Metrics
+from server.routes import admin, health, openai
+from server.scheduler import Scheduler
+from server.state import AppState
+from server.store import DeltaStore
+
+log = logging.getLogger(__name__)
+
+
+def _load(state: AppState) -> None:
+    try:
+        base_dir = state.settings.base or ensure_embedded_base(progress=False)
+        state.base_dir = base_dir
+        state.base_name = base_dir.name
+        engine = Engine(open_model(base_dir), state.store, state.settings)
+        scheduler = Scheduler(engine, state.settings, state.metrics)
+        scheduler.start()
+        state.engine, state.scheduler = engine, scheduler
+        state.ready_at = time.time()
+        log.info(
+            "ready: base %s on %s (%s) in %.1fs; %d variants in %s",
+            base_dir,
+            engine.device,
+            engine.dtype,
+            state.ready_at - state.started,
+            len(state.store.names()),
+            state.store.root,
+        )
+    except Exception as e:
+        state.load_error = f"{type(e).__name__}: {e}"
+        log.exception("loading the base failed")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = AppState(settings, DeltaStore(settings.store), Metrics())
+        if settings.base is not None:
+            state.base_name = settings.base.name
+        state.metrics.watch_engine(lambda: state.engine)
+        app.state.deltaserve = state
+        loader = threading.Thread(target=_load, args=(state,), name="deltaserve-load", daemon=True)
+        loader.start()
+        yield
+        loader.join()
+        if state.scheduler is not None:
+            state.scheduler.stop()
+
+    app = FastAPI(title="deltaserve", version="0.1.0", lifespan=lifespan)
+    errors.install(app)
+    app.include_router(openai.router)
+    app.include_router(admin.router)
+    app.include_router(health.router)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: RequestResponseEndpoint) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "other")
+        state = getattr(request.app.state, "deltaserve", None)
+        if state is not None:
+            state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    return app

@@ -1,0 +1,62 @@
+"""Server configuration: one pydantic-settings `Settings`, env prefix DELTASERVE_.
+
+`deltaserve serve` builds one flag per field (``--max-batch-size`` for
+``max_batch_size``) from these definitions, so `deltaserve serve --help` documents
+each; a flag overrides the environment, which overrides the default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GiB = 1 << 30
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DELTASERVE_", extra="forbid")
+
+    base: Path | None = Field(
+        None, description="base model directory (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    store: Path = Field(Path("deltas"), description="directory of uploaded delta files")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the base lives")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="resident weight dtype (auto: bfloat16 on cuda, float32 on cpu)"
+    )
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for /admin (unset: admin routes are off)"
+    )
+    materialized_cache_bytes: int = Field(
+        2 * GiB, ge=0, description="budget for materialized variants on the device (0: off)"
+    )
+    device_delta_cache_bytes: int = Field(
+        GiB, ge=0, description="budget for deltas laid out on the device"
+    )
+    host_delta_cache_bytes: int = Field(
+        GiB, ge=0, description="budget for decoded deltas in host memory"
+    )
+    max_batch_size: int = Field(8, ge=1, description="requests of one variant batched together")
+    time_slice_s: float = Field(
+        2.0, gt=0, description="longest a variant holds the model while others wait"
+    )
+    queue_limit: int = Field(64, ge=1, description="queued requests before 429")
+    max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted (413)")
+    max_new_tokens: int = Field(512, ge=1, description="largest max_tokens accepted")
+    max_upload_bytes: int = Field(GiB, ge=1, description="largest delta upload accepted (413)")
+    demo: bool = Field(
+        True, description="make the two demo variants on first run (embedded base only)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.device_delta_cache_bytes and not self.host_delta_cache_bytes:
+            raise ValueError("a device delta cache needs a host delta cache to feed it")
+        if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 8:
+            raise ValueError("admin token must be at least 8 characters")
+        return self

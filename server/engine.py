@@ -1,0 +1,207 @@
+"""The engine: one resident base, and the tiers that put a variant in place.
+
+Tiers, slowest to fastest (each an LRU budgeted in bytes, see cache.py):
+    file in the store -> decoded delta (host) -> delta laid out on the device
+    -> materialized variant (its own copies of the tensors its delta touches)
+
+Activating a materialized variant rebinds those parameters to its tensors (pointer
+swaps, no arithmetic). Any other variant is applied in place to the resident
+weights with `apply_delta_`, and reverted bit-exactly when the engine switches
+away. A variant used for the first time is materialized when the budget allows.
+
+Invariant: the flat resident buffers hold the base, or the base plus exactly one
+in-place variant (the active one).
+
+Threading: not thread-safe. The scheduler's worker thread is its only caller; admin
+actions reach it as jobs run on that thread between batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import torch
+
+from deltastore.apply import (
+    BoundDelta,
+    FlatWeights,
+    UndoLog,
+    apply_delta_,
+    bind,
+    check_compatible,
+    revert_delta_,
+)
+from deltastore.format import Delta, load_delta
+from deltastore.sources import ModelSource, fingerprint
+from server.cache import ByteLRU, CacheFull
+from server.config import Settings
+from server.store import DeltaStore
+
+log = logging.getLogger(__name__)
+
+
+class Mode(StrEnum):
+    BASE = "base"
+    INPLACE = "inplace"
+    MATERIALIZED = "materialized"
+
+
+@dataclass(frozen=True)
+class Swap:
+    variant: str | None
+    mode: Mode
+    seconds: float
+    switched: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype
+
+
+class Engine:
+    def __init__(self, source: ModelSource, store: DeltaStore, settings: Settings) -> None:
+        self.store = store
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.fingerprint = fingerprint(source)
+        self.tokenizer: Any = source.load_tokenizer()
+        self.model: Any = source.load_model(self.dtype).to(self.device).eval()
+        self.weights = FlatWeights.from_module(self.model, self.fingerprint)
+        self.params = dict(self.model.named_parameters())  # tied weights appear once
+        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        self.host: ByteLRU[Delta] = ByteLRU("host", settings.host_delta_cache_bytes)
+        self.device_tier: ByteLRU[BoundDelta] = ByteLRU("device", settings.device_delta_cache_bytes)
+        self.materialized: ByteLRU[dict[str, torch.Tensor]] = ByteLRU(
+            "materialized", settings.materialized_cache_bytes
+        )
+        self.active: str | None = None
+        self.mode = Mode.BASE
+        self._undo: UndoLog | None = None
+        self._touched: dict[str, tuple[str, ...]] = {}  # variant -> tensor names it changes
+
+    @property
+    def tiers(self) -> tuple[ByteLRU[Any], ...]:
+        return (self.materialized, self.device_tier, self.host)
+
+    # ------------------------------------------------------------------ activation
+
+    def activate(self, name: str | None) -> Swap:
+        """Put `name` (None: the base) in place of the active variant."""
+        if name == self.active:
+            return Swap(name, self.mode, 0.0, switched=False)
+        t0 = time.perf_counter()
+        self._deactivate()
+        if name is not None:
+            self._activate(name)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return Swap(name, self.mode, time.perf_counter() - t0, switched=True)
+
+    def _activate(self, name: str) -> None:
+        tensors = self.materialized.get(name)
+        if tensors is None:
+            bound = self._bound(name)
+            tensors = self._materialize(name, bound)
+            if tensors is None:
+                self._undo = apply_delta_(self.weights, bound)
+                self.active, self.mode = name, Mode.INPLACE
+                return
+        for n, t in tensors.items():
+            self.params[n].data = t
+        self.materialized.acquire(name)
+        self.active, self.mode = name, Mode.MATERIALIZED
+
+    def _deactivate(self) -> None:
+        if self.mode is Mode.INPLACE:
+            assert self._undo is not None
+            revert_delta_(self.weights, self._undo)
+            self._undo = None
+        elif self.mode is Mode.MATERIALIZED:
+            assert self.active is not None
+            for n in self._touched[self.active]:
+                self.params[n].data = self.weights.tensor(n)
+            self.materialized.release(self.active)
+        self.active, self.mode = None, Mode.BASE
+
+    def _delta(self, name: str) -> Delta:
+        delta = self.host.get(name)
+        if delta is None:
+            delta = load_delta(self.store.path(name))
+            check_compatible(delta, self.weights)
+            self._touched[name] = tuple(delta.tensors)
+            try:
+                self.host.add(name, delta, delta.nbytes)
+            except CacheFull:
+                log.info("host tier full: %s stays uncached", name)
+        return delta
+
+    def _bound(self, name: str) -> BoundDelta:
+        bound = self.device_tier.get(name)
+        if bound is None:
+            bound = bind(self._delta(name), self.weights)
+            try:
+                self.device_tier.add(name, bound, bound.nbytes)
+            except CacheFull:
+                log.info("device tier full: %s stays uncached", name)
+        return bound
+
+    def _materialize(self, name: str, bound: BoundDelta) -> dict[str, torch.Tensor] | None:
+        """Copies of the touched tensors with the delta in them; None when they don't fit.
+        Needs the resident buffers to hold the base (the caller has deactivated)."""
+        names = self._touched[name]
+        nbytes = sum(self.params[n].numel() * self.params[n].element_size() for n in names)
+        if not self.materialized.budget or not self.materialized.can_fit(nbytes):
+            return None
+        undo = apply_delta_(self.weights, bound)
+        tensors = {n: self.weights.tensor(n).clone() for n in names}
+        revert_delta_(self.weights, undo)
+        self.materialized.add(name, tensors, nbytes)
+        return tensors
+
+    # ------------------------------------------------------------------ admin
+
+    def tier_of(self, name: str) -> str:
+        for tier in self.tiers:
+            if name in tier:
+                return tier.tier
+        return "disk"
+
+    def preload(self, name: str) -> Swap:
+        """Bring `name` into the fastest tier that fits (it becomes the active one)."""
+        return self.activate(name)
+
+    def evict(self, name: str) -> None:
+        """Drop `name` from every tier (pins are kept unless `forget` is called)."""
+        if self.active == name:
+            self.activate(None)
+        for tier in self.tiers:
+            tier.remove(name)
+        self._touched.pop(name, None)
+
+    def forget(self, name: str) -> None:
+        """Evict and unpin: the variant was deleted or replaced."""
+        self.evict(name)
+        for tier in self.tiers:
+            tier.unpin(name)
+
+    def pin(self, name: str, pinned: bool) -> None:
+        for tier in self.tiers:
+            (tier.pin if pinned else tier.unpin)(name)
+
+    def check_upload(self, delta: Delta) -> None:
+        check_compatible(delta, self.weights)

@@ -1,0 +1,190 @@
+"""Admin: upload and manage deltas, inspect the cache. Behind a Bearer token.
+
+An upload streams to a temporary file under a size limit, is validated (format,
+checksum, positions, values, base fingerprint, tensor names and shapes), and only
+then committed with an atomic rename: a failed upload stores nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, status
+
+from deltastore.apply import BaseMismatchError
+from deltastore.format import DeltaFormatError, load_delta
+from server.deps import AdminDep, ReadyDep, StateDep
+from server.engine import Engine
+from server.errors import APIError
+from server.schemas import CacheInfo, DeltaInfo, TierInfo
+from server.state import AppState
+from server.store import NameError_, check_name
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+DRAIN_TIMEOUT_S = 600.0
+
+
+def _name(state: AppState, name: str, must_exist: bool = True) -> str:
+    try:
+        check_name(name)
+    except NameError_ as e:
+        raise APIError(400, str(e), "invalid_name") from e
+    if must_exist and (name in state.retiring or not state.store.exists(name)):
+        raise APIError(404, f"no delta named {name!r}", "not_found")
+    return name
+
+
+def _info(state: AppState, name: str) -> DeltaInfo:
+    try:
+        stored = state.store.info(name)
+    except KeyError:
+        raise APIError(404, f"no delta named {name!r}", "not_found") from None
+    m, engine = stored.meta, state.engine
+    return DeltaInfo(
+        name=name,
+        size_bytes=stored.size,
+        sha256=stored.sha256,
+        kept_entries=sum(t.count for t in m.tensors.values()),
+        method=m.method,
+        rate=m.rate,
+        q=m.q,
+        tensors=len(m.tensors),
+        created=m.created,
+        source=m.source,
+        tier=engine.tier_of(name) if engine else "disk",
+        pinned=bool(engine and engine.host.is_pinned(name)),
+    )
+
+
+async def _on_worker(ready: Any, fn: Any) -> Any:
+    _, scheduler = ready
+    return await asyncio.wrap_future(scheduler.control(fn))
+
+
+@router.post("/deltas", status_code=status.HTTP_201_CREATED)
+async def upload(
+    request: Request,
+    state: StateDep,
+    ready: ReadyDep,
+    _: AdminDep,
+    name: Annotated[str, Query(description="variant name")],
+    replace: Annotated[bool, Query(description="overwrite an existing variant")] = False,
+) -> DeltaInfo:
+    engine: Engine = ready[0]
+    _name(state, name, must_exist=False)
+    exists = state.store.exists(name)
+    if exists and not replace:
+        raise APIError(409, f"a delta named {name!r} exists (replace=true overwrites)", "exists")
+    limit = state.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"upload of {declared} bytes exceeds {limit}", "too_large")
+    upload = state.store.new_upload()
+    try:
+        size = 0
+        with upload.open("wb") as f:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"upload exceeds {limit} bytes", "too_large")
+                f.write(chunk)
+        if size == 0:
+            raise APIError(400, "empty body: send the delta file as the request body", "empty")
+        try:
+            delta = await asyncio.to_thread(load_delta, upload)
+            engine.check_upload(delta)
+        except (DeltaFormatError, BaseMismatchError) as e:
+            reason = str(e).replace(f"{upload}: ", "").replace(str(upload), "upload")
+            raise APIError(400, f"invalid delta {name!r}: {reason}", "invalid_delta") from e
+        try:
+            state.store.commit(name, upload, replace=replace)
+        except FileExistsError as e:
+            raise APIError(409, str(e), "exists") from e
+        if exists:  # replaced: the old weights must not be served from any tier
+            await _on_worker(ready, lambda e: e.evict(name))
+        return _info(state, name)
+    finally:
+        upload.unlink(missing_ok=True)
+
+
+@router.get("/deltas")
+def list_deltas(state: StateDep, _: AdminDep) -> list[DeltaInfo]:
+    return [_info(state, n) for n in state.store.names() if n not in state.retiring]
+
+
+@router.get("/deltas/{name}")
+def get_delta(name: str, state: StateDep, _: AdminDep) -> DeltaInfo:
+    return _info(state, _name(state, name))
+
+
+@router.delete("/deltas/{name}")
+async def delete_delta(name: str, state: StateDep, ready: ReadyDep, _: AdminDep) -> dict[str, str]:
+    _name(state, name)
+    scheduler = ready[1]
+    state.retiring.add(name)  # new requests get 404; running and queued ones finish
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT_S
+        while scheduler.in_flight(name):
+            if loop.time() > deadline:
+                raise APIError(409, f"{name!r} still has requests in flight", "in_use")
+            await asyncio.sleep(0.05)
+        await _on_worker(ready, lambda e: e.forget(name))
+        state.store.delete(name)
+    finally:
+        state.retiring.discard(name)
+    return {"deleted": name}
+
+
+@router.post("/deltas/{name}/pin")
+async def pin(name: str, state: StateDep, ready: ReadyDep, _: AdminDep) -> DeltaInfo:
+    _name(state, name)
+    await _on_worker(ready, lambda e: e.pin(name, True))
+    return _info(state, name)
+
+
+@router.post("/deltas/{name}/unpin")
+async def unpin(name: str, state: StateDep, ready: ReadyDep, _: AdminDep) -> DeltaInfo:
+    _name(state, name)
+    await _on_worker(ready, lambda e: e.pin(name, False))
+    return _info(state, name)
+
+
+@router.post("/deltas/{name}/preload")
+async def preload(name: str, state: StateDep, ready: ReadyDep, _: AdminDep) -> DeltaInfo:
+    _name(state, name)
+    try:
+        await _on_worker(ready, lambda e: e.preload(name))
+    except (DeltaFormatError, BaseMismatchError) as e:
+        raise APIError(400, f"cannot load {name!r}: {e}", "invalid_delta") from e
+    return _info(state, name)
+
+
+@router.post("/deltas/{name}/evict")
+async def evict(name: str, state: StateDep, ready: ReadyDep, _: AdminDep) -> DeltaInfo:
+    _name(state, name)
+    engine: Engine = ready[0]
+    if engine.host.is_pinned(name):
+        raise APIError(409, f"{name!r} is pinned: unpin it first", "pinned")
+    await _on_worker(ready, lambda e: e.evict(name))
+    return _info(state, name)
+
+
+@router.get("/cache")
+def cache(ready: ReadyDep, _: AdminDep) -> CacheInfo:
+    engine: Engine = ready[0]
+    tiers = [
+        TierInfo(
+            tier=t.tier,
+            budget_bytes=t.budget,
+            used_bytes=t.used,
+            hits=t.hits,
+            misses=t.misses,
+            evictions=t.evictions,
+            entries=[asdict(e) for e in t.list()],
+        )
+        for t in engine.tiers
+    ]
+    return CacheInfo(active=engine.active, mode=engine.mode.value, tiers=tiers)

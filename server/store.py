@@ -1,0 +1,108 @@
+"""The delta store: one `NAME.delta.safetensors` file per variant in one directory.
+
+Uploads land in a hidden temporary file in the same directory and are committed
+with an atomic rename after validation, so a failed or interrupted upload never
+leaves a partial variant, and what was committed survives a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from deltastore.format import DeltaMeta, read_meta
+
+SUFFIX = ".delta.safetensors"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_UPLOAD_PREFIX = ".upload-"
+
+
+class NameError_(ValueError):
+    """An invalid variant name (empty, too long, path-like, odd characters)."""
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name) or ".." in name or name.endswith(SUFFIX):
+        raise NameError_(
+            f"invalid variant name {name!r}: 1-64 characters of letters, digits, '.', '_' "
+            "and '-', starting with a letter or digit, no '..'"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class StoredDelta:
+    name: str
+    path: Path
+    size: int
+    sha256: str
+    meta: DeltaMeta
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class DeltaStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"{_UPLOAD_PREFIX}*"):
+            stale.unlink(missing_ok=True)  # an upload interrupted by a crash
+        self._lock = threading.Lock()
+        self._info: dict[str, tuple[tuple[int, int], StoredDelta]] = {}
+
+    def path(self, name: str) -> Path:
+        return self.root / f"{check_name(name)}{SUFFIX}"
+
+    def names(self) -> list[str]:
+        return sorted(p.name[: -len(SUFFIX)] for p in self.root.glob(f"*{SUFFIX}"))
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).is_file()
+
+    def info(self, name: str) -> StoredDelta:
+        """Size, sha256 and metadata; cached per (size, mtime)."""
+        path = self.path(name)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise KeyError(name) from None
+        stamp = (st.st_size, st.st_mtime_ns)
+        with self._lock:
+            cached = self._info.get(name)
+            if cached and cached[0] == stamp:
+                return cached[1]
+        entry = StoredDelta(name, path, st.st_size, sha256_file(path), read_meta(path))
+        with self._lock:
+            self._info[name] = (stamp, entry)
+        return entry
+
+    def new_upload(self) -> Path:
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=_UPLOAD_PREFIX, suffix=".tmp")
+        os.close(fd)
+        return Path(tmp)
+
+    def commit(self, name: str, upload: Path, replace: bool) -> Path:
+        """Atomically move a validated upload into place."""
+        dest = self.path(name)
+        with self._lock:
+            if dest.exists() and not replace:
+                raise FileExistsError(f"variant {name!r} exists (use replace=true)")
+            os.replace(upload, dest)
+            self._info.pop(name, None)
+        return dest
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            self.path(name).unlink()
+            self._info.pop(name, None)

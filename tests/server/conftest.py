@@ -1,0 +1,142 @@
+"""Live-server fixtures: five real variants of a tiny model, their reference outputs
+from transformers, and uvicorn on 127.0.0.1 in a thread."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from deltastore.compress import CompressOptions, compress
+from deltastore.format import load_delta, save_delta
+from deltastore.materialize import materialize
+from deltastore.methods import Method
+from deltastore.sources import open_finetune, open_model
+from server.app import create_app
+from server.config import Settings
+from server.state import AppState
+from tests.conftest import perturbed, save
+
+TOKEN = "test-admin-token"
+PROMPTS = ["the cat sat", "on a mat and", "ran", "then the cat ran on", "a"]
+MAX_TOKENS = 12
+N_VARIANTS = 5
+
+
+def reference_text(model_dir: Path, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
+    src = open_model(model_dir)
+    model, tok = src.load_model(), src.load_tokenizer()
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="session")
+def variant_files(
+    tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """v0..v4: real fine-tunes (large perturbations) compressed with darex-q, p = 0.5."""
+    root = tmp_path_factory.mktemp("variants")
+    base = open_model(tiny_dirs["base"])
+    out = {}
+    for i in range(N_VARIANTS):
+        ft_dir = save(perturbed(base.load_model(), 0.6, seed=100 + i), root / f"ft{i}")
+        opts = CompressOptions(method=Method.DAREX_Q, rate=0.5, q=0.7, seed=i, progress=False)
+        delta = compress(base, open_finetune(base, ft_dir), opts)
+        out[f"v{i}"] = root / f"v{i}.delta.safetensors"
+        save_delta(out[f"v{i}"], delta)
+    return out
+
+
+@pytest.fixture(scope="session")
+def references(tiny_dirs, variant_files, tmp_path_factory) -> dict[str | None, dict[str, str]]:
+    """Greedy text per (variant, prompt) from the fine-tune materialized and loaded
+    with transformers; None is the base."""
+    root = tmp_path_factory.mktemp("materialized")
+    base = open_model(tiny_dirs["base"])
+    refs: dict[str | None, dict[str, str]] = {
+        None: {p: reference_text(tiny_dirs["base"], p) for p in PROMPTS}
+    }
+    for name, path in variant_files.items():
+        mat = materialize(base, load_delta(path), root / name, progress=False)
+        refs[name] = {p: reference_text(mat, p) for p in PROMPTS}
+    return refs
+
+
+class LiveServer:
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+        self.admin = httpx.Client(
+            base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+
+    @property
+    def state(self) -> AppState:
+        return self.app.state.deltaserve  # type: ignore[no-any-return]
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while self.client.get("/ready").status_code != 200:
+            if time.time() > deadline:
+                raise RuntimeError(f"not ready: {self.state.load_error}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.admin.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def make_settings(base: Path, store: Path, **kw: object) -> Settings:
+    defaults: dict[str, object] = dict(
+        base=base,
+        store=store,
+        device="cpu",
+        admin_token=TOKEN,
+        materialized_cache_bytes=150_000,  # one materialized variant of the tiny model
+        max_batch_size=4,
+        time_slice_s=0.05,
+        max_new_tokens=64,
+        demo=False,
+    )
+    defaults.update(kw)
+    return Settings(**defaults)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def live(tiny_dirs, variant_files, tmp_path) -> Iterator[LiveServer]:
+    """A ready server whose store holds v0..v4."""
+    store = tmp_path / "store"
+    store.mkdir()
+    for name, path in variant_files.items():
+        shutil.copy(path, store / f"{name}.delta.safetensors")
+    srv = LiveServer(make_settings(tiny_dirs["base"], store))
+    srv.wait_ready()
+    yield srv
+    srv.stop()

@@ -1,0 +1,198 @@
+"""The OpenAI-compatible routes, against a live server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from deltastore.sources import open_model
+from tests.server.conftest import MAX_TOKENS, PROMPTS
+
+
+def complete(live, model, prompt, **kw):
+    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, **kw}
+    r = live.client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_health_ready_models(live):
+    assert live.client.get("/health").json() == {"status": "ok"}
+    ready = live.client.get("/ready").json()
+    assert ready["status"] == "ready" and ready["variants"] == 5
+    data = live.client.get("/v1/models").json()["data"]
+    base = live.state.base_name
+    assert data[0]["id"] == base and data[0]["parent"] is None
+    assert {m["id"] for m in data[1:]} == {f"v{i}" for i in range(5)}
+    assert all(m["parent"] == base and m["object"] == "model" for m in data[1:])
+
+
+def test_every_variant_matches_its_materialized_finetune(live, references):
+    outputs = {}
+    for variant, texts in references.items():
+        model = variant or live.state.base_name
+        for prompt in PROMPTS:
+            got = complete(live, model, prompt)
+            outputs[variant, prompt] = got["choices"][0]["text"]
+            assert got["choices"][0]["text"] == texts[prompt], (variant, prompt)
+            assert got["usage"]["completion_tokens"] <= MAX_TOKENS
+            assert (
+                got["usage"]["total_tokens"]
+                == got["usage"]["prompt_tokens"] + got["usage"]["completion_tokens"]
+            )
+    # the variants really differ from the base, or this test would prove nothing
+    assert sum(outputs[v, p] != outputs[None, p] for v in references if v for p in PROMPTS) >= 10
+
+
+def _base_is_pristine(live, base_dir) -> None:
+    engine = live.state.engine
+    live.state.scheduler.control(lambda e: e.activate(None)).result(timeout=30)
+    src = open_model(base_dir)
+    for name, p in engine.params.items():
+        assert torch.equal(p.detach(), src.get(name)), name
+
+
+def test_interleaved_concurrent_requests(live, references, tiny_dirs):
+    # v0 pinned in the one-variant materialized budget: everything else swaps in place
+    assert live.admin.post("/admin/deltas/v0/pin").status_code == 200
+    assert live.admin.post("/admin/deltas/v0/preload").json()["tier"] == "materialized"
+    jobs = [(v, p) for _ in range(2) for v in references for p in PROMPTS]
+    jobs = jobs[::2] + jobs[1::2]  # interleave variants
+
+    def one(job):
+        v, p = job
+        return job, complete(live, v or live.state.base_name, p)["choices"][0]["text"]
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, jobs))
+    for (v, p), text in results:
+        assert text == references[v][p], (v, p)
+    metrics = live.client.get("/metrics").text
+    assert 'deltaserve_swap_seconds_count{mode="materialized"}' in metrics
+    assert 'deltaserve_swap_seconds_count{mode="inplace"}' in metrics
+    _base_is_pristine(live, tiny_dirs["base"])
+
+
+def _sse(text):
+    events = [line[len("data: ") :] for line in text.split("\n\n") if line.strip()]
+    assert all(line.startswith("data: ") for line in text.split("\n\n") if line.strip())
+    return events
+
+
+def test_streaming_joins_to_the_non_streamed_text(live):
+    for model in ("v1", live.state.base_name):
+        plain = complete(live, model, "the cat")["choices"][0]["text"]
+        r = live.client.post(
+            "/v1/completions",
+            json={
+                "model": model,
+                "prompt": "the cat",
+                "max_tokens": MAX_TOKENS,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = _sse(r.text)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == plain
+        assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_chat_and_chat_streaming(live):
+    body = {
+        "model": "v2",
+        "messages": [{"role": "user", "content": "hi there"}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    r = live.client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    msg = r.json()["choices"][0]["message"]
+    assert msg["role"] == "assistant" and r.json()["object"] == "chat.completion"
+    events = _sse(live.client.post("/v1/chat/completions", json={**body, "stream": True}).text)
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == msg["content"]
+
+
+def test_openai_client_library_works_unchanged(live):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused")
+    ids = [m.id for m in client.models.list()]
+    assert "v0" in ids
+    c = client.completions.create(model="v0", prompt="the cat", max_tokens=5, temperature=0)
+    assert c.usage.completion_tokens > 0
+    chat = client.chat.completions.create(
+        model="v0", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0
+    )
+    streamed = "".join(
+        (chunk.choices[0].delta.content or "")
+        for chunk in client.chat.completions.create(
+            model="v0",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+        )
+    )
+    assert streamed == chat.choices[0].message.content
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="missing", prompt="x")
+
+
+def test_sampling_is_seeded_and_stop_strings_cut(live):
+    body = {"model": "v3", "prompt": "the", "max_tokens": 16, "temperature": 1.0, "seed": 7}
+    a = live.client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    b = live.client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert a == b
+    full = complete(live, "v3", "the cat", max_tokens=16)["choices"][0]["text"]
+    if len(full) > 3:
+        stop = full[2:4]
+        cut = complete(live, "v3", "the cat", max_tokens=16, stop=[stop])["choices"][0]
+        assert cut["text"] == full[: full.find(stop)] and cut["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"model": "nope", "prompt": "x"}, 404, "model_not_found"),
+        ({"model": "../etc", "prompt": "x"}, 404, "model_not_found"),
+        ({"model": "v0", "prompt": "x", "n": 2}, 400, "unsupported_option"),
+        ({"model": "v0", "prompt": "x", "logprobs": 3}, 400, "unsupported_option"),
+        ({"model": "v0", "prompt": "x", "frobnicate": 1}, 400, "unsupported_option"),
+        ({"model": "v0", "prompt": "x", "max_tokens": 10_000}, 400, "max_tokens"),
+        ({"model": "v0", "prompt": "x", "temperature": 9}, 400, "invalid_request"),
+        ({"model": "v0"}, 400, "invalid_request"),
+        ({"model": "v0", "prompt": ["a", "b"]}, 400, "n_prompts"),
+        ({"model": "v0", "prompt": "x" * 3000}, 413, "prompt_too_long"),
+    ],
+)
+def test_errors_are_openai_shaped(live, body, status, code):
+    r = live.client.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"] and err["type"]
+
+
+def test_metrics_have_bounded_labels(live):
+    complete(live, "v4", "the")
+    text = live.client.get("/metrics").text
+    for name in (
+        "deltaserve_requests_total",
+        "deltaserve_time_to_first_token_seconds_bucket",
+        "deltaserve_queue_seconds_bucket",
+        "deltaserve_request_seconds_bucket",
+        "deltaserve_generated_tokens_total",
+        "deltaserve_cache_hits_total",
+        "deltaserve_cache_bytes",
+        "deltaserve_materialized_variants",
+    ):
+        assert name in text, name
+    assert '"v4"' not in text
