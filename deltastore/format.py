@@ -203,12 +203,10 @@ def decode_values(blob: bytes, count: int, dtype: str, name: str) -> torch.Tenso
         raise DeltaFormatError(f"{name}: value stream is corrupted ({e})") from e
     if len(raw) != count * size:
         raise DeltaFormatError(f"{name}: {len(raw)} value bytes stored, expected {count * size}")
-    shuffled = (
-        torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        if raw
-        else torch.zeros(0, dtype=torch.uint8)
-    )
-    values = shuffled.reshape(size, count).T.contiguous().view(torch_dtype).reshape(count)
+    # flatten to 1-D bytes before the dtype view: a 2-D view of (1, size) keeps a
+    # stride of 1 on its size-1 dim, which the view refuses
+    unshuffled = np.ascontiguousarray(np.frombuffer(raw, dtype=np.uint8).reshape(size, count).T)
+    values = torch.from_numpy(unshuffled.reshape(-1)).view(torch_dtype)
     if not bool(torch.isfinite(values).all()):
         raise DeltaFormatError(f"{name}: non-finite values")
     return values

@@ -53,7 +53,8 @@ class Scheduler:
                     job.emit("done", job)
             self._queues.clear()
             self._cond.notify_all()
-        self._thread.join(timeout=30)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=30)
 
     # ------------------------------------------------------------------ submitting
 

@@ -64,6 +64,14 @@ def test_round_trip(tmp_path):
     assert back.tensors["n.weight"].dense
 
 
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_round_trip_tiny_counts(tmp_path, k):
+    t = TensorDelta("a.weight", (10,), torch.arange(k), torch.arange(k).float().bfloat16(), 2.0)
+    save_delta(tmp_path / "d.safetensors", _delta([t]))
+    back = load_delta(tmp_path / "d.safetensors").tensors["a.weight"]
+    assert torch.equal(back.positions, t.positions) and torch.equal(back.values, t.values)
+
+
 def test_values_overflowing_bf16_are_kept_in_fp32(tmp_path):
     t = TensorDelta("a.weight", (4,), torch.tensor([0, 3]), torch.tensor([3.4e38, -2.0]), 1.0)
     save_delta(tmp_path / "d.safetensors", _delta([t]))
