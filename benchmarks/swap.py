@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from deltastore.apply import FlatWeights, apply_delta_, bind, revert_delta_
+from deltastore.apply import BoundDelta, FlatWeights, apply_delta_, bind, revert_delta_
 from deltastore.compress import CompressOptions, compress
 from deltastore.embedded import ensure_embedded_base
 from deltastore.finetune import FinetuneConfig, finetune
@@ -95,6 +95,15 @@ def per_tensor_swap(weights: FlatWeights, delta: Delta, device: torch.device) ->
     return run
 
 
+def bytes_moved(bd: BoundDelta, elem: int, line: int) -> tuple[int, int]:
+    """(bytes one apply + revert moves, cache lines touched): apply reads index and fp32
+    values and writes the undo log, revert reads index and undo log; each touched line
+    is read and written once in each."""
+    k = bd.count
+    lines = sum(lines_touched(g.index, elem, line) for g in bd.groups)
+    return (8 + 4 + elem) * k + (8 + elem) * k + 2 * (2 * line * lines), lines
+
+
 def time_swap(
     weights: FlatWeights, delta: Delta, device: torch.device, bw: float, repeats: int
 ) -> dict[str, float]:
@@ -102,10 +111,7 @@ def time_swap(
     elem = weights.buffers[0].element_size()
     line = 32 if device.type == "cuda" else 64
     k = bd.count
-    lines = sum(lines_touched(g.index, elem, line) for g in bd.groups)
-    # apply: index + fp32 values read, undo written, each line read and written;
-    # revert: index + undo read, each line read and written
-    moved = (8 + 4 + elem) * k + (8 + elem) * k + 2 * (2 * line * lines)
+    moved, lines = bytes_moved(bd, elem, line)
     t_swap = median_time(lambda: revert_delta_(weights, apply_delta_(weights, bd)), device, repeats)
     t_loop = median_time(per_tensor_swap(weights, delta, device), device, repeats)
     flat, index = weights.buffers[bd.groups[0].group], bd.groups[0].index

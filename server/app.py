@@ -87,3 +87,42 @@ def create_app(settings: Settings) -> FastAPI:
         return response
 
     return app
+
+
+class ThreadedServer:
+    """uvicorn serving `create_app(settings)` in a thread on `settings.host`, for tests
+    and benchmarks (port 0 picks a free port). Stop it with `stop()`."""
+
+    def __init__(self, settings: Settings) -> None:
+        import uvicorn
+
+        self.app = create_app(settings)
+        config = uvicorn.Config(
+            self.app, host=settings.host, port=settings.port, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="deltaserve-http", daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{settings.host}:{port}"
+
+    @property
+    def state(self) -> AppState:
+        state: AppState = self.app.state.deltaserve
+        return state
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while self.state.engine is None or self.state.scheduler is None:
+            if self.state.load_error or time.time() > deadline:
+                raise RuntimeError(f"not ready: {self.state.load_error or 'timed out'}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

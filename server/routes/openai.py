@@ -245,7 +245,7 @@ async def _wait(pending: _Pending, request: Request) -> Job:
 
     async def disconnected() -> None:
         while not await request.is_disconnected():
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.05)
         pending.job.cancelled.set()
 
     waiter, watcher = asyncio.create_task(done()), asyncio.create_task(disconnected())

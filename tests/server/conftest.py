@@ -4,24 +4,20 @@ from transformers, and uvicorn on 127.0.0.1 in a thread."""
 from __future__ import annotations
 
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from deltastore.compress import CompressOptions, compress
 from deltastore.format import load_delta, save_delta
 from deltastore.materialize import materialize
 from deltastore.methods import Method
 from deltastore.sources import open_finetune, open_model
-from server.app import create_app
+from server.app import ThreadedServer
 from server.config import Settings
-from server.state import AppState
 from tests.conftest import perturbed, save
 
 TOKEN = "test-admin-token"
@@ -76,41 +72,20 @@ def references(tiny_dirs, variant_files, tmp_path_factory) -> dict[str | None, d
     return refs
 
 
-class LiveServer:
+class LiveServer(ThreadedServer):
+    """A threaded server with an httpx client, and one that sends the admin token."""
+
     def __init__(self, settings: Settings) -> None:
-        self.app = create_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        super().__init__(settings)
         self.client = httpx.Client(base_url=self.url, timeout=60)
         self.admin = httpx.Client(
             base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}
         )
 
-    @property
-    def state(self) -> AppState:
-        return self.app.state.deltaserve  # type: ignore[no-any-return]
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.time() + timeout
-        while self.client.get("/ready").status_code != 200:
-            if time.time() > deadline:
-                raise RuntimeError(f"not ready: {self.state.load_error}")
-            time.sleep(0.05)
-
     def stop(self) -> None:
         self.client.close()
         self.admin.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        super().stop()
 
 
 def make_settings(base: Path, store: Path, **kw: object) -> Settings:
@@ -119,6 +94,7 @@ def make_settings(base: Path, store: Path, **kw: object) -> Settings:
         store=store,
         device="cpu",
         admin_token=TOKEN,
+        port=0,
         materialized_cache_bytes=150_000,  # one materialized variant of the tiny model
         max_batch_size=4,
         time_slice_s=0.05,

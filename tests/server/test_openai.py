@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -196,3 +197,41 @@ def test_metrics_have_bounded_labels(live):
     ):
         assert name in text, name
     assert '"v4"' not in text
+
+
+def _generated(live) -> float:
+    for line in live.client.get("/metrics").text.splitlines():
+        if line.startswith("deltaserve_generated_tokens_total"):
+            return float(line.split()[-1])
+    raise AssertionError("no generated-tokens metric")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_frees_its_slot(live, stream, monkeypatch):
+    import httpx
+
+    model = live.state.engine.model
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):  # 64 tokens now take >= 1.3 s
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
+    base = live.state.base_name  # greedy on "a" runs to max_tokens (no early EOS)
+    long = {"model": base, "prompt": "a", "max_tokens": 64, "temperature": 0.0, "stream": stream}
+    before = _generated(live)
+    if stream:
+        with live.client.stream("POST", "/v1/completions", json=long) as r:
+            assert r.status_code == 200
+            first = next(line for line in r.iter_lines() if line)  # then hang up
+            assert json.loads(first[len("data: ") :])["object"] == "text_completion"
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{live.url}/v1/completions", json=long, timeout=0.2)
+    deadline = time.time() + 10
+    while live.state.scheduler.in_flight(base) and time.time() < deadline:
+        time.sleep(0.01)
+    assert live.state.scheduler.in_flight(base) == 0
+    time.sleep(0.2)  # let the finished request reach the metrics
+    assert _generated(live) - before < 40  # stopped early, not run to max_tokens

@@ -1,0 +1,87 @@
+"""`deltaserve serve` itself, as a user starts it (a subprocess on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from server.config import Settings
+
+
+def test_serve_help_documents_every_setting():
+    out = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for name in Settings.model_fields:
+        assert "--" + name.replace("_", "-") in out, name
+        assert f"DELTASERVE_{name.upper()}" in out, name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_starts_answers_and_stops(tiny_dirs, tmp_path):
+    port = _free_port()
+    env = {**os.environ, "DELTASERVE_ADMIN_TOKEN": "env-token-123", "DELTASERVE_PORT": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--base",
+            str(tiny_dirs["base"]),
+            "--store",
+            str(tmp_path / "store"),
+            "--port",
+            str(port),
+            "--no-demo",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "server not ready in 60 s"
+            time.sleep(0.2)
+        r = httpx.post(
+            f"{url}/v1/completions", json={"model": "base", "prompt": "the", "max_tokens": 3}
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        # the env token reached the settings: admin answers 200 with it
+        r = httpx.get(f"{url}/admin/deltas", headers={"Authorization": "Bearer env-token-123"})
+        assert r.status_code == 200 and r.json() == []
+        assert (tmp_path / "store").is_dir()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_bad_settings_are_a_clear_error(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--port", "70000", "--store", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode != 0 and "port" in (res.stderr + res.stdout)
