@@ -31,14 +31,14 @@ from server.store import DeltaStore
 log = logging.getLogger(__name__)
 
 
-def _load(state: AppState) -> None:
+def _load_and_serve(state: AppState) -> None:
+    """Load the base, then run the scheduler on this same thread (see scheduler.py)."""
     try:
         base_dir = state.settings.base or ensure_embedded_base(progress=False)
         state.base_dir = base_dir
         state.base_name = base_dir.name
         engine = Engine(open_model(base_dir), state.store, state.settings)
         scheduler = Scheduler(engine, state.settings, state.metrics)
-        scheduler.start()
         state.engine, state.scheduler = engine, scheduler
         state.ready_at = time.time()
         log.info(
@@ -53,6 +53,8 @@ def _load(state: AppState) -> None:
     except Exception as e:
         state.load_error = f"{type(e).__name__}: {e}"
         log.exception("loading the base failed")
+        return
+    scheduler.serve_forever()
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -63,12 +65,16 @@ def create_app(settings: Settings) -> FastAPI:
             state.base_name = settings.base.name
         state.metrics.watch_engine(lambda: state.engine)
         app.state.deltaserve = state
-        loader = threading.Thread(target=_load, args=(state,), name="deltaserve-load", daemon=True)
-        loader.start()
+        worker = threading.Thread(
+            target=_load_and_serve, args=(state,), name="deltaserve-worker", daemon=True
+        )
+        worker.start()
         yield
-        loader.join()
+        while worker.is_alive() and state.scheduler is None and state.load_error is None:
+            time.sleep(0.05)  # stopped while loading: let the load finish first
         if state.scheduler is not None:
             state.scheduler.stop()
+        worker.join(timeout=30)
 
     app = FastAPI(title="deltaserve", version="0.1.0", lifespan=lifespan)
     errors.install(app)

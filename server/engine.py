@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -203,5 +204,6 @@ class Engine:
         for tier in self.tiers:
             (tier.pin if pinned else tier.unpin)(name)
 
-    def check_upload(self, delta: Delta) -> None:
-        check_compatible(delta, self.weights)
+    def check_upload(self, path: Path) -> None:
+        """Decode and validate an uploaded file against the resident base."""
+        check_compatible(load_delta(path), self.weights)

@@ -5,6 +5,11 @@ variant: the active one keeps the model while it has queued requests and either
 nobody else waits or its time slice has not run out; otherwise the variant whose
 oldest request has waited longest gets it (FIFO across variants, so nobody
 starves). Up to max_batch_size of that variant's requests run as one batch.
+
+All torch work of the server happens on this one thread (the one that loaded the
+base runs the loop: `serve_forever`). With OpenMP/MKL on CPU, compute started from a
+second thread of the same process ran at ~60% speed here (16 vs 27 tokens/s,
+see BENCHMARKS.md), so nothing else in the server touches torch.
 """
 
 from __future__ import annotations
@@ -39,10 +44,17 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stop = False
         self._slice_start = 0.0
-        self._thread = threading.Thread(target=self._loop, name="deltaserve-worker", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Run the loop on a new thread (tests); the server uses serve_forever."""
+        self._thread = threading.Thread(target=self._loop, name="deltaserve-worker", daemon=True)
         self._thread.start()
+
+    def serve_forever(self) -> None:
+        """Run the loop on the calling thread until stop()."""
+        self._thread = threading.current_thread()
+        self._loop()
 
     def stop(self) -> None:
         with self._cond:
@@ -53,7 +65,7 @@ class Scheduler:
                     job.emit("done", job)
             self._queues.clear()
             self._cond.notify_all()
-        if self._thread.ident is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
     # ------------------------------------------------------------------ submitting

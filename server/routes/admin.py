@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, status
 
 from deltastore.apply import BaseMismatchError
-from deltastore.format import DeltaFormatError, load_delta
+from deltastore.format import DeltaFormatError
 from server.deps import AdminDep, ReadyDep, StateDep
 from server.engine import Engine
 from server.errors import APIError
@@ -72,7 +72,6 @@ async def upload(
     name: Annotated[str, Query(description="variant name")],
     replace: Annotated[bool, Query(description="overwrite an existing variant")] = False,
 ) -> DeltaInfo:
-    engine: Engine = ready[0]
     _name(state, name, must_exist=False)
     exists = state.store.exists(name)
     if exists and not replace:
@@ -93,8 +92,7 @@ async def upload(
         if size == 0:
             raise APIError(400, "empty body: send the delta file as the request body", "empty")
         try:
-            delta = await asyncio.to_thread(load_delta, upload)
-            engine.check_upload(delta)
+            await _on_worker(ready, lambda e: e.check_upload(upload))
         except (DeltaFormatError, BaseMismatchError) as e:
             reason = str(e).replace(f"{upload}: ", "").replace(str(upload), "upload")
             raise APIError(400, f"invalid delta {name!r}: {reason}", "invalid_delta") from e
