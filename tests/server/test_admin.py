@@ -279,3 +279,32 @@ def test_not_ready_is_503(tmp_path):
         assert srv.client.get("/health").status_code == 200
     finally:
         srv.stop()
+
+
+def test_full_queue_answers_429(tiny_dirs, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = LiveServer(
+        make_settings(tiny_dirs["base"], tmp_path / "s", queue_limit=1, max_batch_size=1)
+    )
+    try:
+        srv.wait_ready()
+        model = srv.state.engine.model
+        forward = model.forward
+
+        def slow(*a, **k):
+            time.sleep(0.01)
+            return forward(*a, **k)
+
+        model.forward = slow
+        body = {"model": srv.state.base_name, "prompt": "a", "max_tokens": 30}
+        with ThreadPoolExecutor(6) as pool:
+            codes = list(
+                pool.map(lambda _: srv.client.post("/v1/completions", json=body), range(6))
+            )
+        statuses = sorted(r.status_code for r in codes)
+        assert 200 in statuses and 429 in statuses, statuses
+        err = next(r for r in codes if r.status_code == 429).json()["error"]
+        assert err["type"] == "rate_limit_error" and "queued" in err["message"]
+    finally:
+        srv.stop()
