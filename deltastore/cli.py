@@ -111,7 +111,12 @@ def add_commands(sub: Any) -> None:
     r.add_argument("finetuned")
     r.add_argument("--have-labels", action="store_true", help="you have a labelled validation set")
     r.add_argument("--json", action="store_true", help="machine-readable output")
-    r.add_argument("--tensors", action="store_true", help="per-tensor statistics too")
+    r.add_argument(
+        "--tensors",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="per-tensor statistics (default on; --no-tensors for the summary only)",
+    )
     r.set_defaults(func=cmd_recommend)
 
     m = sub.add_parser(

@@ -195,7 +195,7 @@ class Engine:
         self._touched.pop(name, None)
 
     def forget(self, name: str) -> None:
-        """Evict and unpin: the variant was deleted or replaced."""
+        """Evict and unpin: the variant was deleted."""
         self.evict(name)
         for tier in self.tiers:
             tier.unpin(name)

@@ -131,3 +131,11 @@ def test_help(cmd):
         [sys.executable, "-m", "server.cli", *cmd, "--help"], capture_output=True, text=True
     )
     assert res.returncode == 0 and "usage: deltaserve" in res.stdout
+
+
+def test_recommend_prints_per_tensor_and_overall(tiny_dirs, capsys):
+    assert _run("recommend", tiny_dirs["base"], tiny_dirs["ft"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.mlp.down_proj.weight" in out and "overall: mean |delta|" in out
+    assert _run("recommend", tiny_dirs["base"], tiny_dirs["ft"], "--no-tensors") == 0
+    assert "down_proj" not in capsys.readouterr().out
