@@ -131,7 +131,8 @@ def add_commands(sub: Any) -> None:
     m.set_defaults(func=cmd_materialize)
 
 
-def _progress() -> bool:
+def show_progress() -> bool:
+    """Progress bars on a terminal, or when DELTASERVE_PROGRESS is set."""
     return sys.stderr.isatty() or bool(os.environ.get("DELTASERVE_PROGRESS"))
 
 
@@ -154,7 +155,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         eta_search=args.eta_search,
         val_limit=args.val_limit,
         search_dtype=args.search_dtype,
-        progress=_progress(),
+        progress=show_progress(),
         source_name=args.name,
     )
     base = open_model(args.base)
@@ -219,7 +220,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     base = open_model(args.base)
-    rec = recommend(delta_stats(open_finetune(base, args.finetuned), _progress()), args.have_labels)
+    rec = recommend(
+        delta_stats(open_finetune(base, args.finetuned), show_progress()), args.have_labels
+    )
     if args.json:
         out = rec.as_dict()
         if not args.tensors:
@@ -245,6 +248,6 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     base = open_model(args.base)
     if not isinstance(base, SafetensorsModel):
         raise ValueError(f"{args.base}: materialize needs a safetensors model directory")
-    out = materialize(base, load_delta(args.delta), args.output, _progress())
+    out = materialize(base, load_delta(args.delta), args.output, show_progress())
     print(out)
     return 0

@@ -12,6 +12,7 @@ from typing import Any
 
 from deltastore.cli import add_commands
 from server.config import Settings
+from server.loadtest import add_command as add_loadtest
 
 
 def _field_type(annotation: Any) -> Any:
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_commands(sub)
     add_serve(sub)
+    add_loadtest(sub)
     return parser
 
 

@@ -125,6 +125,7 @@ def test_chat_and_chat_streaming(live):
 
 def test_openai_client_library_works_unchanged(live):
     import openai
+
     client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused")
     ids = [m.id for m in client.models.list()]
     assert "v0" in ids

@@ -1,0 +1,126 @@
+"""`deltaserve loadtest` against a live server on 127.0.0.1 (bounded, self-stopping)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from server.cli import main
+from server.loadtest import parse_mix, scrape
+
+
+def test_mixes():
+    rng = random.Random(0)
+    zipf = parse_mix("zipf:1.0", ["a", "b", "c", "d"])
+    assert zipf.weights == (1.0, 0.5, 1 / 3, 0.25)
+    counts = {m: 0 for m in "abcd"}
+    for _ in range(4000):
+        counts[zipf.sample(rng)] += 1
+    assert counts["a"] > counts["b"] > counts["c"] > counts["d"] > 0
+    assert parse_mix("uniform", ["a", "b"]).weights == (1.0, 1.0)
+    w = parse_mix("weights:a=3,b=1", ["a", "b", "c"])
+    assert w.models == ("a", "b") and w.weights == (3.0, 1.0)
+    for bad in ("weights:z=1", "weights:a=x", "zipf:-1", "pareto"):
+        with pytest.raises(ValueError):
+            parse_mix(bad, ["a", "b"])
+    with pytest.raises(ValueError, match="no models"):
+        parse_mix("uniform", [])
+
+
+def test_scrape_sums_over_labels():
+    text = (
+        'deltaserve_swap_seconds_count{mode="inplace"} 3.0\n'
+        'deltaserve_swap_seconds_count{mode="materialized"} 2.0\n'
+        'deltaserve_cache_hits_total{tier="host"} 5.0\n'
+        "# HELP something\n"
+    )
+    got = scrape(text)
+    assert got["swaps"] == 5.0 and got["cache_hits"] == 5.0 and got["cache_evictions"] == 0.0
+
+
+def test_closed_loop_report_json_and_plot(live, tmp_path, capsys):
+    out, png = tmp_path / "report.json", tmp_path / "report.png"
+    rc = main(
+        [
+            "loadtest",
+            "--url",
+            live.url,
+            "--models",
+            "all",
+            "--distribution",
+            "zipf:1.0",
+            "--concurrency",
+            "4",
+            "--requests",
+            "24",
+            "--max-tokens",
+            "6",
+            "--stream",
+            "--out",
+            str(out),
+            "--plot",
+            str(png),
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "succeeded 24" in text and "p99" in text
+    rep = json.loads(out.read_text())
+    assert rep["sent"] == rep["succeeded"] == 24 and rep["failed_by_status"] == {}
+    assert sum(rep["per_model"].values()) == 24 and len(rep["per_model"]) >= 3
+    assert rep["tokens_per_s"] > 0 and rep["ttft_ms"]["p50"] <= rep["e2e_ms"]["p99"]
+    assert rep["server"]["swaps"] > 0 and rep["server"]["generated_tokens"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_open_loop_stops_by_itself(live, capsys):
+    rc = main(
+        [
+            "loadtest",
+            "--url",
+            live.url,
+            "--models",
+            "v0,v1",
+            "--rate",
+            "40",
+            "--duration",
+            "1.0",
+            "--max-tokens",
+            "4",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "open loop, 40.0 req/s" in out
+    sent = int(out.split("sent ")[1].split(",")[0])
+    assert 10 <= sent <= 100  # ~40 Poisson arrivals in one second
+
+
+def test_failures_are_counted_by_status(live, capsys):
+    rc = main(
+        [
+            "loadtest",
+            "--url",
+            live.url,
+            "--models",
+            "v0,missing",
+            "--concurrency",
+            "2",
+            "--requests",
+            "10",
+            "--distribution",
+            "weights:v0=1,missing=1",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "'404'" in out
+
+
+def test_bad_arguments(live, capsys):
+    assert main(["loadtest", "--url", live.url, "--requests", "0"]) == 2
+    assert "--requests" in capsys.readouterr().err
+    assert main(["loadtest", "--url", "http://127.0.0.1:9", "--requests", "1"]) == 2
+    assert "cannot list models" in capsys.readouterr().err
