@@ -50,7 +50,8 @@ from deltastore.sources import open_finetune, open_model
 from server.loadtest import Workload, parse_mix, run
 
 PORT = 8950
-PROMPT = "Write one sentence about the sea."
+QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+PROMPT = ""  # the chat-formatted QUESTION, set in main: every server sees the same ids
 
 
 def _dir_bytes(path: Path) -> int:
@@ -189,6 +190,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     base_dir = ensure_embedded_base()
+    global PROMPT
+    PROMPT = open_model(base_dir).load_tokenizer().apply_chat_template(
+        [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+    )
     dirs = prepare(base_dir, args.variants, lora=not args.no_lora)
     names = [f"v{i:02d}" for i in range(args.variants)]
     # the store may hold more variants from an earlier, larger run: serve exactly these

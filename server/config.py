@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     materialized_cache_bytes: int = Field(
         2 * GiB, ge=0, description="budget for materialized variants on the device (0: off)"
     )
+    materialize_after: int = Field(
+        2, ge=1, description="uses before a variant is materialized (1: on first use)"
+    )
     device_delta_cache_bytes: int = Field(
         GiB, ge=0, description="budget for deltas laid out on the device"
     )

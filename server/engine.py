@@ -7,7 +7,12 @@ Tiers, slowest to fastest (each an LRU budgeted in bytes, see cache.py):
 Activating a materialized variant rebinds those parameters to its tensors (pointer
 swaps, no arithmetic). Any other variant is applied in place to the resident
 weights with `apply_delta_`, and reverted bit-exactly when the engine switches
-away. A variant used for the first time is materialized when the budget allows.
+away. Admission to the materialized tier is frequency-aware: a variant is
+materialized from its `materialize_after`-th use, and only if it has been used more
+than the least recently used entry it would evict (counts halve every
+AGE_EVERY activations). Admitting every variant on first use made one-off tail
+variants evict hot ones: slower than no cache at all under Zipf traffic
+(BENCHMARKS.md, serving comparison).
 
 Invariant: the flat resident buffers hold the base, or the base plus exactly one
 in-place variant (the active one).
@@ -43,6 +48,7 @@ from server.config import Settings
 from server.store import DeltaStore
 
 log = logging.getLogger(__name__)
+AGE_EVERY = 1000  # activations between halvings of the use counts
 
 
 class Mode(StrEnum):
@@ -94,6 +100,9 @@ class Engine:
         self.mode = Mode.BASE
         self._undo: UndoLog | None = None
         self._touched: dict[str, tuple[str, ...]] = {}  # variant -> tensor names it changes
+        self._uses: dict[str, float] = {}  # variant -> recent activations (aged)
+        self._activations = 0
+        self.materialize_after = settings.materialize_after
 
     @property
     def tiers(self) -> tuple[ByteLRU[Any], ...]:
@@ -101,23 +110,46 @@ class Engine:
 
     # ------------------------------------------------------------------ activation
 
-    def activate(self, name: str | None) -> Swap:
-        """Put `name` (None: the base) in place of the active variant."""
+    def activate(self, name: str | None, force: bool = False) -> Swap:
+        """Put `name` (None: the base) in place of the active variant. `force`
+        materializes it whenever the budget allows (an explicit preload)."""
         if name == self.active:
             return Swap(name, self.mode, 0.0, switched=False)
         t0 = time.perf_counter()
         self._deactivate()
         if name is not None:
-            self._activate(name)
+            self._activate(name, force)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return Swap(name, self.mode, time.perf_counter() - t0, switched=True)
 
-    def _activate(self, name: str) -> None:
+    def _count_use(self, name: str) -> None:
+        self._uses[name] = self._uses.get(name, 0.0) + 1
+        self._activations += 1
+        if self._activations % AGE_EVERY == 0:
+            self._uses = {n: c / 2 for n, c in self._uses.items() if c >= 0.5}
+
+    def _admit(self, name: str, nbytes: int, force: bool) -> bool:
+        """Materialize `name`? Often enough used, and more than what it would evict."""
+        tier = self.materialized
+        if not tier.budget or not tier.can_fit(nbytes):
+            return False
+        if force:
+            return True
+        uses = self._uses.get(name, 0.0)
+        if uses < self.materialize_after:
+            return False
+        if tier.budget - tier.used >= nbytes:
+            return True  # room without evicting anything
+        victim = next((e.name for e in tier.list() if not e.pinned and not e.in_use), None)
+        return victim is None or uses > self._uses.get(victim, 0.0)
+
+    def _activate(self, name: str, force: bool) -> None:
+        self._count_use(name)
         tensors = self.materialized.get(name)
         if tensors is None:
             bound = self._bound(name)
-            tensors = self._materialize(name, bound)
+            tensors = self._materialize(name, bound, force)
             if tensors is None:
                 self._undo = apply_delta_(self.weights, bound)
                 self.active, self.mode = name, Mode.INPLACE
@@ -161,12 +193,14 @@ class Engine:
                 log.info("device tier full: %s stays uncached", name)
         return bound
 
-    def _materialize(self, name: str, bound: BoundDelta) -> dict[str, torch.Tensor] | None:
+    def _materialize(
+        self, name: str, bound: BoundDelta, force: bool
+    ) -> dict[str, torch.Tensor] | None:
         """Copies of the touched tensors with the delta in them; None when they don't fit.
         Needs the resident buffers to hold the base (the caller has deactivated)."""
         names = self._touched[name]
         nbytes = sum(self.params[n].numel() * self.params[n].element_size() for n in names)
-        if not self.materialized.budget or not self.materialized.can_fit(nbytes):
+        if not self._admit(name, nbytes, force):
             return None
         undo = apply_delta_(self.weights, bound)
         tensors = {n: self.weights.tensor(n).clone() for n in names}
@@ -184,7 +218,9 @@ class Engine:
 
     def preload(self, name: str) -> Swap:
         """Bring `name` into the fastest tier that fits (it becomes the active one)."""
-        return self.activate(name)
+        if self.active == name and self.mode is Mode.INPLACE:
+            self.activate(None)  # re-activate below, materialized if it fits
+        return self.activate(name, force=True)
 
     def evict(self, name: str) -> None:
         """Drop `name` from every tier (pins are kept unless `forget` is called)."""
@@ -193,6 +229,7 @@ class Engine:
         for tier in self.tiers:
             tier.remove(name)
         self._touched.pop(name, None)
+        self._uses.pop(name, None)
 
     def forget(self, name: str) -> None:
         """Evict and unpin: the variant was deleted."""
