@@ -191,8 +191,12 @@ def main() -> None:
     args = ap.parse_args()
     base_dir = ensure_embedded_base()
     global PROMPT
-    PROMPT = open_model(base_dir).load_tokenizer().apply_chat_template(
-        [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+    PROMPT = (
+        open_model(base_dir)
+        .load_tokenizer()
+        .apply_chat_template(
+            [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+        )
     )
     dirs = prepare(base_dir, args.variants, lora=not args.no_lora)
     names = [f"v{i:02d}" for i in range(args.variants)]
