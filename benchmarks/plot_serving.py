@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.png"))
     args = ap.parse_args()
-    runs = sorted(args.results.glob("serving-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    runs = sorted(args.results.glob("serving-[0-9]*.json"), key=lambda p: int(p.stem.split("-")[1]))
     if not runs:
         raise SystemExit(f"no serving-*.json in {args.results}: run benchmarks/serving.py first")
     fig, axes = plt.subplots(len(runs), 2, figsize=(13, 3.6 * len(runs)), squeeze=False)

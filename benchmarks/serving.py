@@ -187,6 +187,11 @@ def main() -> None:
         "--dense-budget-gb", type=float, default=16.0, help="memory for config 4's dense variants"
     )
     ap.add_argument("--no-lora", action="store_true", help="skip configuration 5")
+    ap.add_argument(
+        "--base-only",
+        action="store_true",
+        help="only the reference: the same workload, every request to the base",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     base_dir = ensure_embedded_base()
@@ -217,6 +222,22 @@ def main() -> None:
     keep = max(1, int(args.dense_budget_gb * 2**30 // per_model))
     py = [sys.executable, "-m"]
     ds = [*py, "server.cli", "serve", "--no-demo", "--port", str(PORT), "--store"]
+    if args.base_only:
+        row = measure(
+            "0 the base alone (deltaserve, no variants)",
+            [*ds, str(store)],
+            {},
+            [base_dir.name],
+            args,
+            0,
+        )
+        out = args.out or Path("benchmarks/results/serving-base.json")
+        out.write_text(json.dumps({"rows": [row]}, indent=2))
+        print(
+            f"base alone: {row['tokens_per_s']:.1f} tokens/s, {row['requests_per_s']:.2f} req/s, "
+            f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms"
+        )
+        return
     naive = [*py, "benchmarks.naive_server", "--port", str(PORT), "--models-dir", str(dense)]
     configs = [
         ("1 deltaserve (defaults)", [*ds, str(store)], {}, names, delta_bytes),

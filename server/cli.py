@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     try:
         return int(args.func(args))
     except (ValueError, TypeError, FileExistsError, FileNotFoundError, RuntimeError) as e:
