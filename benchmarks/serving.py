@@ -51,7 +51,6 @@ from server.loadtest import Workload, parse_mix, run
 
 PORT = 8950
 QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-PROMPT = ""  # the chat-formatted QUESTION, set in main: every server sees the same ids
 
 
 def _dir_bytes(path: Path) -> int:
@@ -122,10 +121,10 @@ def peak_rss(proc: subprocess.Popen[bytes]) -> int:
     return 0
 
 
-def probe(names: list[str]) -> dict[str, str]:
+def probe(names: list[str], prompt: str) -> dict[str, str]:
     out = {}
     for name in names:
-        body = {"model": name, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+        body = {"model": name, "prompt": prompt, "max_tokens": 12, "temperature": 0}
         r = httpx.post(f"http://127.0.0.1:{PORT}/v1/completions", json=body, timeout=600)
         out[name] = r.json()["choices"][0]["text"]
     return out
@@ -141,8 +140,10 @@ def measure(
 ) -> dict[str, Any]:
     proc = start(cmd, env)
     try:
-        texts = probe(names[:3])  # also the warm-up
-        w = Workload(parse_mix("zipf:1.0", names), PROMPT, args.max_tokens, False, False, 0.0, 0)
+        texts = probe(names[:3], args.prompt)  # also the warm-up
+        w = Workload(
+            parse_mix("zipf:1.0", names), args.prompt, args.max_tokens, False, False, 0.0, 0
+        )
         rep = asyncio.run(
             run(
                 f"http://127.0.0.1:{PORT}",
@@ -195,13 +196,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     base_dir = ensure_embedded_base()
-    global PROMPT
-    PROMPT = (
-        open_model(base_dir)
-        .load_tokenizer()
-        .apply_chat_template(
-            [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
-        )
+    # chat-formatted, sent as a raw completion: every server sees the same token ids
+    tok = open_model(base_dir).load_tokenizer()
+    args.prompt = tok.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
     )
     dirs = prepare(base_dir, args.variants, lora=not args.no_lora)
     names = [f"v{i:02d}" for i in range(args.variants)]
