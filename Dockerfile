@@ -1,0 +1,57 @@
+# deltaserve: serve many fine-tunes of one base as sparse deltas.
+#
+#   docker build -t deltaserve .                                   # slim CPU image
+#   docker build -t deltaserve:cuda --build-arg TORCH=cuda .       # CUDA (torch wheel bundles CUDA)
+#   docker build -t deltaserve --build-arg FETCH_BASE=1 .          # embedded base baked in: starts offline
+#   docker run -p 8000:8000 -e DELTASERVE_ADMIN_TOKEN=... -v deltas:/data/deltas -v cache:/data/cache deltaserve
+#
+# No secrets are baked in: the admin token comes from the environment at run time.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
+
+# cpu: torch's CPU wheel (no CUDA libraries, ~200 MB); cuda: the PyPI wheel with CUDA
+ARG TORCH=cpu
+ARG TORCH_VERSION=2.13.0
+# 1: fetch and convert the embedded base at build time (the container then needs no network)
+ARG FETCH_BASE=0
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DELTASERVE_HOST=0.0.0.0 \
+    DELTASERVE_PORT=8000 \
+    DELTASERVE_STORE=/data/deltas \
+    DELTASERVE_CACHE=/data/cache \
+    HF_HUB_OFFLINE=1
+
+RUN groupadd --system --gid 10001 deltaserve \
+    && useradd --system --uid 10001 --gid deltaserve --home-dir /home/deltaserve --create-home deltaserve \
+    && mkdir -p /data/deltas /data/cache /opt/deltaserve \
+    && chown -R deltaserve:deltaserve /data /opt/deltaserve
+
+WORKDIR /opt/deltaserve
+
+RUN if [ "$TORCH" = "cpu" ]; then \
+        pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu; \
+    elif [ "$TORCH" = "cuda" ]; then \
+        pip install "torch==${TORCH_VERSION}"; \
+    else \
+        echo "TORCH must be cpu or cuda, got '${TORCH}'" >&2; exit 1; \
+    fi
+
+COPY --chown=deltaserve:deltaserve pyproject.toml README.md ./
+COPY --chown=deltaserve:deltaserve deltastore ./deltastore
+COPY --chown=deltaserve:deltaserve server ./server
+RUN pip install .
+COPY --chmod=755 docker/entrypoint.sh /usr/local/bin/deltaserve-entrypoint
+
+USER 10001:10001
+RUN if [ "$FETCH_BASE" = "1" ]; then python -m deltastore.embedded; fi
+
+VOLUME ["/data/deltas", "/data/cache"]
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('DELTASERVE_PORT', '8000')}/health\", timeout=4)"]
+ENTRYPOINT ["deltaserve-entrypoint"]
+CMD ["serve"]
