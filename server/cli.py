@@ -56,6 +56,20 @@ def add_serve(sub: Any) -> None:
             help=help_,
             type=Path if kind is Path else int if kind is int else float if kind is float else str,
         )
+    ray = s.add_argument_group("scale-out on Ray Serve (pip install 'ray[serve]')")
+    ray.add_argument("--ray", action="store_true", help="serve through Ray Serve multiplexing")
+    ray.add_argument("--replicas", type=int, default=2, help="replicas, each with its own base")
+    ray.add_argument(
+        "--max-variants-per-replica",
+        type=int,
+        default=4,
+        help="variants one replica holds (Ray's multiplexing LRU)",
+    )
+    ray.add_argument(
+        "--ray-address",
+        default=None,
+        help="an existing cluster (auto, ray://host:10001); default: start a local one",
+    )
     s.set_defaults(func=cmd_serve)
 
 
@@ -73,7 +87,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         base_dir = ensure_embedded_base()
         if settings.demo:
             install_demos(base_dir, DeltaStore(settings.store))
+        settings = settings.model_copy(update={"base": base_dir})
+    if args.ray:
+        return serve_on_ray(settings, args)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+def serve_on_ray(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        import ray
+        from ray import serve
+
+        from server.ray_serve import build_app
+    except ImportError as e:
+        raise RuntimeError("--ray needs Ray Serve: pip install 'ray[serve]'") from e
+    ray.init(address=args.ray_address)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    app = build_app(settings, args.replicas, args.max_variants_per_replica)
+    serve.run(app, name="deltaserve", route_prefix="/", blocking=True)
     return 0
 
 
