@@ -12,4 +12,6 @@
 - store.py      the delta directory: validated names, atomic commits
 - demo.py       the two demo variants; tasks.py their generated data
 - metrics.py    Prometheus metrics with bounded labels
+- loadtest.py   `deltaserve loadtest`
+- ray_serve.py  scale-out on Ray Serve multiplexing (a thin layer over the same app)
 """
