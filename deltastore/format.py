@@ -205,7 +205,8 @@ def decode_values(blob: bytes, count: int, dtype: str, name: str) -> torch.Tenso
         raise DeltaFormatError(f"{name}: {len(raw)} value bytes stored, expected {count * size}")
     # flatten to 1-D bytes before the dtype view: a 2-D view of (1, size) keeps a
     # stride of 1 on its size-1 dim, which the view refuses
-    unshuffled = np.ascontiguousarray(np.frombuffer(raw, dtype=np.uint8).reshape(size, count).T)
+    # .copy(): a fresh, writable, C-ordered array (the zlib output buffer is read-only)
+    unshuffled = np.frombuffer(raw, dtype=np.uint8).reshape(size, count).T.copy()
     values = torch.from_numpy(unshuffled.reshape(-1)).view(torch_dtype)
     if not bool(torch.isfinite(values).all()):
         raise DeltaFormatError(f"{name}: non-finite values")
