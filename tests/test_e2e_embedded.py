@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import save_file
 
 from deltastore.apply import FlatWeights, apply_delta_, bind, revert_delta_
-from deltastore.embedded import EmbeddedBaseError, ensure_embedded_base
 from deltastore.format import load_delta
 from deltastore.sources import fingerprint, open_model
 from server.cli import main
@@ -18,16 +17,8 @@ from server.cli import main
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def base_dir():
-    try:
-        return ensure_embedded_base(progress=False)
-    except EmbeddedBaseError as e:
-        pytest.skip(f"embedded base unavailable: {e}")
-
-
-def test_embedded_base_answers(base_dir):
-    src = open_model(base_dir)
+def test_embedded_base_answers(embedded_base):
+    src = open_model(embedded_base)
     assert "lm_head.weight" not in src.names()  # tied: one tensor
     model, tok = src.load_model(), src.load_tokenizer()
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
@@ -38,9 +29,9 @@ def test_embedded_base_answers(base_dir):
 
 
 @pytest.fixture(scope="module")
-def finetune_dir(base_dir, tmp_path_factory):
+def finetune_dir(embedded_base, tmp_path_factory):
     """base + Laplace noise at SFT scale (mean |delta| ~ 2e-4) in every tensor."""
-    src = open_model(base_dir)
+    src = open_model(embedded_base)
     out = tmp_path_factory.mktemp("ft")
     g = torch.Generator().manual_seed(0)
     laplace = torch.distributions.Laplace(0.0, 2e-4)
@@ -51,17 +42,17 @@ def finetune_dir(base_dir, tmp_path_factory):
         tensors[n] = (t + laplace.sample(t.shape)).contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     for f in ("config.json", "generation_config.json"):
-        (out / f).write_text((base_dir / f).read_text())
+        (out / f).write_text((embedded_base / f).read_text())
     return out
 
 
-def test_compress_real_finetune_at_p099(base_dir, finetune_dir, tmp_path, capsys):
+def test_compress_real_finetune_at_p099(embedded_base, finetune_dir, tmp_path, capsys):
     delta_path = tmp_path / "ft.delta.safetensors"
     assert (
         main(
             [
                 "compress",
-                str(base_dir),
+                str(embedded_base),
                 str(finetune_dir),
                 "-o",
                 str(delta_path),
@@ -82,7 +73,7 @@ def test_compress_real_finetune_at_p099(base_dir, finetune_dir, tmp_path, capsys
     assert abs(info["kept"] / numel - 0.01) < 0.001
 
     # apply/revert on the real model: bit-exact in bf16
-    src = open_model(base_dir)
+    src = open_model(embedded_base)
     model = src.load_model(torch.bfloat16)
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     weights = FlatWeights.from_module(model, fingerprint=fingerprint(src))
@@ -94,7 +85,7 @@ def test_compress_real_finetune_at_p099(base_dir, finetune_dir, tmp_path, capsys
 
     # materialize gives an ordinary HF directory whose weights are base + delta
     out = tmp_path / "hf"
-    assert main(["materialize", str(base_dir), str(delta_path), "-o", str(out)]) == 0
+    assert main(["materialize", str(embedded_base), str(delta_path), "-o", str(out)]) == 0
     mat = open_model(out)
     delta = load_delta(delta_path)
     name = "model.layers.3.mlp.down_proj.weight"

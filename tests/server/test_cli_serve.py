@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import time
 import httpx
 
 from server.config import Settings
+from tests.conftest import free_port
 
 
 def test_serve_help_documents_every_setting():
@@ -25,14 +25,8 @@ def test_serve_help_documents_every_setting():
         assert f"DELTASERVE_{name.upper()}" in out, name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_serve_starts_answers_and_stops(tiny_dirs, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DELTASERVE_ADMIN_TOKEN": "env-token-123", "DELTASERVE_PORT": "1"}
     proc = subprocess.Popen(
         [

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from deltastore.embedded import EmbeddedBaseError, ensure_embedded_base
 from deltastore.format import Delta, DeltaMeta, TensorDelta, save_delta
 from deltastore.methods import Method, select, tensor_generator
 from deltastore.sources import fingerprint, open_model
@@ -16,17 +15,9 @@ from tests.server.conftest import LiveServer, make_settings
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def base_dir():
-    try:
-        return ensure_embedded_base(progress=False)
-    except EmbeddedBaseError as e:
-        pytest.skip(f"embedded base unavailable: {e}")
-
-
-def _variant(base_dir, path):
+def _variant(embedded_base, path):
     """A DARE p=0.99 delta over every matrix of the real base (SFT-scale noise)."""
-    src = open_model(base_dir)
+    src = open_model(embedded_base)
     tensors = {}
     for name in src.names():
         shape = src.shape(name)
@@ -40,10 +31,12 @@ def _variant(base_dir, path):
     return path
 
 
-def test_serve_the_real_base_and_a_variant(base_dir, tmp_path):
-    delta = _variant(base_dir, tmp_path / "noisy.delta.safetensors")
+def test_serve_the_real_base_and_a_variant(embedded_base, tmp_path):
+    delta = _variant(embedded_base, tmp_path / "noisy.delta.safetensors")
     srv = LiveServer(
-        make_settings(base_dir, tmp_path / "store", max_new_tokens=32, materialized_cache_bytes=0)
+        make_settings(
+            embedded_base, tmp_path / "store", max_new_tokens=32, materialized_cache_bytes=0
+        )
     )
     try:
         srv.wait_ready(timeout=120)

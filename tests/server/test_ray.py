@@ -5,7 +5,6 @@ the single-process server's, and a killed replica is replaced with the store int
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 
 import httpx
@@ -15,13 +14,8 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from server.ray_serve import LOADS_HEADER, MULTIPLEX_HEADER, REPLICA_HEADER, build_app  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 from tests.server.conftest import MAX_TOKENS, PROMPTS, make_settings  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +23,7 @@ def ray_serve_url(tiny_dirs, variant_files, tmp_path_factory):
     store = tmp_path_factory.mktemp("ray-store")
     for name, path in variant_files.items():
         shutil.copy(path, store / f"{name}.delta.safetensors")
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
