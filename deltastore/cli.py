@@ -14,7 +14,7 @@ from deltastore.compress import CompressOptions, compress
 from deltastore.format import Delta, DeltaMeta, load_delta, save_delta
 from deltastore.materialize import materialize
 from deltastore.methods import Method, parse_method
-from deltastore.qsearch import QSearch, parse_q_search
+from deltastore.qsearch import QSearch, parse_q_grid, parse_q_search
 from deltastore.recommend import delta_stats, recommend
 from deltastore.sources import SafetensorsModel, open_finetune, open_model
 
@@ -71,7 +71,16 @@ def add_commands(sub: Any) -> None:
     c.add_argument(
         "--val-limit", type=int, default=64, help="validation examples used (default 64)"
     )
-    c.add_argument("--q-step", type=float, default=0.05, help="coarse q grid step (default 0.05)")
+    c.add_argument(
+        "--q-grid",
+        type=_arg(parse_q_grid),
+        default=CompressOptions.q_grid,
+        help="global q grid: linear (step --q-step, then 1/10 of it) or log "
+        "(log2(q/(1-p)) at step 1/2, then 1/8)",
+    )
+    c.add_argument(
+        "--q-step", type=float, default=0.05, help="linear grid's coarse q step (default 0.05)"
+    )
     c.add_argument("--q-max", type=float, default=1.0, help="upper end of the q grid (default 1)")
     c.add_argument(
         "--dense",
@@ -152,6 +161,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         q_step=args.q_step,
         q_max=args.q_max,
+        q_grid=args.q_grid,
         eta_search=args.eta_search,
         val_limit=args.val_limit,
         search_dtype=args.search_dtype,

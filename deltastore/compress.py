@@ -43,14 +43,15 @@ from deltastore.methods import (
     tensor_generator,
 )
 from deltastore.qsearch import (
+    QGrid,
     QSearch,
     RowStats,
     ScaledDeltaModel,
     SearchTrace,
-    coarse_to_fine,
     global_scales,
     row_stats,
     search_eta,
+    search_q,
 )
 from deltastore.sources import FinetuneSource, ModelSource, fingerprint
 
@@ -82,8 +83,9 @@ class CompressOptions:
     val: Path | None = None
     calib_tokens: int = 1024
     seq_len: int = 128
-    q_step: float = 0.05
+    q_step: float = 0.05  # the linear grid's coarse step
     q_max: float = 1.0
+    q_grid: QGrid = QGrid.LINEAR
     eta_search: QSearch = QSearch.UNLABELLED
     val_limit: int = 64
     search_dtype: str = "float32"  # bfloat16 halves the q search's memory (7B on 24 GB)
@@ -212,7 +214,6 @@ def _search(
             return logit_mse(m, cal.ids, cal.reference)
 
     sparse = [t.name for t in tensors if not t.dense]
-    lo = round(1.0 - opts.rate, 6)
     if opts.q_search is QSearch.ANALYTICAL:
         how = opts.eta_search
         trace = SearchTrace("eta", _objective_name(how), how is not QSearch.LABELLED)
@@ -221,15 +222,17 @@ def _search(
         return qs, record
     how = opts.q_search
     trace = SearchTrace("q", _objective_name(how), how is not QSearch.LABELLED)
-    best = coarse_to_fine(
+    best = search_q(
         lambda q: score(global_scales(tensors, q), how),
-        lo,
-        max(lo, opts.q_max),
+        opts.rate,
+        opts.q_max,
         opts.q_step,
+        opts.q_grid,
         trace,
         opts.progress,
     )
-    return dict.fromkeys(sparse, best), {"mode": how.value, **trace.as_dict()}
+    record = {"mode": how.value, "q_grid": opts.q_grid.value, **trace.as_dict()}
+    return dict.fromkeys(sparse, best), record
 
 
 def _objective_name(how: QSearch) -> str:

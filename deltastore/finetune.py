@@ -1,8 +1,10 @@
 """A small supervised fine-tune of a base on (prompt, answer) pairs: the real
-fine-tunes behind the demo variants and the benchmarks, made with AdamW or AdamR.
+fine-tunes behind the demo variants and the benchmarks, made with AdamW or AdamR,
+in full or as a LoRA adapter (PEFT, every Linear of the blocks; `lora_r > 0`).
 
 Loss is on the answer tokens only; prompts go through the tokenizer's chat template
-when it has one. The result is an ordinary HF model directory in the base's dtype.
+when it has one. A full fine-tune is an ordinary HF model directory; a LoRA one is a
+PEFT adapter directory (`deltaserve compress` reads both).
 """
 
 from __future__ import annotations
@@ -33,12 +35,16 @@ class FinetuneConfig:
     max_len: int = 96
     seed: int = 0
     chat: bool = True
+    lora_r: int = 0  # > 0: train a LoRA adapter of this rank instead of every weight
+    lora_alpha: int = 32
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"bad fine-tune config {self}")
         if self.optimizer not in ("adamw", "adamr"):
             raise ValueError(f"optimizer must be adamw or adamr, got {self.optimizer!r}")
+        if self.lora_r < 0 or (self.lora_r and self.optimizer != "adamw"):
+            raise ValueError("a LoRA fine-tune has a rank >= 1 and uses adamw")
 
 
 def format_prompt(tokenizer: Any, prompt: str, chat: bool) -> str:
@@ -91,7 +97,13 @@ def finetune(
     source = open_model(base_dir)
     tokenizer = source.load_tokenizer()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = source.load_model(torch.float32).train()
+    model = source.load_model(torch.float32)
+    if cfg.lora_r:
+        from peft import LoraConfig, get_peft_model  # optional: only LoRA fine-tunes need it
+
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear")
+        model = get_peft_model(model, lora)
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt: torch.optim.Optimizer = (
         AdamR(params, lr=cfg.lr, reg=cfg.reg)
@@ -106,11 +118,11 @@ def finetune(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     staged = out.with_name(out.name + ".partial")
     if staged.exists():
         shutil.rmtree(staged)
-    model.eval().save_pretrained(staged, safe_serialization=True)
+    model.eval().save_pretrained(staged, safe_serialization=True)  # LoRA: the adapter only
     tokenizer.save_pretrained(staged)
     (staged / _DONE).write_text(f"{cfg}\n")
     if out.exists():

@@ -4,6 +4,10 @@
   stopped after 3 evaluations without improvement, then a fine pass at s/10 around
   the best; the objective is unlabelled (logit MSE at the fine-tune's top-5 slots on
   calibration text) or labelled (exact match on a validation file, maximised).
+  The log grid searches the same interval in log2(q/(1-p)) at step
+  1/2, then 1/8: at high p the best q is a small multiple of 1-p, where the linear
+  grid's first steps (0.01 -> 0.06 at p = 0.99, 0.001 -> 0.051 at p = 0.999) are
+  far too coarse. See BENCHMARKS.md, "Fidelity".
 - analytical: per layer, per output row i, the q on the 0.001 grid minimising
   |eta(1-(1-p)/q) S1_i + eta^2 Phi(p) S2_i / (4q^2) + log(2/(1-gamma))| with
   S1_i = sum_j c_ij, S2_i = sum_j c_ij^2, c_ij = delta_ij * mean(x_j); the layer's q
@@ -80,8 +84,11 @@ def coarse_to_fine(
     step: float,
     trace: SearchTrace,
     progress: bool = True,
+    fine: tuple[int, int] = (10, 9),
+    shown: Callable[[float], float] = lambda x: x,
 ) -> float:
-    """Minimise (or maximise) f over [lo, hi]; records every point in `trace`."""
+    """Minimise (or maximise) f over [lo, hi]; records every point in `trace` (as
+    `shown(x)`). `fine` = (d, n): the fine pass tries n steps of step/d either side."""
     if not lo <= hi:
         raise ValueError(f"empty search interval [{lo}, {hi}]")
     seen: dict[float, float] = {}
@@ -91,9 +98,9 @@ def coarse_to_fine(
         x = round(x, 6)
         if x not in seen:
             seen[x] = f(x)
-            trace.points.append((x, seen[x]))
+            trace.points.append((shown(x), seen[x]))
             bar.update()
-            bar.set_postfix({trace.parameter: x, trace.objective: f"{seen[x]:.4g}"})
+            bar.set_postfix({trace.parameter: shown(x), trace.objective: f"{seen[x]:.4g}"})
         return seen[x]
 
     def better(a: float, b: float) -> bool:
@@ -110,15 +117,58 @@ def coarse_to_fine(
             misses += 1
             if misses >= PATIENCE:
                 break
-    fine, centre = step / 10, best_x
-    for k in range(-9, 10):
-        x = centre + k * fine
+    fine_step, centre = step / fine[0], best_x
+    for k in range(-fine[1], fine[1] + 1):
+        x = centre + k * fine_step
         if lo <= x <= hi and k != 0:
             v = evaluate(x)
             if better(v, best_v):
                 best_x, best_v = x, v
     bar.close()
     return round(best_x, 6)
+
+
+class QGrid(StrEnum):
+    LOG = "log"
+    LINEAR = "linear"
+
+
+def parse_q_grid(value: str) -> QGrid:
+    try:
+        return QGrid(value)
+    except ValueError:
+        raise ValueError(
+            f"unknown q grid {value!r}; choose one of {[g.value for g in QGrid]}"
+        ) from None
+
+
+LOG_STEP = 0.5  # coarse step in log2(q/(1-p)); the fine pass is 1/4 of it, 3 each side
+
+
+def search_q(
+    f: Callable[[float], float],
+    rate: float,
+    q_max: float,
+    step: float,
+    grid: QGrid,
+    trace: SearchTrace,
+    progress: bool = True,
+) -> float:
+    """The global q in [1-p, q_max] that optimises f, on the linear grid (coarse
+    `step`) or the log grid; every evaluated q is recorded in `trace`."""
+    lo = round(1.0 - rate, 6)
+    hi = max(lo, q_max)
+    if grid is QGrid.LINEAR:
+        return coarse_to_fine(f, lo, hi, step, trace, progress)
+
+    def q_of(x: float) -> float:
+        return round(min(hi, lo * 2.0**x), 6)
+
+    top = math.log2(hi / lo)
+    x = coarse_to_fine(
+        lambda x: f(q_of(x)), 0.0, top, LOG_STEP, trace, progress, fine=(4, 3), shown=q_of
+    )
+    return q_of(x)
 
 
 # --------------------------------------------------------------------------- evaluation

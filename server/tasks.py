@@ -61,3 +61,110 @@ def extraction(n: int, seed: int = 0) -> list[Example]:
         answer = json.dumps({"name": name, "age": age, "city": city})
         out.append(Example(f"Extract name, age and city as JSON: {sentence}", answer))
     return out
+
+
+_TOPICS = {  # topic -> (subjects, predicates): any pairing is a sentence on the topic
+    "sports": (
+        ["The striker", "Our team", "The goalkeeper", "The coach", "The referee", "The captain"],
+        [
+            "scored twice before half time",
+            "lost the final on penalties",
+            "trained hard for the derby",
+            "was sent off in the second half",
+            "won the league by three points",
+            "missed an open goal",
+        ],
+    ),
+    "food": (
+        ["The chef", "My grandmother", "The baker", "Our neighbour", "The waiter", "The cook"],
+        [
+            "baked a lemon cake for the party",
+            "added too much salt to the soup",
+            "grilled the fish with garlic and butter",
+            "served the noodles far too spicy",
+            "sliced ripe tomatoes for the salad",
+            "burnt the rye bread again",
+        ],
+    ),
+    "weather": (
+        ["The forecast", "The radio", "The pilot", "The farmer", "The ranger", "The newspaper"],
+        [
+            "warned of heavy rain over the weekend",
+            "said the fog would not lift until noon",
+            "expected snow across the valley",
+            "called it the hottest July on record",
+            "predicted thunderstorms by the evening",
+            "promised sunshine and a light breeze",
+        ],
+    ),
+    "music": (
+        ["The band", "The choir", "The violinist", "The drummer", "The orchestra", "The singer"],
+        [
+            "played the new album live",
+            "rehearsed the symphony all morning",
+            "sang a hymn in four parts",
+            "closed the concert with a long solo",
+            "tuned up before the overture",
+            "recorded the song in a small studio",
+        ],
+    ),
+    "money": (
+        ["The bank", "My landlord", "The investor", "The accountant", "The council", "The firm"],
+        [
+            "raised the interest rate again",
+            "paid off the loan two years early",
+            "sold the shares after the report",
+            "put a tenth of the salary into savings",
+            "put the rent up by fifty euros",
+            "cut the pension fund by a third",
+        ],
+    ),
+}
+_OPENERS = ["", "Yesterday ", "According to Omar, ", "Last year ", "As expected, ", "Sadly, "]
+
+
+def topic(n: int, seed: int = 0) -> list[Example]:
+    """A sentence -> its topic, one of five lower-case labels."""
+    rng = random.Random(seed)
+    labels = sorted(_TOPICS)
+    out = []
+    for _ in range(n):
+        label = rng.choice(labels)
+        subjects, predicates = _TOPICS[label]
+        opener, subject = rng.choice(_OPENERS), rng.choice(subjects)
+        if opener:
+            subject = subject[0].lower() + subject[1:]
+        sentence = f"{opener}{subject} {rng.choice(predicates)}."
+        prompt = f"Classify the topic as {', '.join(labels)}. Sentence: {sentence} Topic:"
+        out.append(Example(prompt, label))
+    return out
+
+
+TASKS = {"arith": arithmetic, "extract": extraction, "topic": topic}
+
+
+def splits(
+    task: str, n_train: int = 512, n_val: int = 64, n_test: int = 64
+) -> tuple[list[Example], list[Example], list[Example]]:
+    """Fixed train / validation / test examples of a task (seeds 0, 1, 2); validation
+    and test prompts that also occur in train, or test ones in validation, are dropped
+    and replaced, so the three are disjoint."""
+    make = TASKS[task]
+    train = make(n_train, 0)
+    seen = {e.prompt for e in train}
+    out: list[list[Example]] = [train]
+    for seed, n in ((1, n_val), (2, n_test)):
+        picked: list[Example] = []
+        pool = make(n * 20, seed)
+        for e in pool:
+            if e.prompt not in seen:
+                seen.add(e.prompt)
+                picked.append(e)
+                if len(picked) == n:
+                    break
+        if len(picked) < n:
+            raise ValueError(
+                f"task {task}: only {len(picked)} distinct examples for a split of {n}"
+            )
+        out.append(picked)
+    return out[0], out[1], out[2]

@@ -9,6 +9,7 @@ from deltastore.format import load_delta, save_delta
 from deltastore.materialize import materialize
 from deltastore.methods import Method
 from deltastore.qsearch import (
+    QGrid,
     QSearch,
     RowStats,
     SearchTrace,
@@ -16,6 +17,7 @@ from deltastore.qsearch import (
     layer_q,
     phi,
     q_grid,
+    search_q,
 )
 from deltastore.sources import fingerprint, open_finetune, open_model
 
@@ -127,6 +129,41 @@ def test_coarse_to_fine_finds_the_minimum_and_stops_early():
     # coarse: 0.01 .. 0.26 improve, then 3 misses -> stop long before 1.0
     assert max(calls) < 0.5
     assert len(set(calls)) == len(calls)  # nothing evaluated twice
+
+
+def test_log_grid_resolves_small_multiples_of_one_minus_p():
+    """At p = 0.999 the best q here is 2.6 x (1-p): the linear grid's fine pass (step
+    0.005 from 0.001) cannot get near it, the log grid lands within its 1/8 step."""
+    rate, target = 0.999, 0.0026
+
+    def f(q):
+        return (math.log(q) - math.log(target)) ** 2
+
+    lin = SearchTrace("q", "sq", minimise=True)
+    log = SearchTrace("q", "sq", minimise=True)
+    q_lin = search_q(f, rate, 1.0, 0.05, QGrid.LINEAR, lin, progress=False)
+    q_log = search_q(f, rate, 1.0, 0.05, QGrid.LOG, log, progress=False)
+    assert abs(math.log2(q_log / target)) <= 0.125 / 2 + 1e-6
+    assert abs(math.log2(q_lin / target)) > 0.5  # 0.001 or 0.006: both far off
+    assert all(0.001 - 1e-12 <= q <= 1.0 for q, _ in log.points)
+    assert len(log.points) <= len(lin.points)  # and no more evaluations
+    assert dict(log.points)[q_log] == log.best[1]
+
+
+def test_log_grid_search_through_compress(pair, tiny_dirs):
+    base, ft = pair
+    opts = _opts(
+        tiny_dirs,
+        method=Method.DAREX_Q,
+        rate=0.9,
+        q_search=QSearch.UNLABELLED,
+        q_grid=QGrid.LOG,
+    )
+    delta = compress(base, ft, opts)
+    rec = delta.meta.q_search
+    assert rec["q_grid"] == "log"
+    assert all(0.1 - 1e-9 <= q <= 1.0 for q in rec["grid"])
+    assert 0.1 - 1e-9 <= delta.meta.q <= 1.0 and delta.meta.q == rec["best"]
 
 
 def test_phi_and_q_grid():

@@ -1,0 +1,341 @@
+"""Fidelity: how much of a fine-tune survives each pruning method and rate.
+
+    python -m benchmarks.fidelity [--finetunes arith-adamw,...] [--rates 0.99,0.999]
+                                  [--methods dare,darex-q/unlabelled,...] [--report]
+
+Fine-tunes the embedded base (SmolLM2-135M-Instruct) on three generated tasks with
+fixed splits (server/tasks.py: arith, extract, topic), with AdamW and with AdamR
+(DAREx-L2), plus one LoRA (PEFT); compresses each with `deltastore.compress` (the
+code behind `deltaserve compress`) at every rate and method; and scores every delta
+by exact match on the task's test split, applied to the resident base through the
+engine's apply path (`deltastore.apply`, what the server runs), then reverted.
+
+Everything is cached under ~/.cache/deltaserve/bench/fidelity: fine-tunes, and one
+result per (fine-tune, method, rate) in --out, so an interrupted run resumes where
+it stopped. --report only prints the tables and draws the plot from --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from deltastore.apply import FlatWeights, apply_delta_, bind, revert_delta_
+from deltastore.calib import Example, exact_match
+from deltastore.compress import CompressOptions, compress
+from deltastore.embedded import ensure_embedded_base
+from deltastore.finetune import FinetuneConfig, finetune, format_prompt
+from deltastore.format import TensorDelta, load_delta, save_delta
+from deltastore.methods import Method
+from deltastore.paths import cache_dir
+from deltastore.qsearch import QGrid, QSearch
+from deltastore.recommend import delta_stats, recommend
+from deltastore.sources import FinetuneSource, ModelSource, fingerprint, open_finetune, open_model
+from server.tasks import splits
+
+ADAMR_REG = 0.1
+FINETUNES: dict[str, tuple[str, FinetuneConfig]] = {
+    "arith-adamw": ("arith", FinetuneConfig()),
+    "arith-adamr": ("arith", FinetuneConfig(optimizer="adamr", reg=ADAMR_REG)),
+    "arith-lora": ("arith", FinetuneConfig(lr=1e-3, lora_r=16)),
+    "extract-adamw": ("extract", FinetuneConfig()),
+    "extract-adamr": ("extract", FinetuneConfig(optimizer="adamr", reg=ADAMR_REG)),
+    "topic-adamw": ("topic", FinetuneConfig()),
+    "topic-adamr": ("topic", FinetuneConfig(optimizer="adamr", reg=ADAMR_REG)),
+}
+RATES = (0.5, 0.9, 0.95, 0.99, 0.999)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to compress: a method and, for darex-q, how q is found."""
+
+    method: Method
+    q_search: QSearch | None = None
+    q_grid: QGrid = QGrid.LINEAR
+
+    def options(self, rate: float, calib: Path, val: Path) -> CompressOptions:
+        return CompressOptions(
+            method=self.method,
+            rate=rate,
+            q_search=self.q_search,
+            q_grid=self.q_grid,
+            calib=calib,
+            val=val,
+            progress=False,
+        )
+
+
+VARIANTS: dict[str, Variant] = {
+    "dare": Variant(Method.DARE),
+    "darex-q/labelled": Variant(Method.DAREX_Q, QSearch.LABELLED),
+    "darex-q/unlabelled": Variant(Method.DAREX_Q, QSearch.UNLABELLED),
+    "darex-q/analytical": Variant(Method.DAREX_Q, QSearch.ANALYTICAL),
+    "magnitude": Variant(Method.MAGNITUDE),
+    "wanda": Variant(Method.WANDA),
+    "structural": Variant(Method.STRUCTURAL),
+    # attempts to beat the paper's recipe (one global q on a linear grid)
+    "darex-q/unlabelled/log-grid": Variant(Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG),
+    "darex-q/labelled/log-grid": Variant(Method.DAREX_Q, QSearch.LABELLED, QGrid.LOG),
+    "magnitude+q/unlabelled": Variant(Method.MAGNITUDE, QSearch.UNLABELLED, QGrid.LOG),
+}
+PAPER = ["dare", "darex-q/labelled", "darex-q/unlabelled", "darex-q/analytical"]
+PAPER += ["magnitude", "wanda", "structural"]
+
+
+def _csv(kind: type, allowed: Any = None) -> Any:
+    def parse(text: str) -> list[Any]:
+        items = [kind(x) for x in text.split(",") if x]
+        bad = [x for x in items if allowed is not None and x not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {sorted(allowed)}")
+        return items
+
+    return parse
+
+
+class MemoryFinetune(FinetuneSource):
+    """A fine-tune's deltas held in memory (read once, compressed many times)."""
+
+    def __init__(self, ft: FinetuneSource):
+        self.base, self.path, self._ft = ft.base, ft.path, ft
+        self._deltas = [(n, d.clone()) for n, d in ft.deltas()]
+
+    def deltas(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self._deltas
+
+    def load_model(self, dtype: torch.dtype = torch.float32) -> Any:
+        return self._ft.load_model(dtype)
+
+
+class Scorer:
+    """The base, resident once in fp32 flat buffers; a delta is scored by applying it
+    in place, running the test split, and reverting it bit-exactly."""
+
+    def __init__(self, base: ModelSource):
+        self.tokenizer = base.load_tokenizer()
+        self.model = base.load_model(torch.float32).eval()
+        self.weights = FlatWeights.from_module(self.model, fingerprint=fingerprint(base))
+
+    def __call__(self, tensors: list[TensorDelta] | None, test: list[Example]) -> float:
+        if tensors is None:
+            return exact_match(self.model, self.tokenizer, test)
+        undo = apply_delta_(self.weights, bind(tensors, self.weights))
+        try:
+            return exact_match(self.model, self.tokenizer, test)
+        finally:
+            revert_delta_(self.weights, undo)
+
+
+def _work() -> Path:
+    return cache_dir() / "bench" / "fidelity"
+
+
+def _task_files(task: str, tokenizer: Any) -> tuple[list[Example], Path, Path]:
+    """(test examples in chat format, calibration text, validation JSONL)."""
+    _, val, test = splits(task)
+    d = _work() / "data"
+    d.mkdir(parents=True, exist_ok=True)
+    calib, val_file = d / f"{task}.calib.txt", d / f"{task}.val.jsonl"
+    # calibration: the validation prompts, chat-formatted, without their answers
+    calib.write_text("\n".join(format_prompt(tokenizer, e.prompt, True) for e in val))
+    rows = [{"prompt": format_prompt(tokenizer, e.prompt, True), "answer": e.answer} for e in val]
+    val_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return (
+        [Example(format_prompt(tokenizer, e.prompt, True), e.answer) for e in test],
+        calib,
+        val_file,
+    )
+
+
+def make_finetune(name: str, base_dir: Path) -> Path:
+    task, cfg = FINETUNES[name]
+    train, _, _ = splits(task)
+    return finetune(base_dir, train, _work() / "finetunes" / name, cfg, desc=f"fine-tune {name}")
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def run(args: argparse.Namespace) -> None:
+    base_dir = ensure_embedded_base()
+    base = open_model(base_dir)
+    scorer = Scorer(base)
+    results = _load(args.out)
+    for ft_name in args.finetunes:
+        task = FINETUNES[ft_name][0]
+        test, calib, val = _task_files(task, scorer.tokenizer)
+        test = test[: args.n_test]
+        if f"base|{task}" not in results:
+            results[f"base|{task}"] = {"accuracy": scorer(None, test)}
+            _save(args.out, results)
+        ft_dir = make_finetune(ft_name, base_dir)
+        key = f"finetune|{ft_name}"
+        ft = MemoryFinetune(open_finetune(base, ft_dir))
+        if key not in results:
+            dense = [TensorDelta.from_dense(n, d) for n, d in ft.deltas()]
+            rec = recommend(delta_stats(ft, progress=False), have_labels=True)
+            rec_u = recommend(delta_stats(ft, progress=False), have_labels=False)
+            results[key] = {
+                "task": task,
+                "accuracy": scorer(dense, test),
+                "mean_abs_delta": rec.mean_abs,
+                "relative_delta": rec.relative,
+                "recommend": {
+                    "labels": [rec.method, rec.q_search],
+                    "no_labels": [rec_u.method, rec_u.q_search],
+                },
+            }
+            del dense
+            _save(args.out, results)
+        cells = [(r, v) for r in args.rates for v in args.methods]
+        for rate, variant in tqdm(cells, desc=ft_name, unit="delta"):
+            cell = f"{ft_name}|{variant}|{rate}"
+            if cell in results:
+                continue
+            opts = VARIANTS[variant].options(rate, calib, val)
+            out = (
+                _work()
+                / "deltas"
+                / ft_name
+                / f"{variant.replace('/', '_')}-{rate}.delta.safetensors"
+            )
+            out.parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            meta = save_delta(out, compress(base, ft, replace(opts, source_name=ft_name)))
+            seconds = time.perf_counter() - t0
+            delta = load_delta(out)
+            acc = scorer(list(delta.tensors.values()), test)
+            search = meta.q_search or {}
+            results[cell] = {
+                "accuracy": acc,
+                "file_bytes": out.stat().st_size,
+                "q": meta.q,
+                "compress_s": round(seconds, 1),
+                "search_evals": len(search.get("grid", [])),
+            }
+            if out.stat().st_size > 20e6:
+                out.unlink()  # low-rate files are large; the result is what is kept
+            _save(args.out, results)
+            tqdm.write(f"{cell}: {acc:.3f} ({seconds:.0f} s)")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _gain_kept(acc: float, base: float, ft: float) -> float:
+    return (acc - base) / (ft - base) if ft > base else math.nan
+
+
+def report(results: dict[str, Any], plot: Path | None) -> str:
+    lines = []
+    fts = [k.split("|", 1)[1] for k in results if k.startswith("finetune|")]
+    fts.sort(key=lambda n: list(FINETUNES).index(n))
+    for ft in fts:
+        info = results[f"finetune|{ft}"]
+        base = results[f"base|{info['task']}"]["accuracy"]
+        cells = {tuple(k.split("|")[1:]): v for k, v in results.items() if k.startswith(ft + "|")}
+        rates = sorted({float(r) for _, r in cells})
+        variants = [v for v in VARIANTS if any(c[0] == v for c in cells)]
+        lines.append(
+            f"\n**{ft}** (task {info['task']}; mean |Δ| = {info['mean_abs_delta']:.2e}): "
+            f"base {base:.3f}, fine-tune {info['accuracy']:.3f}. Cells: exact match "
+            "(file size at p = 0.99 and above in the last rows)\n"
+        )
+        lines.append("| method | " + " | ".join(f"p={r:g}" for r in rates) + " |")
+        lines.append("|---|" + "---|" * len(rates))
+        for v in variants:
+            row = []
+            for r in rates:
+                c = cells.get((v, str(r)))
+                row.append("-" if c is None else f"{c['accuracy']:.3f}")
+            lines.append(f"| {v} | " + " | ".join(row) + " |")
+        sizes = []
+        for r in rates:
+            c = cells.get(("dare", str(r)))
+            sizes.append("-" if c is None else f"{c['file_bytes'] / 1e6:.1f} MB")
+        lines.append("| file (dare) | " + " | ".join(sizes) + " |")
+    if plot is not None:
+        _plot(results, fts, plot)
+    return "\n".join(lines)
+
+
+def _plot(results: dict[str, Any], fts: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 4
+    rows = math.ceil(len(fts) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, ft in zip(axes.flat, fts, strict=False):
+        info = results[f"finetune|{ft}"]
+        base = results[f"base|{info['task']}"]["accuracy"]
+        for v in PAPER:
+            pts = sorted(
+                (float(k.split("|")[2]), c["accuracy"])
+                for k, c in results.items()
+                if k.startswith(f"{ft}|{v}|")
+            )
+            if pts:
+                xs = [-math.log10(1 - r) for r, _ in pts]
+                ax.plot(xs, [a for _, a in pts], marker="o", ms=3, label=v)
+        ax.axhline(info["accuracy"], color="k", ls="--", lw=0.8)
+        ax.axhline(base, color="grey", ls=":", lw=0.8)
+        ax.set_title(ft, fontsize=9)
+        ax.set_xticks([-math.log10(1 - r) for r in RATES], [f"{r:g}" for r in RATES], fontsize=7)
+        ax.set_ylim(-0.02, 1.02)
+    for ax in list(axes.flat)[len(fts) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower right", fontsize=8)
+    fig.supxlabel("pruning rate p (log scale of 1-p); dashed: fine-tune, dotted: base")
+    fig.supylabel("exact match (test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--finetunes", type=_csv(str, FINETUNES), default=list(FINETUNES))
+    ap.add_argument("--rates", type=_csv(float), default=list(RATES))
+    ap.add_argument("--methods", type=_csv(str, VARIANTS), default=PAPER)
+    ap.add_argument("--n-test", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fidelity.json"))
+    ap.add_argument("--plot", type=Path, default=Path("benchmarks/results/fidelity.png"))
+    ap.add_argument("--report", action="store_true", help="only print tables and plot")
+    ap.add_argument("--finetune-only", action="store_true", help="only make the fine-tunes")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    if args.finetune_only:
+        base_dir = ensure_embedded_base()
+        for name in args.finetunes:
+            make_finetune(name, base_dir)
+        return
+    if not args.report:
+        run(args)
+    print(report(_load(args.out), args.plot))
+
+
+if __name__ == "__main__":
+    main()

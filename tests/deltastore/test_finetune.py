@@ -1,0 +1,63 @@
+"""The fine-tunes behind the demos and the fidelity benchmark, on a tiny base."""
+
+import pytest
+import torch
+
+from deltastore.calib import Example
+from deltastore.finetune import FinetuneConfig, finetune
+from deltastore.sources import LoraFinetune, open_finetune, open_model
+
+EXAMPLES = [Example(f"{a}+{b}=", str(a + b)) for a in range(6) for b in range(6)]
+
+
+def _mean_abs(base_dir, ft_dir):
+    base = open_model(base_dir)
+    deltas = dict(open_finetune(base, ft_dir).deltas())
+    n = sum(d.numel() for d in deltas.values())
+    return sum(float(d.abs().sum()) for d in deltas.values()) / n, deltas
+
+
+def test_full_finetune_adamw_and_adamr(tiny_dirs, tmp_path):
+    cfg = FinetuneConfig(steps=6, batch_size=4, lr=1e-3, max_len=32)
+    adamw = finetune(tiny_dirs["base"], EXAMPLES, tmp_path / "w", cfg, progress=False)
+    adamr_cfg = FinetuneConfig(
+        steps=6, batch_size=4, lr=1e-3, max_len=32, optimizer="adamr", reg=5.0
+    )
+    adamr = finetune(tiny_dirs["base"], EXAMPLES, tmp_path / "r", adamr_cfg, progress=False)
+    w, _ = _mean_abs(tiny_dirs["base"], adamw)
+    r, _ = _mean_abs(tiny_dirs["base"], adamr)
+    assert w > 0 and r > 0
+    assert r < w  # AdamR pulls the weights back toward the base
+    stamp = (adamw / ".deltaserve-complete").stat().st_mtime_ns
+    finetune(tiny_dirs["base"], EXAMPLES, adamw, cfg, progress=False)  # cached: not redone
+    assert (adamw / ".deltaserve-complete").stat().st_mtime_ns == stamp
+
+
+def test_lora_finetune_is_a_peft_adapter(tiny_dirs, tmp_path):
+    pytest.importorskip("peft")
+    cfg = FinetuneConfig(steps=4, batch_size=4, lr=1e-2, max_len=32, lora_r=4, lora_alpha=8)
+    out = finetune(tiny_dirs["base"], EXAMPLES, tmp_path / "lora", cfg, progress=False)
+    assert (out / "adapter_config.json").is_file()
+    base = open_model(tiny_dirs["base"])
+    ft = open_finetune(base, out)
+    assert isinstance(ft, LoraFinetune)
+    deltas = dict(ft.deltas())
+    # every Linear of the blocks, nothing else (embeddings and norms untouched)
+    assert deltas and all(".layers." in n and n.endswith("proj.weight") for n in deltas)
+    assert any(float(d.abs().max()) > 0 for d in deltas.values())
+    # the densified delta is what PEFT's own merge adds to the base
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(base.load_model(torch.float32), out).merge_and_unload()
+    name = next(iter(deltas))
+    want = dict(merged.named_parameters())[name] - base.get(name).float()
+    torch.testing.assert_close(deltas[name], want, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="optimizer"):
+        FinetuneConfig(optimizer="sgd")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="LoRA"):
+        FinetuneConfig(lora_r=4, optimizer="adamr")
+    with pytest.raises(ValueError, match="steps"):
+        FinetuneConfig(steps=0)
