@@ -217,7 +217,9 @@ def _search(
     if opts.q_search is QSearch.ANALYTICAL:
         how = opts.eta_search
         trace = SearchTrace("eta", _objective_name(how), how is not QSearch.LABELLED)
-        eta, qs = search_eta(lambda s: score(s, how), rows, tensors, opts.rate, trace)
+        eta, qs = search_eta(
+            lambda s: score(s, how), rows, tensors, opts.rate, trace, opts.progress
+        )
         record = {"mode": "analytical", "eta": eta, **trace.as_dict(), "layer_q": qs}
         return qs, record
     how = opts.q_search
