@@ -57,6 +57,7 @@ FINETUNES: dict[str, tuple[str, FinetuneConfig]] = {
     "extract-adamw-lr1e-3": ("extract", FinetuneConfig(lr=1e-3)),
 }
 RATES = (0.5, 0.9, 0.95, 0.99, 0.999)
+SCORE_BATCH = 8  # every test score in the results file was taken at this batch size
 
 
 @dataclass(frozen=True)
@@ -132,10 +133,10 @@ class Scorer:
 
     def __call__(self, tensors: list[TensorDelta] | None, test: list[Example]) -> float:
         if tensors is None:
-            return exact_match(self.model, self.tokenizer, test)
+            return exact_match(self.model, self.tokenizer, test, batch=SCORE_BATCH)
         undo = apply_delta_(self.weights, bind(tensors, self.weights))
         try:
-            return exact_match(self.model, self.tokenizer, test)
+            return exact_match(self.model, self.tokenizer, test, batch=SCORE_BATCH)
         finally:
             revert_delta_(self.weights, undo)
 
@@ -330,6 +331,9 @@ def summary(results: dict[str, Any], fts: list[str]) -> list[str]:
     return out
 
 
+STYLES = ["o-", "s--", "^-.", "v:", "D-", "x--", "*-."]  # overlapping lines stay visible
+
+
 def _plot(results: dict[str, Any], fts: list[str], path: Path) -> None:
     import matplotlib
 
@@ -342,7 +346,7 @@ def _plot(results: dict[str, Any], fts: list[str], path: Path) -> None:
     for ax, ft in zip(axes.flat, fts, strict=False):
         info = results[f"finetune|{ft}"]
         base = results[f"base|{info['task']}"]["accuracy"]
-        for v in PAPER:
+        for i, v in enumerate(PAPER):
             pts = sorted(
                 (float(k.split("|")[2]), c["accuracy"])
                 for k, c in results.items()
@@ -350,11 +354,13 @@ def _plot(results: dict[str, Any], fts: list[str], path: Path) -> None:
             )
             if pts:
                 xs = [-math.log10(1 - r) for r, _ in pts]
-                ax.plot(xs, [a for _, a in pts], marker="o", ms=3, label=v)
+                style = STYLES[i % len(STYLES)]
+                ax.plot(xs, [a for _, a in pts], style, ms=4, lw=1.2, alpha=0.8, label=v)
         ax.axhline(info["accuracy"], color="k", ls="--", lw=0.8)
         ax.axhline(base, color="grey", ls=":", lw=0.8)
         ax.set_title(ft, fontsize=9)
-        ax.set_xticks([-math.log10(1 - r) for r in RATES], [f"{r:g}" for r in RATES], fontsize=7)
+        ticks = sorted({float(k.split("|")[2]) for k in results if k.startswith(ft + "|")})
+        ax.set_xticks([-math.log10(1 - r) for r in ticks], [f"{r:g}" for r in ticks], fontsize=7)
         ax.set_ylim(-0.02, 1.02)
     for ax in list(axes.flat)[len(fts) :]:
         ax.axis("off")

@@ -135,7 +135,7 @@ def logit_mse(model: nn.Module, ids: torch.Tensor, ref: Reference, batch: int = 
 
 
 @torch.no_grad()
-def exact_match(model: Any, tokenizer: Any, examples: list[Example], batch: int = 8) -> float:
+def exact_match(model: Any, tokenizer: Any, examples: list[Example], batch: int = 32) -> float:
     """Fraction of examples whose greedy generation (stripped) equals the answer."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
