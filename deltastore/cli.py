@@ -16,7 +16,7 @@ from deltastore.materialize import materialize
 from deltastore.methods import Method, parse_method
 from deltastore.qsearch import QSearch, parse_q_grid, parse_q_search
 from deltastore.recommend import delta_stats, recommend
-from deltastore.sources import SafetensorsModel, open_finetune, open_model
+from deltastore.sources import LoraFinetune, SafetensorsModel, open_finetune, open_model
 
 
 def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -230,8 +230,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     base = open_model(args.base)
+    ft = open_finetune(base, args.finetuned)
     rec = recommend(
-        delta_stats(open_finetune(base, args.finetuned), show_progress()), args.have_labels
+        delta_stats(ft, show_progress()), args.have_labels, isinstance(ft, LoraFinetune)
     )
     if args.json:
         out = rec.as_dict()
@@ -247,8 +248,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         f"overall: mean |delta| {rec.mean_abs:.3e}, std {rec.std:.3e}, max |delta| "
         f"{rec.max_abs:.3e}, mean |delta| / mean |base| {rec.relative:.2e}"
     )
-    search = f" --q-search {rec.q_search}" if rec.q_search else ""
-    print(f"recommended: --method {rec.method}{search}")
+    print(f"recommended: --method {rec.method} --q-search {rec.q_search}")
     print(f"  because {rec.reason}")
     print("  (if you control fine-tuning: train with deltastore.AdamR (L2) and use darex-q)")
     return 0

@@ -5,6 +5,12 @@ and prune with DARE/DAREx-q. Otherwise look at the delta: large deltas (continue
 pre-training, mean |delta| around 1e-2) prune better by importance (magnitude,
 WANDA); ordinary SFT deltas (mean |delta| around 1e-3 or less) by DAREx-q, with q
 searched on labels (q_v) when you have them, on calibration text (q_e) when not.
+
+Two changes, each measured on fine-tunes of the embedded base (BENCHMARKS.md,
+"Fidelity"): an importance mask always gets a searched q (the DAREx rescale; with
+q = 1, magnitude fell to the base's accuracy on every fine-tune at p >= 0.99, and the
+search includes q = 1, so it can only help), and a LoRA delta gets magnitude + q
+whatever its size (it kept 100% of the gain at p = 0.99 where DAREx-q kept 86%).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ class TensorStats:
 @dataclass(frozen=True)
 class Recommendation:
     method: str
-    q_search: str | None
+    q_search: str
     reason: str
     mean_abs: float
     std: float
@@ -71,7 +77,37 @@ def _on(have_labels: bool) -> str:
     return "on labels (q_v)" if have_labels else "on calibration text (q_e)"
 
 
-def recommend(stats: list[TensorStats], have_labels: bool = False) -> Recommendation:
+def choose(
+    mean_abs: float, have_labels: bool = False, low_rank: bool = False
+) -> tuple[str, str, str]:
+    """(method, q search, reason) for a delta of this size and kind."""
+    q_search = "labelled" if have_labels else "unlabelled"
+    if low_rank:
+        return (
+            "magnitude",
+            q_search,
+            "a low-rank (LoRA) delta: its mass sits in its largest entries, so keep "
+            f"those (magnitude) and rescale by a q searched {_on(have_labels)}",
+        )
+    if mean_abs >= LARGE_DELTA:
+        return (
+            "magnitude",
+            q_search,
+            f"mean |delta| = {mean_abs:.2e} >= {LARGE_DELTA:.0e}: a large delta (continued "
+            "pre-training scale), where importance-based pruning beats random drop; the "
+            f"kept entries are rescaled by a q searched {_on(have_labels)}",
+        )
+    return (
+        "darex-q",
+        q_search,
+        f"mean |delta| = {mean_abs:.2e} < {LARGE_DELTA:.0e}: an ordinary SFT delta, where "
+        f"DAREx-q holds at high p; q searched {_on(have_labels)}",
+    )
+
+
+def recommend(
+    stats: list[TensorStats], have_labels: bool = False, low_rank: bool = False
+) -> Recommendation:
     if not stats:
         raise ValueError("the fine-tune does not change any tensor of the base")
     n = sum(s.numel for s in stats)
@@ -83,16 +119,5 @@ def recommend(stats: list[TensorStats], have_labels: bool = False) -> Recommenda
     max_abs = max(s.max_abs for s in stats)
     base_abs = sum(s.base_mean_abs * s.numel for s in stats) / n
     relative = mean_abs / base_abs if base_abs else math.inf
-    if mean_abs >= LARGE_DELTA:
-        method, q_search = "magnitude", None
-        reason = (
-            f"mean |delta| = {mean_abs:.2e} >= {LARGE_DELTA:.0e}: a large delta (continued "
-            "pre-training scale), where importance-based pruning beats random drop"
-        )
-    else:
-        method, q_search = "darex-q", ("labelled" if have_labels else "unlabelled")
-        reason = (
-            f"mean |delta| = {mean_abs:.2e} < {LARGE_DELTA:.0e}: an ordinary SFT delta, where "
-            f"DAREx-q holds at high p; q searched {_on(have_labels)}"
-        )
+    method, q_search, reason = choose(mean_abs, have_labels, low_rank)
     return Recommendation(method, q_search, reason, mean_abs, std, max_abs, relative, stats)

@@ -15,10 +15,34 @@ def test_small_delta_gets_darex_q():
     assert "SFT" in rec.reason
 
 
-def test_large_delta_gets_importance_pruning():
+def test_large_delta_gets_importance_pruning_with_a_searched_rescale():
     rec = recommend(_stats(LARGE_DELTA * 3))
-    assert rec.method == "magnitude" and rec.q_search is None
+    assert (rec.method, rec.q_search) == ("magnitude", "unlabelled")
     assert "large" in rec.reason
+    assert recommend(_stats(LARGE_DELTA * 3), have_labels=True).q_search == "labelled"
+
+
+def test_lora_delta_gets_magnitude_with_q_whatever_its_size():
+    rec = recommend(_stats(LARGE_DELTA / 10), low_rank=True)
+    assert (rec.method, rec.q_search) == ("magnitude", "unlabelled")
+    assert "LoRA" in rec.reason
+
+
+def test_recommend_cli_knows_a_lora_adapter(tmp_path, tiny_dirs, capsys):
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    from server.cli import main
+
+    model = open_model(tiny_dirs["base"]).load_model()
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.01)  # PEFT starts B at zero: make the delta non-zero
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert main(["recommend", str(tiny_dirs["base"]), str(tmp_path / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert "recommended: --method magnitude --q-search unlabelled" in out
 
 
 def test_pooled_statistics():
