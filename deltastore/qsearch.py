@@ -4,7 +4,7 @@
   stopped after 3 evaluations without improvement, then a fine pass at s/10 around
   the best; the objective is unlabelled (logit MSE at the fine-tune's top-5 slots on
   calibration text) or labelled (exact match on a validation file, maximised).
-  The log grid searches the same interval in log2(q/(1-p)) at step
+  The log grid (the default) searches the same interval in log2(q/(1-p)) at step
   1/2, then 1/8: at high p the best q is a small multiple of 1-p, where the linear
   grid's first steps (0.01 -> 0.06 at p = 0.99, 0.001 -> 0.051 at p = 0.999) are
   far too coarse. See BENCHMARKS.md, "Fidelity".
