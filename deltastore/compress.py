@@ -224,6 +224,7 @@ def _search(
         return qs, record
     how = opts.q_search
     trace = SearchTrace("q", _objective_name(how), how is not QSearch.LABELLED)
+    downward = default_q(opts.method, opts.rate) == 1.0  # importance masks start at q = 1
     best = search_q(
         lambda q: score(global_scales(tensors, q), how),
         opts.rate,
@@ -232,8 +233,14 @@ def _search(
         opts.q_grid,
         trace,
         opts.progress,
+        downward,
     )
-    record = {"mode": how.value, "q_grid": opts.q_grid.value, **trace.as_dict()}
+    record = {
+        "mode": how.value,
+        "q_grid": opts.q_grid.value,
+        "direction": "down" if downward else "up",
+        **trace.as_dict(),
+    }
     return dict.fromkeys(sparse, best), record
 
 

@@ -153,20 +153,32 @@ def search_q(
     grid: QGrid,
     trace: SearchTrace,
     progress: bool = True,
+    downward: bool = False,
 ) -> float:
     """The global q in [1-p, q_max] that optimises f, on the linear grid (coarse
-    `step`) or the log grid; every evaluated q is recorded in `trace`."""
+    `step`) or the log grid; every evaluated q is recorded in `trace`.
+
+    The coarse pass starts at 1-p (DARE's q) and walks up, or with `downward` at
+    q_max and walks down: the right start for an importance mask, whose natural
+    scale is q = 1. Early stopping needs the walk to start where the objective is
+    informative: from 1-p, a top-1% magnitude mask rescaled x100 scores 0 exact
+    match for several steps and a labelled search would stop there."""
     lo = round(1.0 - rate, 6)
     hi = max(lo, q_max)
-    if grid is QGrid.LINEAR:
-        return coarse_to_fine(f, lo, hi, step, trace, progress)
+    top = math.log2(hi / lo)
 
     def q_of(x: float) -> float:
-        return round(min(hi, lo * 2.0**x), 6)
+        if grid is QGrid.LINEAR:
+            q = hi - x if downward else lo + x
+        else:
+            q = hi * 2.0**-x if downward else lo * 2.0**x
+        return round(min(hi, max(lo, q)), 6)
 
-    top = math.log2(hi / lo)
+    span, coarse, fine = (
+        (hi - lo, step, (10, 9)) if grid is QGrid.LINEAR else (top, LOG_STEP, (4, 3))
+    )
     x = coarse_to_fine(
-        lambda x: f(q_of(x)), 0.0, top, LOG_STEP, trace, progress, fine=(4, 3), shown=q_of
+        lambda x: f(q_of(x)), 0.0, span, coarse, trace, progress, fine=fine, shown=q_of
     )
     return q_of(x)
 

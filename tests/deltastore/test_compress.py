@@ -150,6 +150,36 @@ def test_log_grid_resolves_small_multiples_of_one_minus_p():
     assert dict(log.points)[q_log] == log.best[1]
 
 
+@pytest.mark.parametrize("grid", [QGrid.LOG, QGrid.LINEAR])
+def test_downward_search_finds_a_peak_behind_a_flat_start(grid):
+    """Like a labelled search over a magnitude mask: accuracy is 0 for small q (a
+    huge rescale), peaks near q = 0.35. Walking up from 1-p stops in the flat part;
+    walking down from q_max finds the peak."""
+
+    def accuracy(q):
+        return max(0.0, 1.0 - 0.5 * abs(math.log2(q / 0.35)))  # 0.24 at q = 1
+
+    up = SearchTrace("q", "acc", minimise=False)
+    down = SearchTrace("q", "acc", minimise=False)
+    q_up = search_q(accuracy, 0.99, 1.0, 0.05, grid, up, progress=False)
+    q_down = search_q(accuracy, 0.99, 1.0, 0.05, grid, down, progress=False, downward=True)
+    assert accuracy(q_down) > 0.9
+    if grid is QGrid.LOG:  # fine steps near 1-p: the upward walk stalls in the flat part
+        assert accuracy(q_up) == 0.0
+    assert down.points[0][0] == 1.0 and up.points[0][0] == 0.01
+    assert all(0.01 - 1e-12 <= q <= 1.0 for q, _ in down.points)
+
+
+def test_importance_masks_search_q_downward(pair, tiny_dirs):
+    base, ft = pair
+    opts = _opts(tiny_dirs, method=Method.MAGNITUDE, rate=0.9, q_search=QSearch.UNLABELLED)
+    rec = compress(base, ft, opts).meta.q_search
+    assert rec["direction"] == "down" and rec["grid"][0] == 1.0
+    opts = _opts(tiny_dirs, method=Method.DAREX_Q, rate=0.9, q_search=QSearch.UNLABELLED)
+    rec = compress(base, ft, opts).meta.q_search
+    assert rec["direction"] == "up" and rec["grid"][0] == pytest.approx(0.1)
+
+
 def test_log_grid_search_through_compress(pair, tiny_dirs):
     base, ft = pair
     opts = _opts(
