@@ -256,8 +256,9 @@ def report(results: dict[str, Any], plot: Path | None) -> str:
         variants = [v for v in VARIANTS if any(c[0] == v for c in cells)]
         lines.append(
             f"\n**{ft}** (task {info['task']}; mean |Δ| = {info['mean_abs_delta']:.2e}): "
-            f"base {base:.3f}, fine-tune {info['accuracy']:.3f}. Cells: exact match "
-            "(file size at p = 0.99 and above in the last rows)\n"
+            f"base {base:.3f}, fine-tune {info['accuracy']:.3f}. Exact match on the test "
+            "split; the last row is the file size (dare; the others differ by < 1%, "
+            "structural aside); - = not run\n"
         )
         lines.append("| method | " + " | ".join(f"p={r:g}" for r in rates) + " |")
         lines.append("|---|" + "---|" * len(rates))
@@ -282,13 +283,15 @@ def _recommended(ft: str, info: dict[str, Any], labels: bool) -> str:
     """The variant `deltaserve recommend` picks for this fine-tune."""
     low_rank = FINETUNES[ft][1].lora_r > 0
     method, q_search, _ = choose(info["mean_abs_delta"], labels, low_rank)
-    return f"{method}+q/{q_search}" if method == "magnitude" else f"{method}/{q_search}"
+    # compress's default grid is the log one
+    return f"{method}+q/{q_search}" if method == "magnitude" else f"{method}/{q_search}/log-grid"
 
 
 def summary(results: dict[str, Any], fts: list[str]) -> list[str]:
     """Gain kept at p = 0.99 / 0.999, and recommend's pick against the best at 0.99."""
     out = [
-        "| fine-tune | mean abs Δ | darex-q gain kept at 0.99 (labelled / unlabelled) "
+        "| fine-tune | mean abs Δ | darex-q gain kept at 0.99, labelled / unlabelled: "
+        "linear grid; log grid "
         "| at 0.999: recommended (no labels) / dare | recommend (labels; none) at 0.99 "
         "| best at 0.99 |",
         "|---|---|---|---|---|---|",
@@ -322,7 +325,9 @@ def summary(results: dict[str, Any], fts: list[str]) -> list[str]:
             picks.append(f"{label} {'-' if a is None else f'{a:.3f}'}{ok}")
         out.append(
             f"| {ft} | {info['mean_abs_delta']:.1e} "
-            f"| {kept(ft, 'darex-q/labelled', 0.99)} / {kept(ft, 'darex-q/unlabelled', 0.99)} "
+            f"| {kept(ft, 'darex-q/labelled', 0.99)} / {kept(ft, 'darex-q/unlabelled', 0.99)}; "
+            f"{kept(ft, 'darex-q/labelled/log-grid', 0.99)} / "
+            f"{kept(ft, 'darex-q/unlabelled/log-grid', 0.99)} "
             f"| {kept(ft, _recommended(ft, info, False), 0.999)} / {kept(ft, 'dare', 0.999)} "
             f"| {'; '.join(picks)} "
             f"| {'-' if best is None else f'{best[0]} {best[1]:.3f}'} |"
