@@ -113,7 +113,7 @@ class MemoryFinetune(FinetuneSource):
 
     def __init__(self, ft: FinetuneSource):
         self.base, self.path, self._ft = ft.base, ft.path, ft
-        self._deltas = [(n, d.clone()) for n, d in ft.deltas()]
+        self._deltas = list(ft.deltas())  # each delta is a fresh fp32 tensor
 
     def deltas(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield from self._deltas

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import hashlib
 from enum import StrEnum
+from typing import TypeVar
 
 import torch
+
+E = TypeVar("E", bound=StrEnum)
 
 
 class Method(StrEnum):
@@ -27,13 +30,18 @@ class Method(StrEnum):
     STRUCTURAL = "structural"
 
 
-def parse_method(value: str) -> Method:
+def parse_choice(kind: type[E], value: str, what: str) -> E:
+    """`kind(value)`, or a ValueError that names the choices."""
     try:
-        return Method(value)
+        return kind(value)
     except ValueError:
         raise ValueError(
-            f"unknown method {value!r}; choose one of {[m.value for m in Method]}"
+            f"unknown {what} {value!r}; choose one of {[c.value for c in kind]}"
         ) from None
+
+
+def parse_method(value: str) -> Method:
+    return parse_choice(Method, value, "method")
 
 
 def check_rate(rate: float) -> float:

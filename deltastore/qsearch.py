@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from deltastore.apply import FlatWeights, apply_delta_, bind, revert_delta_
 from deltastore.format import TensorDelta
+from deltastore.methods import parse_choice
 
 GAMMA = 0.95
 PATIENCE = 3
@@ -43,12 +44,7 @@ class QSearch(StrEnum):
 
 
 def parse_q_search(value: str) -> QSearch:
-    try:
-        return QSearch(value)
-    except ValueError:
-        raise ValueError(
-            f"unknown q search {value!r}; choose one of {[m.value for m in QSearch]}"
-        ) from None
+    return parse_choice(QSearch, value, "q search")
 
 
 @dataclass
@@ -134,12 +130,7 @@ class QGrid(StrEnum):
 
 
 def parse_q_grid(value: str) -> QGrid:
-    try:
-        return QGrid(value)
-    except ValueError:
-        raise ValueError(
-            f"unknown q grid {value!r}; choose one of {[g.value for g in QGrid]}"
-        ) from None
+    return parse_choice(QGrid, value, "q grid")
 
 
 LOG_STEP = 0.5  # coarse step in log2(q/(1-p)); the fine pass is 1/4 of it, 3 each side
