@@ -24,7 +24,7 @@ from server.config import Settings
 from server.engine import Engine
 from server.metrics import Metrics
 from server.routes import admin, health, openai
-from server.scheduler import Scheduler
+from server.scheduler import Scheduler, SchedulerAPI
 from server.state import AppState
 from server.store import DeltaStore
 
@@ -38,7 +38,7 @@ def _load_and_serve(state: AppState) -> None:
         state.base_dir = base_dir
         state.base_name = base_dir.name
         engine = Engine(open_model(base_dir), state.store, state.settings)
-        scheduler = Scheduler(engine, state.settings, state.metrics)
+        scheduler = make_scheduler(engine, state.settings, state.metrics)
         state.engine, state.scheduler = engine, scheduler
         state.ready_at = time.time()
         log.info(
@@ -55,6 +55,20 @@ def _load_and_serve(state: AppState) -> None:
         log.exception("loading the base failed")
         return
     scheduler.serve_forever()
+
+
+def make_scheduler(engine: Engine, settings: Settings, metrics: Metrics) -> SchedulerAPI:
+    """The scheduler `settings.engine` names; v2 falls back to v1 (saying why) for a
+    model its runner does not support."""
+    if settings.engine == "v2":
+        from server.runtime.model_runner import UnsupportedModel
+        from server.runtime.scheduler import Scheduler as SchedulerV2
+
+        try:
+            return SchedulerV2(engine, settings, metrics)
+        except UnsupportedModel as e:
+            log.warning("engine v2 unavailable (%s): serving with engine v1", e)
+    return Scheduler(engine, settings, metrics)
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -44,7 +44,32 @@ class Settings(BaseSettings):
     host_delta_cache_bytes: int = Field(
         GiB, ge=0, description="budget for decoded deltas in host memory"
     )
-    max_batch_size: int = Field(8, ge=1, description="requests of one variant batched together")
+    engine: Literal["v1", "v2"] = Field(
+        "v1",
+        description="v2: continuous batching, requests of many variants share every step; "
+        "v1: one variant per batch (the first engine)",
+    )
+    max_batch_size: int = Field(
+        8, ge=1, description="requests batched together (v1: of one variant; v2: in one step)"
+    )
+    max_step_tokens: int = Field(
+        256, ge=16, description="v2: tokens per step (decode rows plus prefill chunks)"
+    )
+    kv_cache_bytes: int = Field(
+        2 * GiB, ge=1, description="v2: budget of the preallocated KV cache (static slots)"
+    )
+    mixed_cache_bytes: int = Field(
+        GiB, ge=0, description="v2: budget for deltas laid out for mixed-variant steps"
+    )
+    delta_kernel: Literal["auto", "c", "torch"] = Field(
+        "auto",
+        description="v2: sparse delta products by the C kernel (auto: if it builds), or torch",
+    )
+    merge_policy: Literal["auto", "never", "always"] = Field(
+        "auto",
+        description="v2: merge the dominant variant into the weights per step by the cost "
+        "model (auto), never, or always",
+    )
     time_slice_s: float = Field(
         2.0, gt=0, description="longest a variant holds the model while others wait"
     )

@@ -9,7 +9,7 @@ from fastapi import Depends, Header, Request
 
 from server.engine import Engine
 from server.errors import APIError
-from server.scheduler import Scheduler
+from server.scheduler import SchedulerAPI
 from server.state import AppState
 
 
@@ -21,14 +21,14 @@ def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def get_ready(state: StateDep) -> tuple[Engine, Scheduler]:
+def get_ready(state: StateDep) -> tuple[Engine, SchedulerAPI]:
     if state.engine is None or state.scheduler is None:
         reason = state.load_error or "loading the base model"
         raise APIError(503, f"not ready: {reason}", "not_ready")
     return state.engine, state.scheduler
 
 
-ReadyDep = Annotated[tuple[Engine, Scheduler], Depends(get_ready)]
+ReadyDep = Annotated[tuple[Engine, SchedulerAPI], Depends(get_ready)]
 
 
 def require_admin(state: StateDep, authorization: Annotated[str | None, Header()] = None) -> None:

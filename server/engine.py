@@ -96,6 +96,9 @@ class Engine:
         self.materialized: ByteLRU[dict[str, torch.Tensor]] = ByteLRU(
             "materialized", settings.materialized_cache_bytes
         )
+        # engine v2: deltas laid out for mixed-variant steps (server/runtime/sparse.py)
+        self.layouts: ByteLRU[Any] = ByteLRU("mixed", settings.mixed_cache_bytes)
+        self.matrix_names: list[str] = []  # set by the v2 scheduler's runner
         self.active: str | None = None
         self.mode = Mode.BASE
         self._undo: UndoLog | None = None
@@ -106,7 +109,7 @@ class Engine:
 
     @property
     def tiers(self) -> tuple[ByteLRU[Any], ...]:
-        return (self.materialized, self.device_tier, self.host)
+        return (self.materialized, self.layouts, self.device_tier, self.host)
 
     # ------------------------------------------------------------------ activation
 
@@ -207,6 +210,35 @@ class Engine:
         revert_delta_(self.weights, undo)
         self.materialized.add(name, tensors, nbytes)
         return tensors
+
+    # ------------------------------------------------------------------ mixed steps
+
+    def layout(self, name: str) -> Any:
+        """`name`'s delta laid out for mixed steps (built from the host tier on a miss)."""
+        from server.runtime.sparse import layout_variant  # engine v2 only
+
+        layout = self.layouts.get(name)
+        if layout is None:
+            layout = layout_variant(name, self._delta(name), self.matrix_names)
+            try:
+                self.layouts.add(name, layout, layout.nbytes)
+            except CacheFull:
+                log.info("mixed tier full: %s stays uncached", name)
+                raise
+        return layout
+
+    def acquire_layout(self, name: str) -> Any:
+        """Lay `name` out (if needed) and mark it in use by a running sequence."""
+        layout = self.layout(name)
+        self.layouts.acquire(name)
+        return layout
+
+    def release_layout(self, name: str) -> None:
+        self.layouts.release(name)
+
+    def kept_entries(self, name: str) -> int:
+        layout = self.layouts.get(name)
+        return int(layout.count) if layout is not None else 0
 
     # ------------------------------------------------------------------ admin
 

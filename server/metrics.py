@@ -84,6 +84,29 @@ class Metrics:
             registry=r,
         )
         self.queue_length = Gauge("deltaserve_queue_length", "requests queued", registry=r)
+        # engine v2
+        self.step_seconds = Histogram(
+            "deltaserve_step_seconds", "forward time of one step", buckets=_LATENCY, registry=r
+        )
+        self.step_rows = Histogram(
+            "deltaserve_step_rows",
+            "tokens per step (decode rows plus prefill chunk tokens)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=r,
+        )
+        self.step_variants = Histogram(
+            "deltaserve_step_variants",
+            "distinct variants per step (the base not counted)",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.steps = Counter(
+            "deltaserve_steps",
+            "steps by weight mode (a variant merged or not)",
+            ["mode"],
+            registry=r,
+        )
+        self.kv_slots_used = Gauge("deltaserve_kv_slots_used", "KV cache slots in use", registry=r)
 
     def watch_engine(self, engine: Callable[[], Any]) -> None:
         self.registry.register(_CacheCollector(engine))

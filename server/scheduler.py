@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from server.config import Settings
 from server.engine import Engine
@@ -33,6 +33,17 @@ T = TypeVar("T")
 
 class QueueFull(RuntimeError):
     pass
+
+
+class SchedulerAPI(Protocol):
+    """What the HTTP layer uses of a scheduler (engine v1 here, v2 in server/runtime)."""
+
+    def submit(self, job: Job) -> None: ...
+    def control(self, fn: Callable[[Engine], T]) -> Future[T]: ...
+    def in_flight(self, variant: str) -> int: ...
+    def start(self) -> None: ...
+    def serve_forever(self) -> None: ...
+    def stop(self) -> None: ...
 
 
 class Scheduler:

@@ -9,7 +9,7 @@ from pathlib import Path
 from server.config import Settings
 from server.engine import Engine
 from server.metrics import Metrics
-from server.scheduler import Scheduler
+from server.scheduler import SchedulerAPI
 from server.store import DeltaStore
 
 
@@ -21,7 +21,7 @@ class AppState:
     base_dir: Path | None = None
     base_name: str = "base"
     engine: Engine | None = None
-    scheduler: Scheduler | None = None
+    scheduler: SchedulerAPI | None = None
     load_error: str | None = None
     started: float = field(default_factory=time.time)
     ready_at: float | None = None

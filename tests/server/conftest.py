@@ -105,14 +105,14 @@ def make_settings(base: Path, store: Path, **kw: object) -> Settings:
     return Settings(**defaults)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def live(tiny_dirs, variant_files, tmp_path) -> Iterator[LiveServer]:
-    """A ready server whose store holds v0..v4."""
+@pytest.fixture(params=["v1", "v2"])
+def live(request, tiny_dirs, variant_files, tmp_path) -> Iterator[LiveServer]:
+    """A ready server whose store holds v0..v4, on each engine."""
     store = tmp_path / "store"
     store.mkdir()
     for name, path in variant_files.items():
         shutil.copy(path, store / f"{name}.delta.safetensors")
-    srv = LiveServer(make_settings(tiny_dirs["base"], store))
+    srv = LiveServer(make_settings(tiny_dirs["base"], store, engine=request.param))
     srv.wait_ready()
     yield srv
     srv.stop()

@@ -1,0 +1,133 @@
+/* Sparse delta products for mixed-variant steps (see sparse.py).
+ *
+ * A variant's delta for one matrix W (out x in) is stored by output row:
+ *   rowptr int32 [out+1], cols uint16 [k], vals bfloat16 or float32 [k]
+ * (the file's values; the 1/q scale comes with the call).
+ * A step's work for one matrix is a table of S segment records, 8 int64 each:
+ *   {tok_start, tok_end, rowptr, cols, vals (addresses), vals_are_f32, 0, 0}
+ * and a float scale per segment (sign * 1/q). A record with rowptr 0 is skipped.
+ *
+ *   spmm_add:      y[t, r] += scale * sum_e vals[e] * x[t, cols[e]]   over W's rows r
+ *   rowgather_add: h[t, c] += scale * vals[e] for the entries e of row ids[t]
+ *
+ * Threads split W's rows in the same static ranges for every segment, so segments
+ * may overlap in tokens without races. A one-token segment walks its rows with one
+ * accumulator; a longer one keeps 8 tokens' accumulators per row.
+ * x and y are float32 or bfloat16 (written back rounded to nearest even).
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef struct {
+    int64_t t0, t1;
+    const int32_t *rowptr;
+    const uint16_t *cols;
+    const void *vals;
+    int64_t f32, pad0, pad1;
+} Seg;
+
+static inline float bf2f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f2bf(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static inline float val(const Seg *g, int64_t e) {
+    return g->f32 ? ((const float *)g->vals)[e] : bf2f(((const uint16_t *)g->vals)[e]);
+}
+
+#ifdef _OPENMP
+#define SPLIT(nth, me) do { nth = omp_get_num_threads(); me = omp_get_thread_num(); } while (0)
+#else
+#define SPLIT(nth, me) do { } while (0)
+#endif
+
+#define BLOCK 8
+#define ID(v) (v)
+#define ADD_F32(dst, v) ((dst) += (v))
+#define ADD_BF16(dst, v) ((dst) = f2bf(bf2f(dst) + (v)))
+
+/* one token: a tight walk over rows [r0, r1) */
+#define ONE_TOKEN(T, LOAD, STORE_ADD, VT, VLOAD)                                  \
+    {                                                                             \
+        const T *xt = x + g->t0 * ldx;                                            \
+        T *yt = y + g->t0 * ldy;                                                  \
+        const VT *v = (const VT *)g->vals;                                        \
+        const uint16_t *cols = g->cols;                                           \
+        int32_t e = g->rowptr[r0];                                                \
+        for (int64_t r = r0; r < r1; r++) {                                       \
+            const int32_t end = g->rowptr[r + 1];                                 \
+            if (e == end) continue;                                               \
+            float acc = 0;                                                        \
+            for (; e < end; e++) acc += VLOAD(v[e]) * LOAD(xt[cols[e]]);          \
+            STORE_ADD(yt[r], sc * acc);                                           \
+        }                                                                         \
+    }
+
+#define SPMM_BODY(T, LOAD, STORE_ADD)                                                     \
+    _Pragma("omp parallel if (out >= 512)")                                               \
+    {                                                                                     \
+        int64_t nth = 1, me = 0;                                                          \
+        SPLIT(nth, me);                                                                   \
+        const int64_t r0 = out * me / nth, r1 = out * (me + 1) / nth;                     \
+        for (int64_t s = 0; s < nseg; s++) {                                              \
+            const Seg *g = (const Seg *)(segs + 8 * s);                                   \
+            if (!g->rowptr) continue;                                                     \
+            const float sc = scales[s];                                                   \
+            if (g->t1 - g->t0 == 1) {                                                     \
+                if (g->f32) ONE_TOKEN(T, LOAD, STORE_ADD, float, ID)                      \
+                else ONE_TOKEN(T, LOAD, STORE_ADD, uint16_t, bf2f)                        \
+                continue;                                                                 \
+            }                                                                             \
+            for (int64_t r = r0; r < r1; r++) {                                           \
+                const int32_t e0 = g->rowptr[r], e1 = g->rowptr[r + 1];                   \
+                if (e0 == e1) continue;                                                   \
+                for (int64_t tb = g->t0; tb < g->t1; tb += BLOCK) {                       \
+                    const int64_t nb = (g->t1 - tb) < BLOCK ? (g->t1 - tb) : BLOCK;       \
+                    float acc[BLOCK] = {0};                                               \
+                    for (int32_t e = e0; e < e1; e++) {                                   \
+                        const float v = val(g, e);                                        \
+                        const int64_t c = g->cols[e];                                     \
+                        for (int64_t j = 0; j < nb; j++) acc[j] += v * LOAD(x[(tb + j) * ldx + c]); \
+                    }                                                                     \
+                    for (int64_t j = 0; j < nb; j++) STORE_ADD(y[(tb + j) * ldy + r], sc * acc[j]); \
+                }                                                                         \
+            }                                                                             \
+        }                                                                                 \
+    }
+
+void spmm_add_f32(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t out,
+                  const int64_t *segs, const float *scales, int64_t nseg) {
+    SPMM_BODY(float, ID, ADD_F32)
+}
+
+void spmm_add_bf16(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx, int64_t out,
+                   const int64_t *segs, const float *scales, int64_t nseg) {
+    SPMM_BODY(uint16_t, bf2f, ADD_BF16)
+}
+
+#define ROWGATHER_BODY(STORE_ADD)                                                        \
+    for (int64_t s = 0; s < nseg; s++) {                                                 \
+        const Seg *g = (const Seg *)(segs + 8 * s);                                      \
+        if (!g->rowptr) continue;                                                        \
+        const float sc = scales[s];                                                      \
+        for (int64_t t = g->t0; t < g->t1; t++) {                                        \
+            const int64_t row = ids[t];                                                  \
+            for (int32_t e = g->rowptr[row]; e < g->rowptr[row + 1]; e++)                \
+                STORE_ADD(h[t * ldh + g->cols[e]], sc * val(g, e));                      \
+        }                                                                                \
+    }
+
+void rowgather_add_f32(float *h, int64_t ldh, const int64_t *ids, const int64_t *segs,
+                       const float *scales, int64_t nseg) {
+    ROWGATHER_BODY(ADD_F32)
+}
+
+void rowgather_add_bf16(uint16_t *h, int64_t ldh, const int64_t *ids, const int64_t *segs,
+                        const float *scales, int64_t nseg) {
+    ROWGATHER_BODY(ADD_BF16)
+}

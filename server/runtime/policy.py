@@ -1,0 +1,126 @@
+"""Merged or unmerged, chosen per step from a cost model measured at start-up.
+
+In a step, variant v has n_v tokens and a delta of k_v kept entries. Unmerged, its
+rows cost a·k_v·n_v of sparse work (a: seconds per entry and token, measured with
+the kernel). With variant c merged into the resident weights, c's rows cost nothing
+and every other row pays for taking c back out (-Δ_c): the step saves
+
+    a · k_c · (2·n_c − N)
+
+Merging c costs a swap (apply in place, later a revert; s seconds per entry, measured
+on the resident weights), unless c is materialized (a pointer swap). The policy
+switches when the saving over the steps c's rows still have to run pays for the
+swap; a merged variant whose saving turns negative is reverted the same way. Neither
+mode wins everywhere (dLoRA), so `auto` decides, and `never` / `always` pin one mode
+for measurements.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import torch
+
+from deltastore.apply import BoundDelta, BoundGroup, apply_delta_, revert_delta_
+from server.runtime.sparse import CSR, Segment, StepDeltas, VariantLayout
+
+
+class MergeMode(StrEnum):
+    AUTO = "auto"
+    NEVER = "never"  # always unmerged: the base stays resident
+    ALWAYS = "always"  # merge the variant with the most rows of each step
+
+
+@dataclass
+class MergePolicy:
+    mode: MergeMode
+    sparse_s: float  # seconds per kept entry and token (unmerged product)
+    swap_s: float  # seconds per kept entry of an apply + revert
+
+    @classmethod
+    def calibrate(cls, engine: Any, kernels: bool, mode: str) -> MergePolicy:
+        return cls(MergeMode(mode), _measure_sparse(kernels), _measure_swap(engine))
+
+    def observe_swap(self, swap: Any, kept: int) -> None:
+        """Track the real in-place swap cost (an apply or revert is half a round trip)."""
+        if kept and swap.mode.value == "inplace":
+            self.swap_s = 0.8 * self.swap_s + 0.2 * (2 * swap.seconds / kept)
+
+    def choose(
+        self,
+        merged: str | None,
+        tokens: dict[str | None, int],
+        kept: dict[str, int],
+        remaining: dict[str | None, list[int]],
+        engine: Any,
+    ) -> str | None:
+        """The variant to have merged for this step (None: the base alone)."""
+        if self.mode is MergeMode.NEVER:
+            return None
+        variants = [v for v in tokens if v is not None]
+        if not variants:
+            return merged if self.mode is MergeMode.ALWAYS else None
+        best = max(variants, key=lambda v: (tokens[v], v == merged))
+        if self.mode is MergeMode.ALWAYS:
+            return best
+        total = sum(tokens.values())
+
+        def saving(v: str | None) -> float:
+            if v is None or v not in tokens:
+                return 0.0 if v is None else -self.sparse_s * engine.kept_entries(v) * total
+            return self.sparse_s * kept[v] * (2 * tokens[v] - total)
+
+        def swap_cost(v: str | None) -> float:
+            if v is None or v in engine.materialized:
+                return 0.0
+            return self.swap_s * engine.kept_entries(v) / 2
+
+        horizon = max(statistics.median(remaining.get(best) or [1]), 1)
+        switch = (saving(best) - saving(merged)) * horizon
+        if best != merged and switch > swap_cost(merged) + swap_cost(best):
+            return best
+        losing = merged is not None and saving(merged) < 0
+        if losing and -saving(merged) * horizon > swap_cost(merged):
+            return None
+        return merged
+
+
+def _measure_sparse(kernels: bool) -> float:
+    """Seconds per entry and token of the sparse product (1%-dense 1536x576, 4 tokens)."""
+    g = torch.Generator().manual_seed(0)
+    out, inp, k, n = 1536, 576, 8847, 4
+    pos = torch.randperm(out * inp, generator=g)[:k].sort().values
+    csr = CSR.from_positions(pos, torch.randn(k, generator=g).bfloat16() * 1e-3, 1.0, (out, inp))
+    layout = VariantLayout(
+        "calibration", {"w": csr}, {}, torch.tensor([csr.record()]), torch.tensor([1.0])
+    )
+    step = StepDeltas([Segment(i, i + 1, layout, 1.0) for i in range(n)], 1, kernels)
+    x, y = torch.randn(n, inp), torch.zeros(n, out)
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        step.spmm_add_(y, x, 0, "w")
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / (k * n)
+
+
+def _measure_swap(engine: Any) -> float:
+    """Seconds per entry of apply + revert on the resident weights (a zero delta at
+    random positions: the revert restores every bit)."""
+    weights = engine.weights
+    group = max(range(len(weights.buffers)), key=lambda i: weights.buffers[i].numel())
+    flat = weights.buffers[group]
+    k = max(min(flat.numel() // 100, 1 << 20), 1)
+    g = torch.Generator().manual_seed(0)
+    index = torch.randperm(flat.numel(), generator=g)[:k].sort().values.to(flat.device)
+    bound = BoundDelta((BoundGroup(group, index, torch.zeros(k, device=flat.device)),))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        revert_delta_(weights, apply_delta_(weights, bound))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / k

@@ -1,0 +1,408 @@
+"""Engine v2's scheduler: iteration-level batching over mixed variants.
+
+Every step (one forward pass) the worker thread:
+1. runs pending admin actions (control jobs);
+2. drops cancelled sequences, admits waiting requests into free KV slots (FIFO
+   across all variants: requests of different variants share every step, so no
+   variant holds the model and none starves);
+3. plans the step: one decode row per running sequence, then prompt chunks of the
+   sequences still prefilling, within `max_step_tokens` (chunked prefill);
+4. picks the merged variant by the cost model (`MergePolicy`): the resident weights
+   hold the base or the base plus one variant merged in place or materialized;
+5. packs tokens grouped by variant, runs the forward, samples, streams text, and
+   frees the slots of finished sequences.
+
+The public methods (`submit`, `control`, `in_flight`, `start`, `serve_forever`,
+`stop`) are those of the first scheduler, so the HTTP layer is the same for both.
+All torch work of the server runs on this one thread (see server/scheduler.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from server.cache import CacheFull
+from server.config import Settings
+from server.engine import Engine
+from server.generate import Job, _eos_ids
+from server.metrics import Metrics
+from server.runtime.kv_cache import KVCache
+from server.runtime.model_runner import ModelRunner, Prefill, StepInput
+from server.runtime.policy import MergePolicy
+from server.runtime.sequence import Sequence
+from server.runtime.sparse import KernelChoice, Segment, StepDeltas, VariantLayout, use_kernels
+from server.scheduler import QueueFull
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class _Group:
+    """The tokens of one variant in a packed step."""
+
+    variant: str | None
+    start: int
+    end: int
+    row_start: int  # sampling rows
+    row_end: int
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
+        self.engine, self.settings, self.metrics = engine, settings, metrics
+        model = engine.model
+        cfg = model.config
+        max_len = min(engine.max_positions, settings.max_prompt_tokens + settings.max_new_tokens)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv = KVCache(
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads,
+            head_dim,
+            max_len,
+            settings.kv_cache_bytes,
+            settings.max_batch_size,
+            engine.dtype,
+            engine.device,
+        )
+        self.runner = ModelRunner(model, self.kv)
+        engine.matrix_names = self.runner.matrix_names
+        self.kernels = use_kernels(KernelChoice(settings.delta_kernel), engine.device)
+        self.policy = MergePolicy.calibrate(engine, self.kernels, settings.merge_policy)
+        self.eos = _eos_ids(model, engine.tokenizer)
+        self._waiting: deque[Job] = deque()
+        self._running: list[Sequence] = []
+        self._control: deque[tuple[Callable[[Engine], Any], Future[Any]]] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._vec_names = [n for pair in self.runner._norms for n in pair]
+        self._vec_names.append(self.runner.final_norm_name)
+        log.info(
+            "engine v2: %d KV slots of %d positions (%.0f MiB), sparse deltas by %s, merge %s",
+            self.kv.n_slots,
+            self.kv.max_len,
+            self.kv.nbytes / 2**20,
+            "C kernel" if self.kernels else "torch ops",
+            settings.merge_policy,
+        )
+
+    # ------------------------------------------------------------------ the interface
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="deltaserve-worker", daemon=True)
+        self._thread.start()
+
+    def serve_forever(self) -> None:
+        self._thread = threading.current_thread()
+        self._loop()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            for job in self._waiting:
+                job.finish_reason = "cancelled"
+                job.emit("done", job)
+            self._waiting.clear()
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if len(self._waiting) >= self.settings.queue_limit:
+                raise QueueFull(
+                    f"{len(self._waiting)} requests queued (limit {self.settings.queue_limit})"
+                )
+            self._waiting.append(job)
+            self.metrics.queue_length.set(len(self._waiting))
+            self._cond.notify_all()
+
+    def control(self, fn: Callable[[Engine], T]) -> Future[T]:
+        """Run fn(engine) on the worker thread before the next step."""
+        fut: Future[T] = Future()
+        with self._cond:
+            self._control.append((fn, fut))
+            self._cond.notify_all()
+        return fut
+
+    def in_flight(self, variant: str) -> int:
+        with self._cond:
+            queued = sum(1 for j in self._waiting if j.variant == variant)
+            return queued + sum(1 for s in self._running if s.variant == variant)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stop or self._control or self._waiting or self._running):
+                    self._cond.wait()
+                if self._stop:
+                    break
+                controls = list(self._control)
+                self._control.clear()
+            for fn, fut in controls:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn(self.engine))
+                    except BaseException as e:  # handed to the waiting admin request
+                        fut.set_exception(e)
+            try:
+                self._step()
+            except Exception as e:  # a failed step ends its sequences, not the server
+                log.exception("step failed")
+                for seq in list(self._running):
+                    self._finish(seq, "error", f"generation failed: {type(e).__name__}")
+        for seq in list(self._running):
+            self._finish(seq, "cancelled")
+
+    def _step(self) -> None:
+        for seq in [s for s in self._running if s.job.cancelled.is_set()]:
+            self._finish(seq, "cancelled")
+        self._admit()
+        if not self._running:
+            return
+        decode = [s for s in self._running if not s.prefilling]
+        chunks = self._plan_prefill(len(decode))
+        rows = decode + [s for s, n in chunks if s.prefilled + n == len(s.prompt)]
+        merged = self._merge(decode, chunks)
+        step, groups, order = self._pack(decode, chunks, merged)
+        t0 = time.perf_counter()
+        logits = self.runner.forward(step)
+        self.metrics.step_seconds.observe(time.perf_counter() - t0)
+        self._observe(groups, step, merged)
+        for s, n in chunks:
+            s.prefilled += n
+        for i, seq in enumerate(order):
+            if seq in rows:
+                self._sample(seq, logits[i])
+        for seq in [s for s in self._running if s.done]:
+            self._finish(seq, seq.job.finish_reason or "stop")
+
+    def _admit(self) -> None:
+        while True:
+            with self._cond:
+                if not self._waiting or self.kv.free == 0:
+                    break
+                job = self._waiting.popleft()
+                self.metrics.queue_length.set(len(self._waiting))
+            if job.cancelled.is_set():
+                job.finish_reason = "cancelled"
+                job.emit("done", job)
+                continue
+            now = time.perf_counter()
+            job.started = now
+            self.metrics.queue_seconds.observe(now - job.enqueued)
+            acquired, slot = False, None
+            try:
+                if job.variant is not None:
+                    self.engine.acquire_layout(job.variant)
+                    acquired = True
+                slot = self.kv.allocate()
+                seq = Sequence(job, slot, self.engine.tokenizer, self.eos)
+            except Exception as e:  # this request alone waits or fails, never its neighbours
+                if slot is not None:
+                    self.kv.release(slot)
+                if acquired and job.variant is not None:
+                    self.engine.release_layout(job.variant)
+                if isinstance(e, CacheFull) and self._running:
+                    with self._cond:  # every laid-out variant is in use: wait for one
+                        self._waiting.appendleft(job)
+                    break
+                log.exception("admitting a request for %r failed", job.variant)
+                job.finish_reason = "error"
+                job.emit("error", f"could not start: {type(e).__name__}: {e}")
+                continue
+            self._running.append(seq)
+
+    def _plan_prefill(self, n_decode: int) -> list[tuple[Sequence, int]]:
+        budget = max(self.settings.max_step_tokens - n_decode, 16)
+        chunks = []
+        for seq in self._running:
+            if seq.prefilling and budget > 0:
+                n = min(len(seq.prompt) - seq.prefilled, budget)
+                chunks.append((seq, n))
+                budget -= n
+        return chunks
+
+    def _merge(self, decode: list[Sequence], chunks: list[tuple[Sequence, int]]) -> str | None:
+        """Put the cost model's choice of merged variant in place; returns it."""
+        tokens: dict[str | None, int] = {}
+        remaining: dict[str | None, list[int]] = {}
+        for s in decode:
+            tokens[s.variant] = tokens.get(s.variant, 0) + 1
+            remaining.setdefault(s.variant, []).append(s.remaining)
+        for s, n in chunks:
+            tokens[s.variant] = tokens.get(s.variant, 0) + n
+            remaining.setdefault(s.variant, []).append(s.remaining)
+        kept = {v: self.engine.kept_entries(v) for v in tokens if v is not None}
+        want = self.policy.choose(self.engine.active, tokens, kept, remaining, self.engine)
+        if want != self.engine.active:
+            swap = self.engine.activate(want)
+            self.policy.observe_swap(swap, kept.get(want or "", 0))
+            self.metrics.swap_seconds.labels(swap.mode.value).observe(swap.seconds)
+        return self.engine.active
+
+    def _pack(
+        self, decode: list[Sequence], chunks: list[tuple[Sequence, int]], merged: str | None
+    ) -> tuple[StepInput, list[_Group], list[Sequence]]:
+        """Tokens grouped by variant: per variant its decode rows, then its chunks."""
+        by_variant: dict[str | None, list[tuple[Sequence, int]]] = {}
+        for s in decode:
+            by_variant.setdefault(s.variant, []).append((s, 0))
+        for s, n in chunks:
+            by_variant.setdefault(s.variant, []).append((s, n))
+        ids: list[torch.Tensor] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        dec_idx, dec_slots, dec_lens, logit_rows = [], [], [], []
+        prefills: list[Prefill] = []
+        groups: list[_Group] = []
+        order: list[Sequence] = []
+        n = r = 0
+        for variant, members in by_variant.items():
+            g_start, g_row = n, r
+            for s, chunk in members:
+                if chunk == 0:  # a decode row
+                    ids.append(torch.tensor([s.last_token]))
+                    positions.append(torch.tensor([s.length - 1]))  # its newest token
+                    slots.append(torch.tensor([s.slot]))
+                    dec_idx.append(n)
+                    dec_slots.append(s.slot)
+                    dec_lens.append(int(positions[-1]) + 1)
+                    logit_rows.append(n)
+                    order.append(s)
+                    n, r = n + 1, r + 1
+                else:
+                    ids.append(torch.tensor(s.prompt[s.prefilled : s.prefilled + chunk]))
+                    positions.append(torch.arange(s.prefilled, s.prefilled + chunk))
+                    slots.append(torch.full((chunk,), s.slot))
+                    prefills.append(Prefill(n, chunk, s.slot, s.prefilled))
+                    n += chunk
+                    if s.prefilled + chunk == len(s.prompt):
+                        logit_rows.append(n - 1)
+                        order.append(s)
+                        r += 1
+            groups.append(_Group(variant, g_start, n, g_row, r))
+        for slot, length in zip(dec_slots, dec_lens, strict=True):
+            self.kv.clean_(slot, length, max(dec_lens))  # decode reads up to the longest row
+        dev = self.engine.device
+        segs, head_segs = self._segments(groups, merged)
+        step = StepInput(
+            ids=torch.cat(ids).to(dev),
+            positions=torch.cat(positions).to(dev),
+            slots=torch.cat(slots).to(dev),
+            decode_idx=torch.tensor(dec_idx, dtype=torch.int64, device=dev),
+            decode_slots=torch.tensor(dec_slots, dtype=torch.int64, device=dev),
+            decode_lens=torch.tensor(dec_lens, dtype=torch.int64, device=dev),
+            prefills=prefills,
+            logits_idx=torch.tensor(logit_rows, dtype=torch.int64, device=dev),
+            deltas=StepDeltas(segs, len(self.runner.matrix_names), self.kernels),
+            head_deltas=StepDeltas(head_segs, len(self.runner.matrix_names), self.kernels),
+        )
+        step.vectors, step.head_vectors = self._vectors(groups, merged)
+        return step, groups, order
+
+    def _terms(self, variant: str | None, merged: str | None) -> list[tuple[VariantLayout, float]]:
+        """What a group's rows add to the resident weights: +their delta, -the merged one."""
+        if variant == merged:
+            return []
+        terms = []
+        if variant is not None:
+            terms.append((self.engine.layout(variant), 1.0))
+        if merged is not None:
+            terms.append((self.engine.layout(merged), -1.0))
+        return terms
+
+    def _segments(
+        self, groups: list[_Group], merged: str | None
+    ) -> tuple[list[Segment], list[Segment]]:
+        segs, head = [], []
+        for g in groups:
+            for layout, sign in self._terms(g.variant, merged):
+                segs.append(Segment(g.start, g.end, layout, sign))
+                if g.row_end > g.row_start:
+                    head.append(Segment(g.row_start, g.row_end, layout, sign))
+        return segs, head
+
+    def _vectors(
+        self, groups: list[_Group], merged: str | None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per-token deltas of 1-D tensors (norm weights, biases): name -> (N, n).
+
+        The norms (one size, the hidden size) go through one stacked gather: each
+        group's signed sum of its layouts' norm stacks (K, hidden), indexed by the
+        group of every token. Other vectors (biases) are built per name."""
+        terms = [self._terms(g.variant, merged) for g in groups]
+        if not any(terms):
+            return {}, {}
+        dev = self.engine.device
+        names = self._vec_names
+        hidden = self.runner.model.config.hidden_size
+        per_group = []
+        extra: set[str] = set()
+        for t in terms:
+            acc = torch.zeros((len(names), hidden))
+            for layout, sign in t:
+                acc += layout.vector_stack(names, hidden) * sign
+                extra.update(set(layout.vectors) - set(names))
+            per_group.append(acc)
+        table = torch.stack(per_group).to(dev)  # (G, K, hidden)
+        tok_group = torch.cat([torch.full((g.end - g.start,), i) for i, g in enumerate(groups)])
+        row_group = torch.cat(
+            [torch.full((g.row_end - g.row_start,), i) for i, g in enumerate(groups)]
+        )
+        by_tok = table.index_select(0, tok_group.to(dev))  # (N, K, hidden)
+        by_row = table.index_select(0, row_group.to(dev))
+        out = {n: by_tok[:, k] for k, n in enumerate(names)}
+        head = {n: by_row[:, k] for k, n in enumerate(names)}
+        for name in extra:  # vectors of other sizes (biases): rare, per name
+            size = next(
+                lay.vectors[name].shape[0] for t in terms for lay, _ in t if name in lay.vectors
+            )
+            rows = []
+            for g, t in zip(groups, terms, strict=True):
+                vec = torch.zeros(size)
+                for layout, sign in t:
+                    if name in layout.vectors:
+                        vec = vec + layout.vectors[name] * sign
+                rows.append(vec.expand(g.end - g.start, -1))
+            out[name] = torch.cat(rows).to(dev)
+        return out, head
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
+        if seq.job.cancelled.is_set():
+            seq.finish("cancelled")
+            return
+        seq.add(int(logits.argmax()) if seq.generator is None else seq.pick(logits))
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        seq.finish(reason)
+        if seq in self._running:
+            self._running.remove(seq)
+            self.kv.release(seq.slot)
+            if seq.variant is not None:
+                self.engine.release_layout(seq.variant)
+        job = seq.job
+        job.finished = time.perf_counter()
+        if error is not None:
+            job.emit("error", error)
+        else:
+            job.emit("done", job)
+
+    def _observe(self, groups: list[_Group], step: StepInput, merged: str | None) -> None:
+        m = self.metrics
+        m.step_rows.observe(int(step.ids.numel()))
+        m.step_variants.observe(len({g.variant for g in groups if g.variant is not None}))
+        m.steps.labels("merged" if merged is not None else "unmerged").inc()
+        m.kv_slots_used.set(self.kv.used)
