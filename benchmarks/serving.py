@@ -74,27 +74,33 @@ def prepare(base_dir: Path, n: int, lora: bool) -> dict[str, Path]:
             shutil.rmtree(dense, ignore_errors=True)
             materialize(base, load_delta(delta), dense, progress=False)
     if lora:
-        from peft import LoraConfig, get_peft_model
-
         for i in tqdm(range(n), desc="LoRA adapters (+ their deltas)"):
             name = f"lora{i:02d}"
             adapter = dirs["adapters"] / name
             if not (adapter / "adapter_model.safetensors").is_file():
-                torch.manual_seed(1000 + i)
-                cfg = LoraConfig(
-                    r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-                )
-                model = get_peft_model(base.load_model(), cfg)
-                with torch.no_grad():
-                    for pname, p in model.named_parameters():
-                        if "lora_B" in pname:
-                            p.mul_(0.02)  # SFT-scale update, not a random rewrite
-                model.save_pretrained(adapter)
+                make_adapter(base, adapter, seed=1000 + i)
             delta = dirs["lora-store"] / f"{name}.delta.safetensors"
             if not delta.is_file():
                 opts = CompressOptions(method=Method.DARE, rate=0.99, progress=False)
                 save_delta(delta, compress(base, open_finetune(base, adapter), opts))
     return dirs
+
+
+def make_adapter(base: Any, path: Path, seed: int) -> Path:
+    """An r=8 q/v PEFT LoRA adapter with an SFT-scale update (not a random rewrite)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    model = get_peft_model(base.load_model(), cfg)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:
+                p.mul_(0.02)
+    model.save_pretrained(path)
+    return path
 
 
 def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -11,9 +11,10 @@
  *   rowgather_add: h[t, c] += scale * vals[e] for the entries e of row ids[t]
  *
  * Threads split W's rows in the same static ranges for every segment, so segments
- * may overlap in tokens without races. A one-token segment walks its rows with one
- * accumulator; a longer one keeps 8 tokens' accumulators per row.
- * x and y are float32 or bfloat16 (written back rounded to nearest even).
+ * may overlap in tokens without races. A one-token segment walks its rows with four
+ * partial sums; a longer one reads x transposed (xT: in x N, tokens contiguous) and
+ * keeps 8 tokens' sums per row. x is float32; y is float32 or bfloat16 (written back
+ * rounded to nearest even).
  */
 #include <stdint.h>
 #include <string.h>
@@ -51,25 +52,32 @@ static inline float val(const Seg *g, int64_t e) {
 #define ADD_F32(dst, v) ((dst) += (v))
 #define ADD_BF16(dst, v) ((dst) = f2bf(bf2f(dst) + (v)))
 
-/* one token: a tight walk over rows [r0, r1) */
-#define ONE_TOKEN(T, LOAD, STORE_ADD, VT, VLOAD)                                  \
+/* one token: a walk over rows [r0, r1), four partial sums per row (no FMA chain) */
+#define ONE_TOKEN(T, STORE_ADD, VT, VLOAD, tok)                                   \
     {                                                                             \
-        const T *xt = x + g->t0 * ldx;                                            \
-        T *yt = y + g->t0 * ldy;                                                  \
+        const float *xt = x + (tok) * ldx;                                        \
+        T *yt = y + (tok) * ldy;                                                  \
         const VT *v = (const VT *)g->vals;                                        \
         const uint16_t *cols = g->cols;                                           \
         int32_t e = g->rowptr[r0];                                                \
         for (int64_t r = r0; r < r1; r++) {                                       \
             const int32_t end = g->rowptr[r + 1];                                 \
             if (e == end) continue;                                               \
-            float acc = 0;                                                        \
-            for (; e < end; e++) acc += VLOAD(v[e]) * LOAD(xt[cols[e]]);          \
-            STORE_ADD(yt[r], sc * acc);                                           \
+            float a0 = 0, a1 = 0, a2 = 0, a3 = 0;                                 \
+            for (; e + 4 <= end; e += 4) {                                        \
+                a0 += VLOAD(v[e]) * xt[cols[e]];                                  \
+                a1 += VLOAD(v[e + 1]) * xt[cols[e + 1]];                          \
+                a2 += VLOAD(v[e + 2]) * xt[cols[e + 2]];                          \
+                a3 += VLOAD(v[e + 3]) * xt[cols[e + 3]];                          \
+            }                                                                     \
+            for (; e < end; e++) a0 += VLOAD(v[e]) * xt[cols[e]];                 \
+            STORE_ADD(yt[r], sc * ((a0 + a1) + (a2 + a3)));                       \
         }                                                                         \
     }
 
-#define SPMM_BODY(T, LOAD, STORE_ADD)                                                     \
-    _Pragma("omp parallel if (out >= 512)")                                               \
+/* several tokens: per row, BLOCK tokens at a time from x transposed (in, N) */
+#define SPMM_BODY(T, STORE_ADD)                                                           \
+    _Pragma("omp parallel if (out >= 128)")                                               \
     {                                                                                     \
         int64_t nth = 1, me = 0;                                                          \
         SPLIT(nth, me);                                                                   \
@@ -78,9 +86,11 @@ static inline float val(const Seg *g, int64_t e) {
             const Seg *g = (const Seg *)(segs + 8 * s);                                   \
             if (!g->rowptr) continue;                                                     \
             const float sc = scales[s];                                                   \
-            if (g->t1 - g->t0 == 1) {                                                     \
-                if (g->f32) ONE_TOKEN(T, LOAD, STORE_ADD, float, ID)                      \
-                else ONE_TOKEN(T, LOAD, STORE_ADD, uint16_t, bf2f)                        \
+            if (g->t1 - g->t0 == 1 || !xT) {                                              \
+                for (int64_t t = g->t0; t < g->t1; t++) {                                 \
+                    if (g->f32) ONE_TOKEN(T, STORE_ADD, float, ID, t)                     \
+                    else ONE_TOKEN(T, STORE_ADD, uint16_t, bf2f, t)                       \
+                }                                                                         \
                 continue;                                                                 \
             }                                                                             \
             for (int64_t r = r0; r < r1; r++) {                                           \
@@ -91,8 +101,8 @@ static inline float val(const Seg *g, int64_t e) {
                     float acc[BLOCK] = {0};                                               \
                     for (int32_t e = e0; e < e1; e++) {                                   \
                         const float v = val(g, e);                                        \
-                        const int64_t c = g->cols[e];                                     \
-                        for (int64_t j = 0; j < nb; j++) acc[j] += v * LOAD(x[(tb + j) * ldx + c]); \
+                        const float *xc = xT + g->cols[e] * ldxT + tb;                    \
+                        for (int64_t j = 0; j < nb; j++) acc[j] += v * xc[j];             \
                     }                                                                     \
                     for (int64_t j = 0; j < nb; j++) STORE_ADD(y[(tb + j) * ldy + r], sc * acc[j]); \
                 }                                                                         \
@@ -100,14 +110,16 @@ static inline float val(const Seg *g, int64_t e) {
         }                                                                                 \
     }
 
-void spmm_add_f32(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t out,
-                  const int64_t *segs, const float *scales, int64_t nseg) {
-    SPMM_BODY(float, ID, ADD_F32)
+void spmm_add_f32(float *y, int64_t ldy, const float *x, int64_t ldx, const float *xT,
+                  int64_t ldxT, int64_t out, const int64_t *segs, const float *scales,
+                  int64_t nseg) {
+    SPMM_BODY(float, ADD_F32)
 }
 
-void spmm_add_bf16(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx, int64_t out,
-                   const int64_t *segs, const float *scales, int64_t nseg) {
-    SPMM_BODY(uint16_t, bf2f, ADD_BF16)
+void spmm_add_bf16(uint16_t *y, int64_t ldy, const float *x, int64_t ldx, const float *xT,
+                   int64_t ldxT, int64_t out, const int64_t *segs, const float *scales,
+                   int64_t nseg) {
+    SPMM_BODY(uint16_t, ADD_BF16)
 }
 
 #define ROWGATHER_BODY(STORE_ADD)                                                        \

@@ -85,6 +85,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._held: str | None = None  # the merged variant, its layout held in use
         self._vec_names = [n for pair in self.runner._norms for n in pair]
         self._vec_names.append(self.runner.final_norm_name)
         log.info(
@@ -151,6 +152,8 @@ class Scheduler:
                     break
                 controls = list(self._control)
                 self._control.clear()
+            if controls and self._held is not None:
+                self._set_merged(None)  # admin actions see the base resident, nothing held
             for fn, fut in controls:
                 if fut.set_running_or_notify_cancel():
                     try:
@@ -206,7 +209,7 @@ class Scheduler:
             acquired, slot = False, None
             try:
                 if job.variant is not None:
-                    self.engine.acquire_layout(job.variant)
+                    self._acquire(job.variant)
                     acquired = True
                 slot = self.kv.allocate()
                 seq = Sequence(job, slot, self.engine.tokenizer, self.eos)
@@ -224,6 +227,17 @@ class Scheduler:
                 job.emit("error", f"could not start: {type(e).__name__}: {e}")
                 continue
             self._running.append(seq)
+
+    def _acquire(self, variant: str) -> None:
+        """Hold `variant`'s layout; if only the merged variant's hold is in the way,
+        unmerge it first."""
+        try:
+            self.engine.acquire_layout(variant)
+        except CacheFull:
+            if self._held is None or self._held == variant:
+                raise
+            self._set_merged(None)
+            self.engine.acquire_layout(variant)
 
     def _plan_prefill(self, n_decode: int) -> list[tuple[Sequence, int]]:
         budget = max(self.settings.max_step_tokens - n_decode, 16)
@@ -247,11 +261,27 @@ class Scheduler:
             remaining.setdefault(s.variant, []).append(s.remaining)
         kept = {v: self.engine.kept_entries(v) for v in tokens if v is not None}
         want = self.policy.choose(self.engine.active, tokens, kept, remaining, self.engine)
-        if want != self.engine.active:
-            swap = self.engine.activate(want)
-            self.policy.observe_swap(swap, kept.get(want or "", 0))
-            self.metrics.swap_seconds.labels(swap.mode.value).observe(swap.seconds)
+        self._set_merged(want)
         return self.engine.active
+
+    def _set_merged(self, want: str | None) -> None:
+        """Merge `want` (None: the base alone). The merged variant's layout is held in
+        use while it is merged: rows of other variants subtract it every step."""
+        if want == self.engine.active:
+            return
+        if want is not None:
+            self.engine.acquire_layout(want)
+        try:
+            swap = self.engine.activate(want)
+        except Exception:
+            if want is not None:
+                self.engine.release_layout(want)
+            raise
+        if self._held is not None:
+            self.engine.release_layout(self._held)
+        self._held = want
+        self.policy.observe_swap(swap, self.engine.kept_entries(want) if want else 0)
+        self.metrics.swap_seconds.labels(swap.mode.value).observe(swap.seconds)
 
     def _pack(
         self, decode: list[Sequence], chunks: list[tuple[Sequence, int]], merged: str | None

@@ -64,7 +64,7 @@ class Sequence:
         job = self.job
         if job.first_token is None:
             job.first_token = time.perf_counter()
-        if token in self.eos:
+        if token in self.eos and not job.params.ignore_eos:
             job.finish_reason = "stop"
             job.text += self._decode_next(final=True)
         else:

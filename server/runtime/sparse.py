@@ -21,6 +21,7 @@ slower (call overhead per segment and matrix).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -92,7 +93,7 @@ def load_kernels() -> ctypes.CDLL:
             raise KernelUnavailable(_lib_error) from e
         p, i64, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p
         for name in ("spmm_add_f32", "spmm_add_bf16"):
-            getattr(lib, name).argtypes = [p, i64, p, i64, i64, p, f, i64]
+            getattr(lib, name).argtypes = [p, i64, p, i64, p, i64, i64, p, f, i64]
             getattr(lib, name).restype = None
         for name in ("rowgather_add_f32", "rowgather_add_bf16"):
             getattr(lib, name).argtypes = [p, i64, p, p, f, i64]
@@ -206,7 +207,7 @@ class VariantLayout:
         n = sum(m.nbytes for m in self.matrices.values())
         return n + sum(v.nbytes for v in self.vectors.values()) + self.records.nbytes
 
-    @property
+    @functools.cached_property
     def count(self) -> int:
         return sum(m.count for m in self.matrices.values())
 
@@ -270,6 +271,7 @@ class StepDeltas:
     def __init__(self, segments: list[Segment], n_slots: int, kernels: bool) -> None:
         self.segments = segments
         self.kernels = kernels
+        self.multi_token = any(g.end - g.start > 1 for g in segments)
         s = len(segments)
         self.tables = torch.zeros((n_slots, s, 8), dtype=torch.int64)
         self.scales = torch.zeros((n_slots, s), dtype=torch.float32)
@@ -288,7 +290,7 @@ class StepDeltas:
         if not self.segments:
             return
         if self.kernels:
-            _kernel_spmm(y, x, self.tables[slot], self.scales[slot])
+            _kernel_spmm(y, x, self.tables[slot], self.scales[slot], self.multi_token)
             return
         for g in self.segments:
             csr = g.layout.matrices.get(name)
@@ -325,18 +327,24 @@ def _check(t: torch.Tensor) -> None:
         raise TypeError(f"kernel supports float32 and bfloat16, got {t.dtype}")
 
 
-def _kernel_spmm(y: torch.Tensor, x: torch.Tensor, table: torch.Tensor, scales: torch.Tensor):
+def _kernel_spmm(
+    y: torch.Tensor, x: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, multi: bool
+) -> None:
+    """x (N, in) -> fp32 (and transposed, tokens contiguous, when a segment has several
+    tokens); y (N, out) accumulates in its own dtype."""
     _check(y)
     _check(x)
-    if x.dtype != y.dtype:
-        raise TypeError(f"x is {x.dtype}, y is {y.dtype}")
+    xf = x.float().contiguous()
+    xt = xf.t().contiguous() if multi else None
     lib = load_kernels()
     fn = lib.spmm_add_f32 if y.dtype == torch.float32 else lib.spmm_add_bf16
     fn(
         y.data_ptr(),
         y.stride(0),
-        x.data_ptr(),
-        x.stride(0),
+        xf.data_ptr(),
+        xf.stride(0),
+        xt.data_ptr() if xt is not None else None,
+        xt.stride(0) if xt is not None else 0,
         y.shape[1],
         table.data_ptr(),
         scales.data_ptr(),

@@ -1,0 +1,236 @@
+"""Engine v2's cost curve: tokens/s against distinct variants per step.
+
+    python -m benchmarks.mixed                       # fp32 and bf16, merge never/auto
+    python -m benchmarks.mixed --dtypes bfloat16 --variants 0 1 8 16 --policies never
+
+In process (no HTTP): the embedded base with --rows concurrent requests, each of
+--max-tokens greedy tokens (EOS ignored, so every configuration generates the same
+number of tokens), the rows spread round-robin over d distinct variants (0: every
+row on the base). The variants are SFT-scale deltas over every matrix (mean |Δ|
+2e-4, DARE p = 0.99 unless --rate), cached under ~/.cache/deltaserve/bench/mixed.
+Reported: generated tokens/s from the first submission to the last token (prefill
+included), the median step time, and the ratio to the base in the same run.
+Also the sparse product per layer shape against the dense GEMM (`--kernel-only`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.serve import synthetic_variant
+from deltastore.embedded import ensure_embedded_base
+from deltastore.paths import cache_dir
+from deltastore.sources import open_model
+from server.config import Settings
+from server.engine import Engine
+from server.generate import Job, SamplingParams
+from server.metrics import Metrics
+from server.runtime.scheduler import Scheduler
+from server.runtime.sparse import CSR, Segment, StepDeltas, VariantLayout, use_kernels, KernelChoice
+from server.store import DeltaStore
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def variants(base_dir: Path, n: int, rate_tag: str) -> Path:
+    store = cache_dir() / "bench" / f"mixed-{rate_tag}"
+    store.mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(n), desc="variants"):
+        path = store / f"v{i:02d}.delta.safetensors"
+        if not path.is_file():
+            synthetic_variant(base_dir, path, seed=i + 1)
+    return store
+
+
+def run_once(engine: Engine, settings: Settings, d: int, rows: int, max_tokens: int) -> dict:
+    metrics = Metrics()
+    sched = Scheduler(engine, settings, metrics)
+    sched.start()
+    tok = engine.tokenizer
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    done = threading.Semaphore(0)
+    jobs = []
+    t0 = time.perf_counter()
+    for i in range(rows):
+        variant = None if d == 0 else f"v{i % d:02d}"
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+        def emit(kind: str, payload: Any) -> None:
+            if kind in ("done", "error"):
+                done.release()
+
+        job = Job(variant, ids, params, emit)
+        jobs.append(job)
+        sched.submit(job)
+    for _ in jobs:
+        done.acquire()
+    wall = time.perf_counter() - t0
+    sched.stop()
+    engine.activate(None)
+    generated = sum(j.completion_tokens for j in jobs)
+    steps = metrics.step_seconds.collect()[0].samples
+    count = next(s.value for s in steps if s.name.endswith("_count"))
+    total = next(s.value for s in steps if s.name.endswith("_sum"))
+    return {
+        "tokens_per_s": generated / wall,
+        "generated": generated,
+        "wall_s": wall,
+        "mean_step_ms": 1e3 * total / count,
+        "steps": count,
+        "errors": sum(j.finish_reason == "error" for j in jobs),
+    }
+
+
+def kernel_table(rates: list[float], dtypes: list[str], rows: int) -> list[dict]:
+    """Sparse product of `rows` one-token segments (distinct variants) vs the dense GEMM."""
+    out = []
+    kernels = use_kernels(KernelChoice.AUTO, torch.device("cpu"))
+    shapes = {
+        "q/o 576x576": (576, 576),
+        "k/v 192x576": (192, 576),
+        "gate/up 1536x576": (1536, 576),
+        "down 576x1536": (576, 1536),
+        "lm_head 49152x576": (49152, 576),
+    }
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        for rate in rates:
+            for label, shape in shapes.items():
+                n = shape[0] * shape[1]
+                k = int(n * (1 - rate))
+                layouts = []
+                for v in range(rows):
+                    g = torch.Generator().manual_seed(v)
+                    pos = torch.randperm(n, generator=g)[:k].sort().values
+                    csr = CSR.from_positions(
+                        pos, torch.randn(k, generator=g).bfloat16() * 1e-3, 100.0, shape
+                    )
+                    layouts.append(
+                        VariantLayout(
+                            f"v{v}",
+                            {"w": csr},
+                            {},
+                            torch.tensor([csr.record()]),
+                            torch.tensor([csr.scale]),
+                        )
+                    )
+                x = torch.randn(rows, shape[1]).to(dtype)
+                w = torch.randn(shape).to(dtype)
+                y = x @ w.T
+                step = StepDeltas(
+                    [Segment(i, i + 1, layouts[i], 1.0) for i in range(rows)], 1, kernels
+                )
+
+                def timed(fn) -> float:
+                    for _ in range(5):
+                        fn()
+                    ts = []
+                    for _ in range(50):
+                        t = time.perf_counter()
+                        fn()
+                        ts.append(time.perf_counter() - t)
+                    return statistics.median(ts)
+
+                dense = timed(lambda: torch.nn.functional.linear(x, w))
+                sparse = timed(lambda: step.spmm_add_(y, x, 0, "w"))
+                out.append(
+                    {
+                        "dtype": dtype_name,
+                        "rate": rate,
+                        "shape": label,
+                        "rows": rows,
+                        "dense_ms": dense * 1e3,
+                        "sparse_ms": sparse * 1e3,
+                        "ratio": sparse / dense,
+                    }
+                )
+                print(
+                    f"{dtype_name} p={rate} {label}: dense {dense * 1e3:.3f} ms, "
+                    f"sparse ({rows} variants) {sparse * 1e3:.3f} ms, {sparse / dense:.2f}x"
+                )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--variants", type=int, nargs="+", default=[0, 1, 2, 4, 8, 16])
+    ap.add_argument("--policies", nargs="+", default=["never", "auto"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--kernel-only", action="store_true")
+    ap.add_argument("--kernel-rates", type=float, nargs="+", default=[0.9, 0.99])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    result: dict[str, Any] = {
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if args.kernel_only:
+        result["kernel"] = kernel_table(args.kernel_rates, args.dtypes, 8)
+        args.out.with_name("mixed-kernel.json").write_text(json.dumps(result, indent=1))
+        return
+    base_dir = ensure_embedded_base()
+    store = variants(base_dir, max(args.variants), "p0.99")
+    rows = []
+    for dtype in args.dtypes:
+        for policy in args.policies:
+            settings = Settings(
+                base=base_dir,
+                store=store,
+                device="cpu",
+                dtype=dtype,
+                engine="v2",
+                merge_policy=policy,
+                max_batch_size=args.rows,
+                demo=False,
+                max_new_tokens=max(args.max_tokens, 64),
+            )
+            engine = Engine(open_model(base_dir), DeltaStore(store), settings)
+            base_tps = None
+            for d in args.variants:
+                reps = [
+                    run_once(engine, settings, d, args.rows, args.max_tokens)
+                    for _ in range(args.repeats)
+                ]
+                r = (
+                    reps[len(reps) // 2]
+                    if len(reps) == 1
+                    else min(reps, key=lambda x: x["tokens_per_s"])
+                )
+                r["tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in reps)
+                if d == 0:
+                    base_tps = r["tokens_per_s"]
+                r.update(
+                    dtype=dtype,
+                    policy=policy,
+                    variants=d,
+                    vs_base=(r["tokens_per_s"] / base_tps) if base_tps else None,
+                )
+                rows.append(r)
+                print(json.dumps(r))
+    result["runs"] = rows
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

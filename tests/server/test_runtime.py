@@ -1,0 +1,367 @@
+"""Engine v2 (server/runtime/): the KV cache's slots, and mixed-variant steps driven
+through the scheduler on its worker thread, checked against every fine-tune
+materialized and run by plain transformers."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from deltastore.compress import CompressOptions, compress
+from deltastore.format import load_delta, save_delta
+from deltastore.materialize import materialize
+from deltastore.methods import Method
+from deltastore.sources import open_finetune, open_model
+from server.engine import Engine
+from server.generate import Job, SamplingParams
+from server.metrics import Metrics
+from server.runtime.kv_cache import CLEAN_CHUNK, KVCache
+from server.runtime.scheduler import Scheduler
+from server.runtime.sparse import KernelUnavailable, load_kernels
+from server.store import DeltaStore
+from tests.conftest import perturbed, save
+from tests.server.conftest import MAX_TOKENS, N_VARIANTS, PROMPTS, make_settings, reference_text
+
+N_EXTRA = 4  # v5..v8: with v0..v4, nine variants
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+WAIT_S = 120
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+def _kv(budget: int, max_slots: int = 8, max_len: int = 300) -> KVCache:
+    return KVCache(2, 2, 4, max_len, budget, max_slots, torch.float32, torch.device("cpu"))
+
+
+def _slot_bytes(max_len: int = 300) -> int:
+    return 2 * 2 * 2 * max_len * 4 * 4  # k and v, layers, kv heads, positions, head dim, fp32
+
+
+def test_kv_slots_are_handed_out_lowest_first():
+    kv = _kv(budget=5 * _slot_bytes() + 1, max_slots=8)
+    assert kv.n_slots == 5 and kv.free == 5  # the budget, not max_slots, bounds it
+    assert _kv(budget=100 * _slot_bytes(), max_slots=3).n_slots == 3
+    assert [kv.allocate() for _ in range(3)] == [0, 1, 2]
+    kv.release(1)
+    kv.release(0)
+    assert kv.used == 1
+    assert [kv.allocate() for _ in range(4)] == [0, 1, 3, 4]
+    with pytest.raises(RuntimeError):
+        kv.allocate()
+    for slot in range(5):
+        kv.release(slot)
+    assert kv.free == kv.n_slots
+
+
+def test_kv_budget_below_one_slot_names_the_numbers():
+    budget = _slot_bytes() - 1
+    with pytest.raises(ValueError) as e:
+        _kv(budget=budget)
+    assert str(budget) in str(e.value) and str(_slot_bytes()) in str(e.value)
+    assert "300" in str(e.value)  # the positions a slot must hold
+
+
+def test_kv_clean_zeroes_only_positions_never_written():
+    kv = _kv(budget=3 * _slot_bytes(), max_slots=3)
+    for t in kv.k + kv.v:
+        t.fill_(float("nan"))  # what an uninitialized cache may hold
+    slot = kv.allocate()
+    written = 5
+    vals = torch.arange(1.0, 1.0 + written * 2 * 4).view(written, 2, 4)  # (N, heads, dim)
+    for layer in range(2):
+        kv.write_(layer, torch.full((written,), slot), torch.arange(written), vals, -vals)
+    kv.clean_(slot, written, upto=written + 3)
+    end = min(math.ceil((written + 3) / CLEAN_CHUNK) * CLEAN_CHUNK, kv.max_len)
+    for layer in range(2):
+        k, v = kv.k[layer][slot], kv.v[layer][slot]  # (heads, max_len, dim)
+        assert torch.equal(k[:, :written], vals.transpose(0, 1))  # the occupant's own keys
+        assert torch.equal(v[:, :written], -vals.transpose(0, 1))
+        assert bool((k[:, written:end] == 0).all() and (v[:, written:end] == 0).all())
+    # other slots are not touched
+    assert bool(kv.k[0][slot + 1].isnan().all())
+
+    # the next occupant: what the last one wrote stays (finite), only new ground is zeroed
+    kv.release(slot)
+    assert kv.allocate() == slot
+    kv.write_(0, torch.tensor([slot]), torch.tensor([0]), vals[:1] * 7, vals[:1] * 7)
+    kv.clean_(slot, 1, upto=kv.max_len)
+    k = kv.k[0][slot]
+    assert torch.equal(k[:, 0], vals[0] * 7)
+    assert torch.equal(k[:, 1:written], vals.transpose(0, 1)[:, 1:])  # left by the last one
+    assert bool(k.isfinite().all() and (k[:, end:] == 0).all())
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def nine_variants(
+    tiny_dirs: dict[str, Path],
+    variant_files: dict[str, Path],
+    references: dict[str | None, dict[str, str]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[dict[str, Path], dict[str | None, dict[str, str]]]:
+    """v0..v4 of the shared fixture plus v5..v8 built the same way: their files and
+    the greedy reference text of every (variant, prompt), None being the base."""
+    root = tmp_path_factory.mktemp("more-variants")
+    base = open_model(tiny_dirs["base"])
+    files, refs = dict(variant_files), dict(references)
+    for i in range(N_VARIANTS, N_VARIANTS + N_EXTRA):
+        name = f"v{i}"
+        ft_dir = save(perturbed(base.load_model(), 0.6, seed=100 + i), root / f"ft{i}")
+        opts = CompressOptions(method=Method.DAREX_Q, rate=0.5, q=0.7, seed=i, progress=False)
+        delta = compress(base, open_finetune(base, ft_dir), opts)
+        files[name] = root / f"{name}.delta.safetensors"
+        save_delta(files[name], delta)
+        mat = materialize(base, load_delta(files[name]), root / f"mat{i}", progress=False)
+        refs[name] = {p: reference_text(mat, p) for p in PROMPTS}
+    assert len(files) >= 9
+    return files, refs
+
+
+@dataclass
+class Server:
+    scheduler: Scheduler
+    engine: Engine
+    metrics: Metrics
+
+
+@contextmanager
+def serving(tiny_dirs, files: dict[str, Path], tmp_path: Path, **kw: Any) -> Iterator[Server]:
+    """An engine v2 scheduler over a store of `files`, not started yet (`run` starts
+    it, so that what was submitted before is admitted in a known order)."""
+    store = tmp_path / "store"
+    store.mkdir(parents=True)
+    for name, path in files.items():
+        shutil.copy(path, store / f"{name}.delta.safetensors")
+    settings = make_settings(tiny_dirs["base"], store, engine="v2", **kw)
+    engine = Engine(open_model(tiny_dirs["base"]), DeltaStore(store), settings)
+    metrics = Metrics()
+    scheduler = Scheduler(engine, settings, metrics)
+    try:
+        yield Server(scheduler, engine, metrics)
+    finally:
+        scheduler.stop()
+
+
+def run(srv: Server, requests: list[Request]) -> None:
+    """Submit `requests` in order, start the worker thread, wait for every one to end."""
+    for r in requests:
+        srv.scheduler.submit(r.job)
+    srv.scheduler.start()
+    wait_all(requests)
+
+
+@dataclass
+class Request:
+    """A job and what it emitted; `ended` is set by its "done" or "error" event."""
+
+    variant: str | None
+    prompt: str
+    job: Job = field(init=False)
+    events: list[tuple[str, Any]] = field(default_factory=list)
+    ended: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def outcome(self) -> str:
+        return self.events[-1][0]
+
+
+def request(
+    engine: Engine,
+    variant: str | None,
+    prompt: str,
+    params: SamplingParams = GREEDY,
+    on_event: Callable[[Request, str], None] | None = None,
+) -> Request:
+    r = Request(variant, prompt)
+
+    def emit(kind: str, payload: Any) -> None:  # called on the worker thread
+        r.events.append((kind, payload))
+        if on_event is not None:
+            on_event(r, kind)
+        if kind in ("done", "error"):
+            r.ended.set()
+
+    r.job = Job(variant, engine.tokenizer(prompt)["input_ids"], params, emit)
+    return r
+
+
+def wait_all(requests: list[Request]) -> None:
+    deadline = time.monotonic() + WAIT_S
+    for r in requests:
+        left = max(deadline - time.monotonic(), 0.0)
+        assert r.ended.wait(left), f"{r.variant} {r.prompt!r} did not finish in {WAIT_S} s"
+    for r in requests:
+        ends = [k for k, _ in r.events if k in ("done", "error")]
+        assert len(ends) == 1, f"{r.variant} {r.prompt!r} ended {ends}"
+
+
+def assert_matches_reference(r: Request, refs: dict[str | None, dict[str, str]]) -> None:
+    assert r.outcome == "done", f"{r.variant} {r.prompt!r}: {r.events[-1]}"
+    assert r.job.finish_reason in ("stop", "length")
+    want = refs[r.variant][r.prompt]
+    assert r.job.text == want, f"{r.variant} {r.prompt!r}: {r.job.text!r} != {want!r}"
+    streamed = "".join(p for k, p in r.events if k == "text")
+    assert streamed == r.job.text  # the stream adds up to the final text
+
+
+def assert_base_restored(engine: Engine, base_dir: Path) -> None:
+    engine.activate(None)
+    src = open_model(base_dir)
+    for n, p in engine.params.items():
+        assert torch.equal(p.detach(), src.get(n)), f"{n} is not the base's after the run"
+
+
+def kernel_available() -> bool:
+    try:
+        load_kernels()
+        return True
+    except KernelUnavailable:
+        return False
+
+
+# --------------------------------------------------------------------------- mixed steps
+
+
+def assert_only_merged_layout_held(engine) -> None:
+    """Finished requests release their layouts; only a variant still merged holds its
+    own (the other rows subtract it every step)."""
+    held = {e.name for e in engine.layouts.list() if e.in_use}
+    assert held <= {engine.active} - {None}, f"held {held}, merged {engine.active}"
+
+
+@pytest.mark.parametrize("delta_kernel", ["c", "torch"])
+@pytest.mark.parametrize("merge_policy", ["never", "always", "auto"])
+def test_mixed_steps_match_every_finetune(
+    tiny_dirs, nine_variants, tmp_path, merge_policy, delta_kernel
+):
+    if delta_kernel == "c" and not kernel_available():
+        pytest.skip("C kernel unavailable")
+    files, refs = nine_variants
+    models: list[str | None] = [None, *files]
+    with serving(
+        tiny_dirs,
+        files,
+        tmp_path,
+        max_batch_size=64,  # every request admitted at once
+        max_step_tokens=16,  # prompts prefill in chunks, beside the decode rows
+        queue_limit=len(models) * len(PROMPTS),
+        merge_policy=merge_policy,
+        delta_kernel=delta_kernel,
+    ) as srv:
+        assert srv.scheduler.kv.n_slots == 64
+        # prompt-major: the first prompt of every model prefills first, so the decode
+        # rows of a step belong to many variants at once
+        reqs = [request(srv.engine, m, p) for p in PROMPTS for m in models]
+        run(srv, reqs)
+    for r in reqs:
+        assert_matches_reference(r, refs)
+
+    reg = srv.metrics.registry
+    steps = reg.get_sample_value("deltaserve_step_variants_count")
+    at_most_8 = reg.get_sample_value("deltaserve_step_variants_bucket", {"le": "8.0"})
+    assert steps and steps - at_most_8 > 0, "no step mixed more than 8 variants"
+    merged = reg.get_sample_value("deltaserve_steps_total", {"mode": "merged"}) or 0.0
+    unmerged = reg.get_sample_value("deltaserve_steps_total", {"mode": "unmerged"}) or 0.0
+    assert merged + unmerged == steps
+    if merge_policy == "always":
+        assert merged > 0
+    if merge_policy == "never":
+        assert merged == 0
+    assert srv.scheduler.kv.free == srv.scheduler.kv.n_slots
+    assert_only_merged_layout_held(srv.engine)
+    assert_base_restored(srv.engine, tiny_dirs["base"])
+
+
+def test_a_request_failing_admission_leaves_its_neighbours_alone(
+    tiny_dirs, nine_variants, tmp_path
+):
+    files, refs = nine_variants
+    with serving(tiny_dirs, files, tmp_path, max_batch_size=8, max_step_tokens=16) as srv:
+        bad_params = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=2**70)
+        bad = request(srv.engine, "v2", PROMPTS[0], bad_params)  # seed overflows the sampler
+        pairs = [("v0", PROMPTS[0]), ("v1", PROMPTS[1]), (None, PROMPTS[2])]
+        pairs += [("v2", PROMPTS[3]), ("v5", PROMPTS[4])]
+        good = [request(srv.engine, v, p) for v, p in pairs]
+        run(srv, [*good[:2], bad, *good[2:]])
+    assert bad.outcome == "error" and "could not start" in bad.events[-1][1]
+    assert not any(k == "done" for k, _ in bad.events)
+    for r in good:
+        assert_matches_reference(r, refs)
+    assert srv.scheduler.kv.free == srv.scheduler.kv.n_slots
+    assert_only_merged_layout_held(srv.engine)  # bad's layout released
+
+
+def test_a_cancelled_request_stops_and_frees_its_slot(tiny_dirs, nine_variants, tmp_path):
+    files, refs = nine_variants
+    with serving(tiny_dirs, files, tmp_path, max_batch_size=4, max_new_tokens=64) as srv:
+        long = SamplingParams(max_tokens=64, temperature=0.0)
+
+        def cancel_on_first_text(r: Request, kind: str) -> None:
+            if kind == "text":
+                r.job.cancelled.set()
+
+        victim = request(srv.engine, "v0", "a", long, on_event=cancel_on_first_text)
+        neighbour = request(srv.engine, "v1", PROMPTS[0])
+        early = request(srv.engine, "v3", PROMPTS[1])
+        early.job.cancelled.set()  # cancelled while still queued
+        run(srv, [victim, neighbour, early])
+        assert srv.scheduler.in_flight("v0") == 0
+        assert srv.scheduler.kv.free == srv.scheduler.kv.n_slots
+    for r in (victim, early):
+        assert r.outcome == "done" and r.job.finish_reason == "cancelled"
+    assert 0 < victim.job.completion_tokens < long.max_tokens
+    assert early.job.completion_tokens == 0
+    assert_matches_reference(neighbour, refs)
+    assert_only_merged_layout_held(srv.engine)
+
+
+def test_a_merged_variant_whose_layout_was_evicted_does_not_fail_the_step(
+    tiny_dirs, variant_files, references, tmp_path
+):
+    """Room in the mixed tier for one layout. v0's one-token request runs merged
+    (policy always) and ends, so v0's layout is no longer in use; v1's request is
+    admitted and its layout evicts v0's. The long base prompt takes the whole next
+    step (v1's prompt gets no chunk), so the step has base rows only and v0 stays
+    merged: its rows need -delta(v0), whose layout must come back into a tier full
+    of v1's, in use."""
+    files = {v: variant_files[v] for v in ("v0", "v1")}
+    with serving(tiny_dirs, files, tmp_path / "sizes") as srv:
+        sizes = [srv.engine.layout(v).nbytes for v in files]
+    one = max(sizes)
+    assert one < 2 * min(sizes), "precondition: the tier must hold one layout, not two"
+    long_prompt = " ".join(PROMPTS) * 3  # several steps of prefill at 16 tokens a step
+    with serving(
+        tiny_dirs,
+        files,
+        tmp_path,
+        max_batch_size=8,
+        max_step_tokens=16,
+        mixed_cache_bytes=one,
+        merge_policy="always",
+    ) as srv:
+        short = request(srv.engine, "v0", PROMPTS[2], SamplingParams(max_tokens=1, temperature=0))
+        long_base = request(srv.engine, None, long_prompt)
+        v1 = request(srv.engine, "v1", PROMPTS[4])
+        run(srv, [short, long_base, v1])
+    assert short.outcome == "done"
+    for r in (long_base, v1):
+        assert r.outcome == "done", (
+            f"{r.variant!r} ended {r.events[-1]}: a step with only base rows kept v0 merged "
+            "after its layout was evicted; rebuilding it for the -delta(v0) term raised "
+            "CacheFull and failed every running request"
+        )
+    assert_matches_reference(v1, references)
+    assert long_base.job.text == reference_text(tiny_dirs["base"], long_prompt)
