@@ -36,7 +36,7 @@ from server.engine import Engine
 from server.generate import Job, SamplingParams
 from server.metrics import Metrics
 from server.runtime.scheduler import Scheduler
-from server.runtime.sparse import CSR, Segment, StepDeltas, VariantLayout, use_kernels, KernelChoice
+from server.runtime.sparse import CSR, KernelChoice, Segment, StepDeltas, VariantLayout, use_kernels
 from server.store import DeltaStore
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -144,8 +144,8 @@ def kernel_table(rates: list[float], dtypes: list[str], rows: int) -> list[dict]
                         ts.append(time.perf_counter() - t)
                     return statistics.median(ts)
 
-                dense = timed(lambda: torch.nn.functional.linear(x, w))
-                sparse = timed(lambda: step.spmm_add_(y, x, 0, "w"))
+                dense = timed(lambda x=x, w=w: torch.nn.functional.linear(x, w))
+                sparse = timed(lambda x=x, y=y, step=step: step.spmm_add_(y, x, 0, "w"))
                 out.append(
                     {
                         "dtype": dtype_name,
