@@ -19,7 +19,6 @@ import argparse
 import json
 import platform
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -55,30 +54,28 @@ def variants(base_dir: Path, n: int, rate_tag: str) -> Path:
 def run_once(engine: Engine, settings: Settings, d: int, rows: int, max_tokens: int) -> dict:
     metrics = Metrics()
     sched = Scheduler(engine, settings, metrics)
-    sched.start()
     tok = engine.tokenizer
     text = tok.apply_chat_template(
         [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
     )
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    done = threading.Semaphore(0)
     jobs = []
     t0 = time.perf_counter()
     for i in range(rows):
         variant = None if d == 0 else f"v{i % d:02d}"
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
-        def emit(kind: str, payload: Any) -> None:
-            if kind in ("done", "error"):
-                done.release()
-
-        job = Job(variant, ids, params, emit)
+        job = Job(variant, ids, params, lambda kind, payload: None)
         jobs.append(job)
         sched.submit(job)
-    for _ in jobs:
-        done.acquire()
+    # the steps run on this thread, the one that loaded the model: torch compute from
+    # another thread runs ~40% slower with this build's OpenMP (server/scheduler.py)
+    step_times = []
+    while any(j.finish_reason is None for j in jobs):
+        t = time.perf_counter()
+        sched._step()
+        step_times.append(time.perf_counter() - t)
     wall = time.perf_counter() - t0
-    sched.stop()
     engine.activate(None)
     generated = sum(j.completion_tokens for j in jobs)
     steps = metrics.step_seconds.collect()[0].samples
@@ -89,9 +86,22 @@ def run_once(engine: Engine, settings: Settings, d: int, rows: int, max_tokens: 
         "generated": generated,
         "wall_s": wall,
         "mean_step_ms": 1e3 * total / count,
+        "median_step_ms": 1e3 * statistics.median(step_times),  # a decode step
         "steps": count,
         "errors": sum(j.finish_reason == "error" for j in jobs),
     }
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 512 MiB copy (read + write counted), median of 5."""
+    src = torch.ones(1 << 27)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * src.nbytes / statistics.median(times) / 1e9
 
 
 def kernel_table(rates: list[float], dtypes: list[str], rows: int) -> list[dict]:
@@ -180,6 +190,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     result: dict[str, Any] = {
+        "copy_gb_per_s": copy_bandwidth(),
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -230,6 +241,32 @@ def main() -> None:
     result["runs"] = rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+    plot(rows, args.out.with_suffix(".png"))
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Tokens/s against distinct variants per step, one line per dtype and policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key in sorted({(r["dtype"], r["policy"]) for r in rows}):
+        pts = [r for r in rows if (r["dtype"], r["policy"]) == key]
+        xs = [max(r["variants"], 0.5) for r in pts]  # 0 (the base alone) at the left edge
+        ax.plot(xs, [r["tokens_per_s"] for r in pts], marker="o", label=f"{key[0]}, merge {key[1]}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([0.5, 1, 2, 4, 8, 16], ["base", "1", "2", "4", "8", "16"])
+    ax.set_xlabel("distinct variants among the rows of each step")
+    ax.set_ylabel("generated tokens/s")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Engine v2 cost curve (SmolLM2-135M, 2-core CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,12 @@ class ByteLRU(Generic[V]):
             self._entries.move_to_end(name)
             return entry.value
 
+    def peek(self, name: str) -> V | None:
+        """The value, without touching LRU order or the hit counters (for reports)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            return entry.value if entry is not None else None
+
     def add(self, name: str, value: V, nbytes: int) -> list[str]:
         """Insert (or replace) `name`; evicts LRU entries first. Returns what was evicted."""
         with self._lock:

@@ -25,7 +25,9 @@ class Settings(BaseSettings):
     store: Path = Field(Path("deltas"), description="directory of uploaded delta files")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the base lives")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="resident weight dtype (auto: bfloat16 on cuda, float32 on cpu)"
+        "auto",
+        description="resident weight dtype (auto: bfloat16 on cuda and on CPUs with native "
+        "bf16, else float32)",
     )
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
@@ -45,7 +47,7 @@ class Settings(BaseSettings):
         GiB, ge=0, description="budget for decoded deltas in host memory"
     )
     engine: Literal["v1", "v2"] = Field(
-        "v1",
+        "v2",
         description="v2: continuous batching, requests of many variants share every step; "
         "v1: one variant per batch (the first engine)",
     )

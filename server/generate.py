@@ -25,6 +25,19 @@ class SamplingParams:
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
 
 
+def pick_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from (vocab,) logits: greedy at temperature 0, else top-p sampling."""
+    if p.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / p.temperature, dim=-1)
+    if p.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > p.top_p  # always keeps the top token
+        sorted_p[outside] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
 @dataclass(eq=False)
 class Job:
     """One request, as the worker sees it. `emit` is thread-safe (it hands events to
@@ -61,16 +74,7 @@ class _Row:
         return self.job.finish_reason is not None
 
     def pick(self, logits: torch.Tensor) -> int:
-        p = self.job.params
-        if p.temperature <= 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            outside = sorted_p.cumsum(-1) - sorted_p > p.top_p  # always keeps the top token
-            sorted_p[outside] = 0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return pick_token(logits, self.job.params, self.generator)
 
     def add(self, token: int) -> None:
         job = self.job

@@ -115,6 +115,7 @@ SERVER_COUNTERS = {
     "cache_misses": "deltaserve_cache_misses_total",
     "cache_evictions": "deltaserve_cache_evictions_total",
     "generated_tokens": "deltaserve_generated_tokens_total",
+    "steps": "deltaserve_steps_total",  # engine v2: forward passes, merged or not
 }
 
 

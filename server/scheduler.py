@@ -35,6 +35,18 @@ class QueueFull(RuntimeError):
     pass
 
 
+def run_controls(
+    controls: list[tuple[Callable[[Engine], Any], Future[Any]]], engine: Engine
+) -> None:
+    """Run admin actions on the worker thread; each result or error goes to its future."""
+    for fn, fut in controls:
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(fn(engine))
+            except BaseException as e:  # handed to the waiting request
+                fut.set_exception(e)
+
+
 class SchedulerAPI(Protocol):
     """What the HTTP layer uses of a scheduler (engine v1 here, v2 in server/runtime)."""
 
@@ -116,12 +128,7 @@ class Scheduler:
                 controls = list(self._control)
                 self._control.clear()
                 batch = self._next_batch() if not controls else []
-            for fn, fut in controls:
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn(self.engine))
-                    except BaseException as e:  # handed to the waiting request
-                        fut.set_exception(e)
+            run_controls(controls, self.engine)
             if batch:
                 self._run(batch)
 

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Query, Request, status
 
 from deltastore.apply import BaseMismatchError
 from deltastore.format import DeltaFormatError
+from server.cache import ByteLRU, EntryInfo
 from server.deps import AdminDep, ReadyDep, StateDep
 from server.engine import Engine
 from server.errors import APIError
@@ -170,6 +171,15 @@ async def evict(name: str, state: StateDep, ready: ReadyDep, _: AdminDep) -> Del
     return _info(state, name)
 
 
+def _entry(tier: ByteLRU[Any], e: EntryInfo) -> dict[str, Any]:
+    """A cache entry; in the mixed tier, with the variant's device layout."""
+    out = asdict(e)
+    describe = getattr(tier.peek(e.name), "describe", None)
+    if describe is not None:
+        out["layout"] = describe()
+    return out
+
+
 @router.get("/cache")
 def cache(ready: ReadyDep, _: AdminDep) -> CacheInfo:
     engine: Engine = ready[0]
@@ -181,7 +191,7 @@ def cache(ready: ReadyDep, _: AdminDep) -> CacheInfo:
             hits=t.hits,
             misses=t.misses,
             evictions=t.evictions,
-            entries=[asdict(e) for e in t.list()],
+            entries=[_entry(t, e) for e in t.list()],
         )
         for t in engine.tiers
     ]

@@ -12,8 +12,9 @@
  *
  * Threads split W's rows in the same static ranges for every segment, so segments
  * may overlap in tokens without races. A one-token segment walks its rows with four
- * partial sums; a longer one reads x transposed (xT: in x N, tokens contiguous) and
- * keeps 8 tokens' sums per row. x is float32; y is float32 or bfloat16 (written back
+ * partial sums; a longer one reads x transposed (xT: in x ldxT, tokens contiguous, with
+ * at least 8 zero-padded columns past the last token) and keeps 8 tokens' sums per row
+ * in one vector. x is float32; y is float32 or bfloat16 (written back
  * rounded to nearest even).
  */
 #include <stdint.h>
@@ -75,7 +76,36 @@ static inline float val(const Seg *g, int64_t e) {
         }                                                                         \
     }
 
-/* several tokens: per row, BLOCK tokens at a time from x transposed (in, N) */
+/* several tokens: per row, BLOCK tokens at a time from xT, two vector sums per block */
+#define MULTI_TOKEN(T, STORE_ADD, VT, VLOAD)                                             \
+    {                                                                                    \
+        const VT *v = (const VT *)g->vals;                                               \
+        const uint16_t *cols = g->cols;                                                  \
+        for (int64_t r = r0; r < r1; r++) {                                              \
+            const int32_t e0 = g->rowptr[r], e1 = g->rowptr[r + 1];                      \
+            if (e0 == e1) continue;                                                      \
+            for (int64_t tb = g->t0; tb < g->t1; tb += BLOCK) {                          \
+                const int64_t nb = (g->t1 - tb) < BLOCK ? (g->t1 - tb) : BLOCK;          \
+                float a[BLOCK] = {0}, b[BLOCK] = {0};                                    \
+                int32_t e = e0;                                                          \
+                for (; e + 2 <= e1; e += 2) {                                            \
+                    const float va = VLOAD(v[e]), vb = VLOAD(v[e + 1]);                  \
+                    const float *xa = xT + cols[e] * ldxT + tb;                          \
+                    const float *xb = xT + cols[e + 1] * ldxT + tb;                      \
+                    for (int j = 0; j < BLOCK; j++) a[j] += va * xa[j];                  \
+                    for (int j = 0; j < BLOCK; j++) b[j] += vb * xb[j];                  \
+                }                                                                        \
+                if (e < e1) {                                                            \
+                    const float va = VLOAD(v[e]);                                        \
+                    const float *xa = xT + cols[e] * ldxT + tb;                          \
+                    for (int j = 0; j < BLOCK; j++) a[j] += va * xa[j];                  \
+                }                                                                        \
+                for (int64_t j = 0; j < nb; j++)                                         \
+                    STORE_ADD(y[(tb + j) * ldy + r], sc * (a[j] + b[j]));                \
+            }                                                                            \
+        }                                                                                \
+    }
+
 #define SPMM_BODY(T, STORE_ADD)                                                           \
     _Pragma("omp parallel if (out >= 128)")                                               \
     {                                                                                     \
@@ -93,20 +123,8 @@ static inline float val(const Seg *g, int64_t e) {
                 }                                                                         \
                 continue;                                                                 \
             }                                                                             \
-            for (int64_t r = r0; r < r1; r++) {                                           \
-                const int32_t e0 = g->rowptr[r], e1 = g->rowptr[r + 1];                   \
-                if (e0 == e1) continue;                                                   \
-                for (int64_t tb = g->t0; tb < g->t1; tb += BLOCK) {                       \
-                    const int64_t nb = (g->t1 - tb) < BLOCK ? (g->t1 - tb) : BLOCK;       \
-                    float acc[BLOCK] = {0};                                               \
-                    for (int32_t e = e0; e < e1; e++) {                                   \
-                        const float v = val(g, e);                                        \
-                        const float *xc = xT + g->cols[e] * ldxT + tb;                    \
-                        for (int64_t j = 0; j < nb; j++) acc[j] += v * xc[j];             \
-                    }                                                                     \
-                    for (int64_t j = 0; j < nb; j++) STORE_ADD(y[(tb + j) * ldy + r], sc * acc[j]); \
-                }                                                                         \
-            }                                                                             \
+            if (g->f32) MULTI_TOKEN(T, STORE_ADD, float, ID)                              \
+            else MULTI_TOKEN(T, STORE_ADD, uint16_t, bf2f)                                \
         }                                                                                 \
     }
 

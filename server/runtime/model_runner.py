@@ -78,8 +78,11 @@ class StepInput:
     logits_idx: torch.Tensor  # (R,) int64 packed index of the rows that sample
     deltas: StepDeltas  # over the N packed tokens
     head_deltas: StepDeltas  # over the R sampling rows
-    vectors: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (N, n) fp32
-    head_vectors: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (R, n)
+    # 1-D deltas (norm weights, biases) per group of rows: name -> (G, n) fp32, and the
+    # group of each packed token (N,) and of each sampling row (R,)
+    vectors: dict[str, torch.Tensor] = field(default_factory=dict)
+    token_group: torch.Tensor | None = None
+    row_group: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -122,13 +125,19 @@ class ModelRunner:
     # ------------------------------------------------------------------ pieces
 
     def _rmsnorm(
-        self, x: torch.Tensor, weight: torch.Tensor, dv: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        dv: torch.Tensor | None,
+        group: torch.Tensor | None,
     ) -> torch.Tensor:
-        """As transformers' LlamaRMSNorm; with dv, row t uses weight + dv[t] (rounded to
-        the weight's dtype, as a materialized fine-tune would hold it)."""
+        """As transformers' LlamaRMSNorm; with dv (G, n), row t uses weight + dv[group[t]]
+        (rounded to the weight's dtype, as a materialized fine-tune would hold it)."""
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        w = weight if dv is None else (weight.to(torch.float32) + dv).to(weight.dtype)
+        if dv is None or group is None:
+            return weight * h.to(x.dtype)
+        w = (weight.to(torch.float32) + dv).to(weight.dtype).index_select(0, group)
         return w * h.to(x.dtype)
 
     def _linear(
@@ -136,8 +145,8 @@ class ModelRunner:
     ) -> torch.Tensor:
         y = F.linear(x, mod.weight, mod.bias)
         step.deltas.spmm_add_(y, x, slot, name)
-        if bias is not None and bias in step.vectors:
-            y += step.vectors[bias].to(y.dtype)
+        if bias is not None and bias in step.vectors and step.token_group is not None:
+            y += step.vectors[bias].index_select(0, step.token_group).to(y.dtype)
         return y
 
     @staticmethod
@@ -183,22 +192,23 @@ class ModelRunner:
         step.deltas.rowgather_add_(h, step.ids, self.slot_of[self.embed_name], self.embed_name)
         cos, sin = self.rotary(h[None], step.positions[None])
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # (N, 1, D)
-        vec = step.vectors
+        vec, group = step.vectors, step.token_group
         for i, layer in enumerate(self.layers):
             q_m, k_m, v_m, o_m, gate_m, up_m, down_m = self._mods[i]
             in_norm, post_norm = self._norms[i]
-            x = self._rmsnorm(h, layer.input_layernorm.weight, vec.get(in_norm))
+            x = self._rmsnorm(h, layer.input_layernorm.weight, vec.get(in_norm), group)
             q = self._linear(x, *q_m, step).view(n, self.n_heads, self.head_dim)
             k = self._linear(x, *k_m, step).view(n, self.n_kv, self.head_dim)
             v = self._linear(x, *v_m, step).view(n, self.n_kv, self.head_dim)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             self.kv.write_(i, step.slots, step.positions, k, v)
             h = h + self._linear(self._attention(i, q, step), *o_m, step)
-            x = self._rmsnorm(h, layer.post_attention_layernorm.weight, vec.get(post_norm))
+            x = self._rmsnorm(h, layer.post_attention_layernorm.weight, vec.get(post_norm), group)
             mlp = F.silu(self._linear(x, *gate_m, step)) * self._linear(x, *up_m, step)
             h = h + self._linear(mlp, *down_m, step)
         last = h.index_select(0, step.logits_idx)
-        last = self._rmsnorm(last, self.norm.weight, step.head_vectors.get(self.final_norm_name))
+        final = vec.get(self.final_norm_name)
+        last = self._rmsnorm(last, self.norm.weight, final, step.row_group)
         logits = F.linear(last, self.lm_head.weight)
         head = self.slot_of[self.head_name]
         step.head_deltas.spmm_add_(logits, last, head, self.head_name)

@@ -57,8 +57,11 @@ class MergePolicy:
         kept: dict[str, int],
         remaining: dict[str | None, list[int]],
         engine: Any,
+        steady: bool = True,
     ) -> str | None:
-        """The variant to have merged for this step (None: the base alone)."""
+        """The variant to have merged for this step (None: the base alone). `tokens`
+        counts each variant's rows; `steady` is False when they are prompt chunks only
+        (a composition that lasts one step: auto then keeps what it has)."""
         if self.mode is MergeMode.NEVER:
             return None
         variants = [v for v in tokens if v is not None]
@@ -67,6 +70,8 @@ class MergePolicy:
         best = max(variants, key=lambda v: (tokens[v], v == merged))
         if self.mode is MergeMode.ALWAYS:
             return best
+        if not steady:
+            return merged
         total = sum(tokens.values())
 
         def saving(v: str | None) -> float:
@@ -81,7 +86,8 @@ class MergePolicy:
 
         horizon = max(statistics.median(remaining.get(best) or [1]), 1)
         switch = (saving(best) - saving(merged)) * horizon
-        if best != merged and switch > swap_cost(merged) + swap_cost(best):
+        # twice the swap cost: the composition of the rows changes as they finish
+        if best != merged and switch > 2 * (swap_cost(merged) + swap_cost(best)):
             return best
         losing = merged is not None and saving(merged) < 0
         if losing and -saving(merged) * horizon > swap_cost(merged):

@@ -40,7 +40,7 @@ from server.runtime.model_runner import ModelRunner, Prefill, StepInput
 from server.runtime.policy import MergePolicy
 from server.runtime.sequence import Sequence
 from server.runtime.sparse import KernelChoice, Segment, StepDeltas, VariantLayout, use_kernels
-from server.scheduler import QueueFull
+from server.scheduler import QueueFull, run_controls
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -154,12 +154,7 @@ class Scheduler:
                 self._control.clear()
             if controls and self._held is not None:
                 self._set_merged(None)  # admin actions see the base resident, nothing held
-            for fn, fut in controls:
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn(self.engine))
-                    except BaseException as e:  # handed to the waiting admin request
-                        fut.set_exception(e)
+            run_controls(controls, self.engine)
             try:
                 self._step()
             except Exception as e:  # a failed step ends its sequences, not the server
@@ -250,17 +245,23 @@ class Scheduler:
         return chunks
 
     def _merge(self, decode: list[Sequence], chunks: list[tuple[Sequence, int]]) -> str | None:
-        """Put the cost model's choice of merged variant in place; returns it."""
-        tokens: dict[str | None, int] = {}
+        """Put the cost model's choice of merged variant in place; returns it.
+
+        The choice looks at the decode rows: they are the composition that lasts for
+        the steps ahead. A prompt chunk runs once, so it alone never pays for a swap."""
+        rows: dict[str | None, int] = {}
         remaining: dict[str | None, list[int]] = {}
         for s in decode:
-            tokens[s.variant] = tokens.get(s.variant, 0) + 1
+            rows[s.variant] = rows.get(s.variant, 0) + 1
             remaining.setdefault(s.variant, []).append(s.remaining)
-        for s, n in chunks:
-            tokens[s.variant] = tokens.get(s.variant, 0) + n
-            remaining.setdefault(s.variant, []).append(s.remaining)
-        kept = {v: self.engine.kept_entries(v) for v in tokens if v is not None}
-        want = self.policy.choose(self.engine.active, tokens, kept, remaining, self.engine)
+        if not rows:
+            for s, n in chunks:
+                rows[s.variant] = rows.get(s.variant, 0) + n
+                remaining.setdefault(s.variant, []).append(s.remaining)
+        kept = {v: self.engine.kept_entries(v) for v in rows if v is not None}
+        want = self.policy.choose(
+            self.engine.active, rows, kept, remaining, self.engine, steady=bool(decode)
+        )
         self._set_merged(want)
         return self.engine.active
 
@@ -340,7 +341,7 @@ class Scheduler:
             deltas=StepDeltas(segs, len(self.runner.matrix_names), self.kernels),
             head_deltas=StepDeltas(head_segs, len(self.runner.matrix_names), self.kernels),
         )
-        step.vectors, step.head_vectors = self._vectors(groups, merged)
+        step.vectors, step.token_group, step.row_group = self._vectors(groups, merged)
         return step, groups, order
 
     def _terms(self, variant: str | None, merged: str | None) -> list[tuple[VariantLayout, float]]:
@@ -367,15 +368,15 @@ class Scheduler:
 
     def _vectors(
         self, groups: list[_Group], merged: str | None
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Per-token deltas of 1-D tensors (norm weights, biases): name -> (N, n).
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """Deltas of 1-D tensors (norm weights, biases) per group of rows: name -> (G, n)
+        fp32, with the group of every packed token and of every sampling row.
 
-        The norms (one size, the hidden size) go through one stacked gather: each
-        group's signed sum of its layouts' norm stacks (K, hidden), indexed by the
-        group of every token. Other vectors (biases) are built per name."""
+        The norms (one size: the hidden size) come from each layout's cached stack
+        (K, hidden), one signed sum per group; other vectors (biases) per name."""
         terms = [self._terms(g.variant, merged) for g in groups]
         if not any(terms):
-            return {}, {}
+            return {}, None, None
         dev = self.engine.device
         names = self._vec_names
         hidden = self.runner.model.config.hidden_size
@@ -388,33 +389,30 @@ class Scheduler:
                 extra.update(set(layout.vectors) - set(names))
             per_group.append(acc)
         table = torch.stack(per_group).to(dev)  # (G, K, hidden)
-        tok_group = torch.cat([torch.full((g.end - g.start,), i) for i, g in enumerate(groups)])
-        row_group = torch.cat(
-            [torch.full((g.row_end - g.row_start,), i) for i, g in enumerate(groups)]
-        )
-        by_tok = table.index_select(0, tok_group.to(dev))  # (N, K, hidden)
-        by_row = table.index_select(0, row_group.to(dev))
-        out = {n: by_tok[:, k] for k, n in enumerate(names)}
-        head = {n: by_row[:, k] for k, n in enumerate(names)}
+        out = {n: table[:, k] for k, n in enumerate(names)}
         for name in extra:  # vectors of other sizes (biases): rare, per name
             size = next(
                 lay.vectors[name].shape[0] for t in terms for lay, _ in t if name in lay.vectors
             )
-            rows = []
-            for g, t in zip(groups, terms, strict=True):
-                vec = torch.zeros(size)
+            rows = torch.zeros((len(groups), size))
+            for i, t in enumerate(terms):
                 for layout, sign in t:
                     if name in layout.vectors:
-                        vec = vec + layout.vectors[name] * sign
-                rows.append(vec.expand(g.end - g.start, -1))
-            out[name] = torch.cat(rows).to(dev)
-        return out, head
+                        rows[i] += layout.vectors[name] * sign
+            out[name] = rows.to(dev)
+        token_group = torch.cat(
+            [torch.full((g.end - g.start,), i) for i, g in enumerate(groups)]
+        ).to(dev)
+        row_group = torch.cat(
+            [torch.full((g.row_end - g.row_start,), i) for i, g in enumerate(groups)]
+        ).to(dev)
+        return out, token_group, row_group
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
         if seq.job.cancelled.is_set():
             seq.finish("cancelled")
             return
-        seq.add(int(logits.argmax()) if seq.generator is None else seq.pick(logits))
+        seq.add(seq.pick(logits))
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         seq.finish(reason)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from server.generate import Job
+from server.generate import Job, pick_token
 
 
 class Sequence:
@@ -49,15 +49,8 @@ class Sequence:
         return max(self.job.params.max_tokens - len(self.ids), 0)
 
     def pick(self, logits: torch.Tensor) -> int:
-        """Sample one token from (vocab,) fp32 logits with this request's parameters."""
-        p = self.job.params
-        probs = torch.softmax(logits / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            outside = sorted_p.cumsum(-1) - sorted_p > p.top_p  # always keeps the top token
-            sorted_p[outside] = 0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        """One token from (vocab,) fp32 logits with this request's parameters."""
+        return pick_token(logits, self.job.params, self.generator)
 
     def add(self, token: int) -> None:
         """Take one generated token: detokenize, check stops and limits, emit text."""

@@ -272,6 +272,7 @@ class StepDeltas:
         self.segments = segments
         self.kernels = kernels
         self.multi_token = any(g.end - g.start > 1 for g in segments)
+        self.single_token = any(g.end - g.start == 1 for g in segments)
         s = len(segments)
         self.tables = torch.zeros((n_slots, s, 8), dtype=torch.int64)
         self.scales = torch.zeros((n_slots, s), dtype=torch.float32)
@@ -290,7 +291,9 @@ class StepDeltas:
         if not self.segments:
             return
         if self.kernels:
-            _kernel_spmm(y, x, self.tables[slot], self.scales[slot], self.multi_token)
+            _kernel_spmm(
+                y, x, self.tables[slot], self.scales[slot], self.single_token, self.multi_token
+            )
             return
         for g in self.segments:
             csr = g.layout.matrices.get(name)
@@ -328,14 +331,24 @@ def _check(t: torch.Tensor) -> None:
 
 
 def _kernel_spmm(
-    y: torch.Tensor, x: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, multi: bool
+    y: torch.Tensor,
+    x: torch.Tensor,
+    table: torch.Tensor,
+    scales: torch.Tensor,
+    single: bool,
+    multi: bool,
 ) -> None:
-    """x (N, in) -> fp32 (and transposed, tokens contiguous, when a segment has several
-    tokens); y (N, out) accumulates in its own dtype."""
+    """y (N, out) accumulates in its own dtype. The kernel reads x as fp32: row-major
+    for one-token segments, and transposed (in, N + 8: tokens contiguous, room for a
+    whole block of 8 past the last token) when a segment has several tokens."""
     _check(y)
     _check(x)
-    xf = x.float().contiguous()
-    xt = xf.t().contiguous() if multi else None
+    n, inp = x.shape
+    xf = x.float() if single and x.dtype != torch.float32 else x  # unread when not single
+    xt = None
+    if multi:
+        xt = torch.empty((inp, n + 8), dtype=torch.float32)
+        xt[:, :n].copy_(x.t())
     lib = load_kernels()
     fn = lib.spmm_add_f32 if y.dtype == torch.float32 else lib.spmm_add_bf16
     fn(
@@ -348,7 +361,7 @@ def _kernel_spmm(
         y.shape[1],
         table.data_ptr(),
         scales.data_ptr(),
-        table.shape[0],
+        len(table),
     )
 
 

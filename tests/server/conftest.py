@@ -93,6 +93,7 @@ def make_settings(base: Path, store: Path, **kw: object) -> Settings:
         base=base,
         store=store,
         device="cpu",
+        dtype="float32",  # outputs are compared with fp32 transformers references
         admin_token=TOKEN,
         port=0,
         materialized_cache_bytes=150_000,  # one materialized variant of the tiny model

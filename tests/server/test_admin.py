@@ -308,3 +308,17 @@ def test_full_queue_answers_429(tiny_dirs, tmp_path):
         assert err["type"] == "rate_limit_error" and "queued" in err["message"]
     finally:
         srv.stop()
+
+
+def test_cache_shows_each_variants_mixed_step_layout(live):
+    body = {"model": "v3", "prompt": "the cat", "max_tokens": 2, "temperature": 0}
+    assert live.client.post("/v1/completions", json=body).status_code == 200
+    cache = live.admin.get("/admin/cache").json()
+    mixed = next(t for t in cache["tiers"] if t["tier"] == "mixed")
+    if live.state.settings.engine == "v1":  # one variant per batch: nothing laid out
+        assert mixed["entries"] == []
+        return
+    (entry,) = [e for e in mixed["entries"] if e["name"] == "v3"]
+    layout = entry["layout"]
+    assert layout["kept_entries"] > 0 and layout["matrices"] > 0
+    assert layout["bytes"] == entry["nbytes"] <= mixed["used_bytes"]

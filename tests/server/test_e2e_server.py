@@ -15,7 +15,7 @@ from tests.server.conftest import LiveServer, make_settings
 pytestmark = pytest.mark.e2e
 
 
-def _variant(embedded_base, path):
+def _variant(embedded_base, path, seed=0):
     """A DARE p=0.99 delta over every matrix of the real base (SFT-scale noise)."""
     src = open_model(embedded_base)
     tensors = {}
@@ -23,19 +23,25 @@ def _variant(embedded_base, path):
         shape = src.shape(name)
         if len(shape) < 2:
             continue
-        d = torch.randn(shape, generator=torch.Generator().manual_seed(len(tensors))) * 3e-4
-        pos = select(Method.DARE, d, 0.99, tensor_generator(0, name))
+        g = torch.Generator().manual_seed(seed * 1000 + len(tensors))
+        d = torch.randn(shape, generator=g) * 3e-4
+        pos = select(Method.DARE, d, 0.99, tensor_generator(seed, name))
         tensors[name] = TensorDelta(name, shape, pos, d.reshape(-1)[pos].bfloat16(), 100.0)
     meta = DeltaMeta(base_fingerprint=fingerprint(src), method="dare", rate=0.99, q=0.01)
     save_delta(path, Delta(meta, tensors))
     return path
 
 
-def test_serve_the_real_base_and_a_variant(embedded_base, tmp_path):
+@pytest.mark.parametrize("engine", ["v1", "v2"])
+def test_serve_the_real_base_and_a_variant(embedded_base, tmp_path, engine):
     delta = _variant(embedded_base, tmp_path / "noisy.delta.safetensors")
     srv = LiveServer(
         make_settings(
-            embedded_base, tmp_path / "store", max_new_tokens=32, materialized_cache_bytes=0
+            embedded_base,
+            tmp_path / "store",
+            max_new_tokens=32,
+            materialized_cache_bytes=0,
+            engine=engine,
         )
     )
     try:
@@ -59,6 +65,83 @@ def test_serve_the_real_base_and_a_variant(embedded_base, tmp_path):
         text = "".join(p["choices"][0]["delta"].get("content", "") for p in parts)
         assert text == answer["choices"][0]["message"]["content"]
         metrics = srv.client.get("/metrics").text
-        assert 'deltaserve_swap_seconds_count{mode="inplace"} 1.0' in metrics
+        if engine == "v1":
+            assert 'deltaserve_swap_seconds_count{mode="inplace"} 1.0' in metrics
+        else:  # the variant's rows ran beside the resident base
+            assert "deltaserve_step_variants_count" in metrics
+            assert 'deltaserve_steps_total{mode="unmerged"}' in metrics
     finally:
         srv.stop()
+
+
+def _reference(model_dir, tok, prompts, max_tokens):
+    model = open_model(model_dir).load_model()
+    out = {}
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+        out[p] = gen[0, ids.shape[1] :].tolist()
+    return model, out
+
+
+@pytest.mark.parametrize("merge_policy", ["never", "always"])
+def test_mixed_steps_on_the_real_base_match_materialized_finetunes(
+    embedded_base, tmp_path, merge_policy
+):
+    """Engine v2, fp32: the base and two variants in the same steps; each row's greedy
+    tokens equal plain transformers on that fine-tune materialized; the base is bit-exact
+    afterwards."""
+    from deltastore.format import load_delta
+    from deltastore.materialize import materialize
+    from server.engine import Engine
+    from server.generate import Job, SamplingParams
+    from server.metrics import Metrics
+    from server.runtime.scheduler import Scheduler
+    from server.store import DeltaStore
+
+    store = tmp_path / "store"
+    store.mkdir()
+    src = open_model(embedded_base)
+    tok = src.load_tokenizer()
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    refs = {None: _reference(embedded_base, tok, prompts, 16)[1]}
+    for i, name in enumerate(["a", "b"]):
+        path = _variant(embedded_base, store / f"{name}.delta.safetensors", seed=i + 1)
+        mat = materialize(src, load_delta(path), tmp_path / name, progress=False)
+        refs[name] = _reference(mat, tok, prompts, 16)[1]
+    settings = make_settings(
+        embedded_base,
+        store,
+        engine="v2",
+        merge_policy=merge_policy,
+        max_batch_size=8,
+        max_new_tokens=16,
+    )
+    engine = Engine(src, DeltaStore(store), settings)
+    sched = Scheduler(engine, settings, Metrics())
+    jobs = {}
+    for variant in refs:
+        for p in prompts:
+            ids = tok(p)["input_ids"]
+            job = Job(
+                variant,
+                ids,
+                SamplingParams(max_tokens=16, temperature=0.0),
+                lambda kind, payload: None,
+            )
+            jobs[variant, p] = job
+            sched.submit(job)
+    while any(j.finish_reason is None for j in jobs.values()):
+        sched._step()  # on this thread: the one that loaded the model
+    for (variant, p), job in jobs.items():
+        want = tok.decode(refs[variant][p], skip_special_tokens=True)
+        assert job.text == want, (variant, p, job.text, want)
+    engine.activate(None)
+    for n, param in engine.params.items():
+        assert torch.equal(param.detach(), src.get(n)), n
