@@ -12,12 +12,14 @@
  *
  * Threads split W's rows in the same static ranges for every segment, so segments
  * may overlap in tokens without races. A one-token segment walks its rows with four
- * partial sums; a longer one reads x transposed (xT: in x ldxT, tokens contiguous, with
- * at least 8 zero-padded columns past the last token) and keeps 8 tokens' sums per row
- * in one vector. x is float32; y is float32 or bfloat16 (written back
- * rounded to nearest even).
+ * partial sums; a longer one reads x transposed (in x (N + 8), tokens contiguous, room
+ * for a whole block past the last token) and keeps 8 tokens' sums per row in vectors.
+ * x and y are both float32 or both bfloat16; the kernel converts x to fp32 itself
+ * (row-major and/or transposed, as the segments need) and rounds y back to nearest
+ * even. Returns 0, or -1 if it could not allocate its buffers.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -128,16 +130,44 @@ static inline float val(const Seg *g, int64_t e) {
         }                                                                                 \
     }
 
-void spmm_add_f32(float *y, int64_t ldy, const float *x, int64_t ldx, const float *xT,
-                  int64_t ldxT, int64_t out, const int64_t *segs, const float *scales,
-                  int64_t nseg) {
-    SPMM_BODY(float, ADD_F32)
+/* x (N, in) as T -> xf (N, in) fp32 row-major for one-token segments, and xT (in, N + 8)
+ * fp32 with tokens contiguous for longer ones; then the products. */
+#define SPMM_ENTRY(T, LOADX, STORE_ADD)                                                   \
+    float *xf_buf = NULL, *xT = NULL;                                                     \
+    const float *x = NULL;                                                                \
+    const int64_t ldxT = n + BLOCK;                                                       \
+    if (single) {                                                                         \
+        if (sizeof(T) == sizeof(float)) x = (const float *)xin;                           \
+        else {                                                                            \
+            xf_buf = (float *)malloc(sizeof(float) * n * in);                             \
+            if (!xf_buf) return -1;                                                       \
+            for (int64_t t = 0; t < n; t++)                                               \
+                for (int64_t c = 0; c < in; c++) xf_buf[t * in + c] = LOADX(xin[t * ldxin + c]); \
+            x = xf_buf;                                                                   \
+        }                                                                                 \
+    }                                                                                     \
+    const int64_t ldx = (single && sizeof(T) == sizeof(float)) ? ldxin : in;              \
+    if (multi) {                                                                          \
+        xT = (float *)malloc(sizeof(float) * in * ldxT);                                  \
+        if (!xT) { free(xf_buf); return -1; }                                             \
+        for (int64_t t = 0; t < n; t++)                                                   \
+            for (int64_t c = 0; c < in; c++) xT[c * ldxT + t] = LOADX(xin[t * ldxin + c]); \
+    }                                                                                     \
+    SPMM_BODY(T, STORE_ADD)                                                               \
+    free(xf_buf);                                                                         \
+    free(xT);                                                                             \
+    return 0;
+
+int spmm_add_f32(float *y, int64_t ldy, const float *xin, int64_t ldxin, int64_t n, int64_t in,
+                 int64_t out, const int64_t *segs, const float *scales, int64_t nseg,
+                 int64_t single, int64_t multi) {
+    SPMM_ENTRY(float, ID, ADD_F32)
 }
 
-void spmm_add_bf16(uint16_t *y, int64_t ldy, const float *x, int64_t ldx, const float *xT,
-                   int64_t ldxT, int64_t out, const int64_t *segs, const float *scales,
-                   int64_t nseg) {
-    SPMM_BODY(uint16_t, ADD_BF16)
+int spmm_add_bf16(uint16_t *y, int64_t ldy, const uint16_t *xin, int64_t ldxin, int64_t n,
+                  int64_t in, int64_t out, const int64_t *segs, const float *scales,
+                  int64_t nseg, int64_t single, int64_t multi) {
+    SPMM_ENTRY(uint16_t, bf2f, ADD_BF16)
 }
 
 #define ROWGATHER_BODY(STORE_ADD)                                                        \

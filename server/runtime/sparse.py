@@ -93,8 +93,8 @@ def load_kernels() -> ctypes.CDLL:
             raise KernelUnavailable(_lib_error) from e
         p, i64, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p
         for name in ("spmm_add_f32", "spmm_add_bf16"):
-            getattr(lib, name).argtypes = [p, i64, p, i64, p, i64, i64, p, f, i64]
-            getattr(lib, name).restype = None
+            getattr(lib, name).argtypes = [p, i64, p, i64, i64, i64, i64, p, f, i64, i64, i64]
+            getattr(lib, name).restype = ctypes.c_int
         for name in ("rowgather_add_f32", "rowgather_add_bf16"):
             getattr(lib, name).argtypes = [p, i64, p, p, f, i64]
             getattr(lib, name).restype = None
@@ -338,31 +338,31 @@ def _kernel_spmm(
     single: bool,
     multi: bool,
 ) -> None:
-    """y (N, out) accumulates in its own dtype. The kernel reads x as fp32: row-major
-    for one-token segments, and transposed (in, N + 8: tokens contiguous, room for a
-    whole block of 8 past the last token) when a segment has several tokens."""
-    _check(y)
-    _check(x)
-    n, inp = x.shape
-    xf = x.float() if single and x.dtype != torch.float32 else x  # unread when not single
-    xt = None
-    if multi:
-        xt = torch.empty((inp, n + 8), dtype=torch.float32)
-        xt[:, :n].copy_(x.t())
+    """y (N, out) += the products over x (N, in); both fp32 or both bf16, rows with unit
+    stride (what F.linear takes and returns). The kernel converts x itself."""
+    if x.dtype != y.dtype or x.stride(-1) != 1 or y.stride(-1) != 1:
+        _check(x)
+        _check(y)
+        raise TypeError(f"x is {x.dtype}, y is {y.dtype}: the kernel needs one dtype")
     lib = load_kernels()
     fn = lib.spmm_add_f32 if y.dtype == torch.float32 else lib.spmm_add_bf16
-    fn(
+    n, inp = x.shape
+    rc = fn(
         y.data_ptr(),
         y.stride(0),
-        xf.data_ptr(),
-        xf.stride(0),
-        xt.data_ptr() if xt is not None else None,
-        xt.stride(0) if xt is not None else 0,
+        x.data_ptr(),
+        x.stride(0),
+        n,
+        inp,
         y.shape[1],
         table.data_ptr(),
         scales.data_ptr(),
         len(table),
+        int(single),
+        int(multi),
     )
+    if rc != 0:
+        raise MemoryError(f"sparse delta kernel could not allocate buffers for {n}x{inp}")
 
 
 def _kernel_rowgather(
