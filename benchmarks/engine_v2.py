@@ -55,10 +55,11 @@ from server.loadtest import Workload, parse_mix, run
 PORT = 8951
 
 
-def prepare(base_dir: Path, n: int) -> dict[str, Path]:
-    """Stores of exactly n full-fine-tune deltas and n LoRA deltas, and n adapters."""
+def prepare(base_dir: Path, n: int, sparse_rate: float | None = None) -> dict[str, Path]:
+    """Stores of exactly n full-fine-tune deltas (p = 0.99, and p = sparse_rate if
+    given) and n LoRA deltas, and n adapters."""
     work = cache_dir() / "bench" / "engine_v2"
-    pool = {k: work / k for k in ("deltas", "adapters", "lora-deltas")}
+    pool = {k: work / k for k in ("deltas", "adapters", "lora-deltas", "sparse-deltas")}
     for d in pool.values():
         d.mkdir(parents=True, exist_ok=True)
     base = open_model(base_dir)
@@ -69,12 +70,18 @@ def prepare(base_dir: Path, n: int) -> dict[str, Path]:
         adapter = pool["adapters"] / f"lora{i:02d}"
         if not (adapter / "adapter_model.safetensors").is_file():
             make_adapter(base, adapter, seed=1000 + i)
+        sdelta = pool["sparse-deltas"] / f"v{i:02d}.delta.safetensors"
+        if sparse_rate is not None and not sdelta.is_file():
+            synthetic_variant(base_dir, sdelta, seed=i + 1, rate=sparse_rate)
         ldelta = pool["lora-deltas"] / f"lora{i:02d}.delta.safetensors"
         if not ldelta.is_file():
             opts = CompressOptions(method=Method.DARE, rate=0.99, progress=False)
             save_delta(ldelta, compress(base, open_finetune(base, adapter), opts))
     out = {}
-    for key, pattern in (("deltas", "v*.delta.safetensors"), ("lora-deltas", "lora*")):
+    keys = [("deltas", "v*.delta.safetensors"), ("lora-deltas", "lora*")]
+    if sparse_rate is not None:
+        keys.append(("sparse-deltas", "v*.delta.safetensors"))
+    for key, pattern in keys:
         store = work / f"{key}-{n}"
         shutil.rmtree(store, ignore_errors=True)
         store.mkdir()
@@ -157,8 +164,22 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", help="deltaserve's resident dtype")
     ap.add_argument("--vllm", type=Path, default=None, help="the vllm executable of its venv")
     ap.add_argument("--skip-v1", action="store_true")
+    ap.add_argument("--skip-lora", action="store_true")
+    ap.add_argument("--skip-base", action="store_true", help="no base-alone rows")
+    ap.add_argument(
+        "--sparse-rate",
+        type=float,
+        default=None,
+        help="also serve the full fine-tunes pruned at this rate (e.g. 0.999)",
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_v2.json"))
+    ap.add_argument("--replot", action="store_true", help="only redraw --out's PNG and table")
     args = ap.parse_args()
+    if args.replot:
+        result = json.loads(args.out.read_text())
+        plot(result, args.out.with_suffix(".png"))
+        print(markdown(result))
+        return
     base_dir = ensure_embedded_base()
     base = base_dir.name
     tok = open_model(base_dir).load_tokenizer()
@@ -169,8 +190,11 @@ def main() -> None:
     empty = cache_dir() / "bench" / "engine_v2" / "empty"
     empty.mkdir(parents=True, exist_ok=True)
 
-    def deltaserve(engine: str, store: Path, dtype: str) -> list[str]:
-        return [*ds, "--engine", engine, "--dtype", dtype, "--store", str(store)]
+    def ds2(store: Path) -> list[str]:  # engine v2 in the chosen dtype
+        return [*ds, "--engine", "v2", "--dtype", args.dtype, "--store", str(store)]
+
+    def ds1(store: Path) -> list[str]:  # today's engine as it ran before: fp32 on CPU
+        return [*ds, "--engine", "v1", "--dtype", "float32", "--store", str(store)]
 
     vllm_env = {
         "VLLM_TARGET_DEVICE": "cpu",
@@ -221,80 +245,83 @@ def main() -> None:
         "dtype": args.dtype,
         "rows": rows,
     }
-    rows.append(
-        measure(
-            "deltaserve v2: base alone",
-            deltaserve("v2", empty, args.dtype),
-            {},
-            "/ready",
-            [base],
-            args,
-        )
-    )
-    if not args.skip_v1:
-        rows.append(
-            measure(
-                "deltaserve v1: base alone",
-                deltaserve("v1", empty, "float32"),
-                {},
-                "/ready",
-                [base],
-                args,
-            )
-        )
-    if args.vllm:
-        rows.append(measure("vLLM CPU: base alone", vllm([]), vllm_env, "/v1/models", [base], args))
+    # (label, command, env, readiness path, models), in the order they run
+    configs: list[tuple[str, list[str], dict[str, str], str, list[str]]] = []
+    if not args.skip_base:
+        configs.append(("deltaserve v2: base alone", ds2(empty), {}, "/ready", [base]))
+        if not args.skip_v1:
+            configs.append(("deltaserve v1: base alone", ds1(empty), {}, "/ready", [base]))
+        if args.vllm:
+            configs.append(("vLLM CPU: base alone", vllm([]), vllm_env, "/v1/models", [base]))
     for n in args.variants:
-        stores = prepare(base_dir, n)
+        stores = prepare(base_dir, n, args.sparse_rate)
         names = [f"v{i:02d}" for i in range(n)]
         lnames = [f"lora{i:02d}" for i in range(n)]
-        rows.append(
-            measure(
-                f"deltaserve v2: {n} full fine-tunes",
-                deltaserve("v2", stores["deltas"], args.dtype),
-                {},
-                "/ready",
-                names,
-                args,
-            )
+        configs.append(
+            (f"deltaserve v2: {n} full fine-tunes", ds2(stores["deltas"]), {}, "/ready", names)
         )
-        if not args.skip_v1:
-            rows.append(
-                measure(
-                    f"deltaserve v1: {n} full fine-tunes",
-                    deltaserve("v1", stores["deltas"], "float32"),
+        if args.sparse_rate is not None:
+            configs.append(
+                (
+                    f"deltaserve v2: {n} full fine-tunes at p = {args.sparse_rate}",
+                    ds2(stores["sparse-deltas"]),
                     {},
                     "/ready",
                     names,
-                    args,
                 )
             )
-        rows.append(
-            measure(
-                f"deltaserve v2: {n} LoRA adapters as deltas",
-                deltaserve("v2", stores["lora-deltas"], args.dtype),
-                {},
-                "/ready",
-                lnames,
-                args,
+        if not args.skip_v1:
+            configs.append(
+                (f"deltaserve v1: {n} full fine-tunes", ds1(stores["deltas"]), {}, "/ready", names)
             )
-        )
-        if args.vllm:
-            adapters = [stores["adapters"] / name for name in lnames]
-            rows.append(
-                measure(
-                    f"vLLM CPU: {n} LoRA adapters",
-                    vllm(adapters),
-                    vllm_env,
-                    "/v1/models",
+        if not args.skip_lora:
+            configs.append(
+                (
+                    f"deltaserve v2: {n} LoRA adapters as deltas",
+                    ds2(stores["lora-deltas"]),
+                    {},
+                    "/ready",
                     lnames,
-                    args,
                 )
             )
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+            if args.vllm:
+                adapters = [stores["adapters"] / name for name in lnames]
+                configs.append(
+                    (f"vLLM CPU: {n} LoRA adapters", vllm(adapters), vllm_env, "/v1/models", lnames)
+                )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for label, cmd, env, ready, models in configs:
+        rows.append(measure(label, cmd, env, ready, models, args))
+        args.out.write_text(json.dumps(result, indent=1))  # partial results survive a stop
     args.out.write_text(json.dumps(result, indent=1))
+    plot(result, args.out.with_suffix(".png"))
     print(markdown(result))
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Generated tokens/s per configuration, grouped by engine, base alone first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    colors = {"deltaserve v2": "tab:blue", "deltaserve v1": "tab:gray", "vLLM CPU": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.2))
+    labels = [r["config"] for r in rows][::-1]
+    values = [r["tokens_per_s"] for r in rows][::-1]
+    bar_colors = [colors.get(label.split(":")[0], "tab:green") for label in labels]
+    ax.barh(labels, values, color=bar_colors)
+    for i, v in enumerate(values):
+        ax.text(v + 1, i, f"{v:.0f}", va="center", fontsize=8)
+    ax.set_xlabel(
+        f"generated tokens/s ({result['concurrency']} clients, {result['max_tokens']} tokens, "
+        "Zipf(1.0) over the models)"
+    )
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def markdown(result: dict[str, Any]) -> str:

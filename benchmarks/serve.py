@@ -125,8 +125,8 @@ def swap_times(base_dir: Path, store: Path, repeats: int) -> dict[str, float]:
     return out
 
 
-def synthetic_variant(base_dir: Path, path: Path, seed: int = 0) -> Path:
-    """An SFT-scale delta over every matrix (Laplace, mean |delta| 2e-4), DARE p=0.99."""
+def synthetic_variant(base_dir: Path, path: Path, seed: int = 0, rate: float = 0.99) -> Path:
+    """An SFT-scale delta over every matrix (Laplace, mean |delta| 2e-4), DARE at `rate`."""
     src = open_model(base_dir)
     tensors = {}
     for i, name in enumerate(src.names()):
@@ -136,9 +136,10 @@ def synthetic_variant(base_dir: Path, path: Path, seed: int = 0) -> Path:
         g = torch.Generator().manual_seed(seed * 100_003 + i)
         d = torch.empty(shape).exponential_(generator=g) * 2e-4
         d *= torch.randint(0, 2, shape, generator=g) * 2 - 1  # Laplace: signed exponential
-        pos = select(Method.DARE, d, 0.99, tensor_generator(seed, name))
-        tensors[name] = TensorDelta(name, shape, pos, d.reshape(-1)[pos].bfloat16(), 100.0)
-    meta = DeltaMeta(base_fingerprint=fingerprint(src), method="dare", rate=0.99, q=0.01)
+        pos = select(Method.DARE, d, rate, tensor_generator(seed, name))
+        scale = 1 / (1 - rate)
+        tensors[name] = TensorDelta(name, shape, pos, d.reshape(-1)[pos].bfloat16(), scale)
+    meta = DeltaMeta(base_fingerprint=fingerprint(src), method="dare", rate=rate, q=1 - rate)
     save_delta(path, Delta(meta, tensors))
     return path
 
