@@ -32,6 +32,15 @@ RUN groupadd --system --gid 10001 deltaserve \
 
 WORKDIR /opt/deltaserve
 
+# A C compiler for engine v2's sparse delta kernel: built once, at first use, for the
+# CPU it runs on (server/runtime/sparse.py), into the cache volume. Without one the
+# engine falls back to torch ops (correct, slower). bookworm's gcc, not pinned: it
+# follows the distribution's point releases.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN if [ "$TORCH" = "cpu" ]; then \
         pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu; \
     elif [ "$TORCH" = "cuda" ]; then \
