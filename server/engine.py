@@ -110,6 +110,7 @@ class Engine:
         # engine v2: deltas laid out for mixed-variant steps (server/runtime/sparse.py)
         self.layouts: ByteLRU[Any] = ByteLRU("mixed", settings.mixed_cache_bytes)
         self.matrix_names: list[str] = []  # set by the v2 scheduler's runner
+        self.fused_matrices: dict[str, list[tuple[str, int]]] = {}  # the runner's fused slots
         self.active: str | None = None
         self.mode = Mode.BASE
         self._undo: UndoLog | None = None
@@ -230,7 +231,8 @@ class Engine:
 
         layout = self.layouts.get(name)
         if layout is None:
-            layout = layout_variant(name, self._delta(name), self.matrix_names)
+            delta = self._delta(name)
+            layout = layout_variant(name, delta, self.matrix_names, self.fused_matrices)
             try:
                 self.layouts.add(name, layout, layout.nbytes)
             except CacheFull:

@@ -11,6 +11,10 @@ gpt-fast style, so that one step can serve tokens of many variants:
                 attention over the KV slots (decode rows batched, prefill per chunk)
     logits for the rows that sample: h @ E.T + each variant's lm_head/embedding delta
 
+q/k/v and gate/up run as one GEMM each (and one sparse call each) through a view of
+their weights, which FlatWeights lays out one after another: fewer, larger products
+are what a small-batch step on a CPU needs (BENCHMARKS.md, engine v2).
+
 The weights are read from the model's modules at every step, so a variant merged in
 place (apply_delta_) or materialized (parameter storage rebound) by the Engine is
 what the dense GEMMs see; `StepDeltas` then carries the other variants' deltas, with
@@ -19,6 +23,7 @@ the merged one subtracted for rows that are not its own.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,19 +34,55 @@ from server.runtime.kv_cache import KVCache
 from server.runtime.sparse import StepDeltas
 
 SUPPORTED = {"llama", "mistral", "qwen2"}  # same decoder layout; no sliding window used
-MATRICES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
+# a layer's products, in order; the members of a group run as one GEMM when their
+# weights lie one after another in memory (FlatWeights puts them so, without biases)
+PRODUCTS = (
+    ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.o_proj", ("self_attn.o_proj",)),
+    ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.down_proj", ("mlp.down_proj",)),
 )
 
 
 class UnsupportedModel(ValueError):
     pass
+
+
+@dataclass
+class Product:
+    """One product of a layer: a matrix, or matrices stacked by rows (q/k/v, gate/up)
+    run as one GEMM through a view of their adjacent weights (`stacked`). The view is
+    used only while every member's weight still lives where it was made from (a
+    materialized variant rebinds them elsewhere)."""
+
+    slot: int
+    name: str  # the slot's name: a parameter's, or the group's (...qkv_proj)
+    mods: list[Any]
+    sizes: list[int]  # output rows per member
+    biases: list[str | None]  # the members' bias parameter names
+    stacked: torch.Tensor | None = None
+    ptrs: tuple[int, ...] = ()
+
+    def weights_in_place(self) -> bool:
+        return all(m.weight.data_ptr() == p for m, p in zip(self.mods, self.ptrs, strict=True))
+
+
+def _stack(mods: list[Any]) -> tuple[torch.Tensor | None, tuple[int, ...]]:
+    """A (sum of rows, in) view over adjacent, bias-free, contiguous weights, else None."""
+    ws = [m.weight for m in mods]
+    ptrs = tuple(w.data_ptr() for w in ws)
+    if len(ws) < 2 or any(getattr(m, "bias", None) is not None for m in mods):
+        return None, ptrs
+    first = ws[0]
+    for a, b in itertools.pairwise(ws):
+        adjacent = b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
+        if not (a.is_contiguous() and b.is_contiguous() and adjacent):
+            return None, ptrs
+        if b.dtype != first.dtype or b.shape[1] != first.shape[1]:
+            return None, ptrs
+    rows = sum(w.shape[0] for w in ws)
+    view = torch.as_strided(first.detach(), (rows, first.shape[1]), (first.shape[1], 1))
+    return view, ptrs
 
 
 def check_supported(model: Any) -> None:
@@ -105,16 +146,34 @@ class ModelRunner:
         self.matrix_names: list[str] = [self.embed_name]
         if self.head_name != self.embed_name:
             self.matrix_names.append(self.head_name)
-        self._mods: list[list[tuple[Any, int, str, str | None]]] = []
+        self.fused: dict[str, list[tuple[str, int]]] = {}  # slot -> stacked (name, rows)
+        self._products: list[list[Product]] = []
+        prefixes = {id(m): n for n, m in model.named_modules()}
         for layer in self.layers:
-            mods = []
-            for path in MATRICES:
-                mod = layer.get_submodule(path)
-                name = names[id(mod.weight)]
-                bias = names[id(mod.bias)] if getattr(mod, "bias", None) is not None else None
-                mods.append((mod, len(self.matrix_names), name, bias))
+            products = []
+            for group, paths in PRODUCTS:
+                mods = [layer.get_submodule(p) for p in paths]
+                members = [names[id(m.weight)] for m in mods]
+                biases = [
+                    names[id(m.bias)] if getattr(m, "bias", None) is not None else None
+                    for m in mods
+                ]
+                sizes = [m.weight.shape[0] for m in mods]
+                stacked, ptrs = _stack(mods)
+                if stacked is None:  # one product per matrix
+                    for m, member, size, bias in zip(mods, members, sizes, biases, strict=True):
+                        products.append(
+                            Product(len(self.matrix_names), member, [m], [size], [bias])
+                        )
+                        self.matrix_names.append(member)
+                    continue
+                name = f"{prefixes[id(layer)]}.{group}"
+                self.fused[name] = list(zip(members, sizes, strict=True))
+                products.append(
+                    Product(len(self.matrix_names), name, mods, sizes, biases, stacked, ptrs)
+                )
                 self.matrix_names.append(name)
-            self._mods.append(mods)
+            self._products.append(products)
         self.slot_of = {n: i for i, n in enumerate(self.matrix_names)}
         self._norms = [
             (names[id(la.input_layernorm.weight)], names[id(la.post_attention_layernorm.weight)])
@@ -123,6 +182,13 @@ class ModelRunner:
         self.final_norm_name = names[id(self.norm.weight)]
 
     # ------------------------------------------------------------------ pieces
+
+    def _products_of(self, i: int) -> tuple[list[Product], Product, list[Product], Product]:
+        """Layer i's products: q/k/v (one stacked or three), o, gate/up, down."""
+        ps = self._products[i]
+        n_attn = 1 if len(ps[0].sizes) == 3 else 3
+        attn, o_proj, rest = ps[:n_attn], ps[n_attn], ps[n_attn + 1 :]
+        return attn, o_proj, rest[:-1], rest[-1]
 
     def _rmsnorm(
         self,
@@ -140,14 +206,24 @@ class ModelRunner:
         w = (weight.to(torch.float32) + dv).to(weight.dtype).index_select(0, group)
         return w * h.to(x.dtype)
 
-    def _linear(
-        self, x: torch.Tensor, mod: Any, slot: int, name: str, bias: str | None, step: StepInput
-    ) -> torch.Tensor:
-        y = F.linear(x, mod.weight, mod.bias)
-        step.deltas.spmm_add_(y, x, slot, name)
-        if bias is not None and bias in step.vectors and step.token_group is not None:
-            y += step.vectors[bias].index_select(0, step.token_group).to(y.dtype)
-        return y
+    def _project(self, x: torch.Tensor, p: Product, step: StepInput) -> list[torch.Tensor]:
+        """x (N, in) -> each member's output (N, rows): the resident weights' GEMM plus
+        the step's sparse deltas over their rows."""
+        if p.stacked is not None and p.weights_in_place():
+            y = F.linear(x, p.stacked)
+        elif len(p.mods) == 1:
+            y = F.linear(x, p.mods[0].weight, p.mods[0].bias)
+        else:  # a materialized variant rebound the weights: stack the outputs instead
+            y = torch.cat([F.linear(x, m.weight, m.bias) for m in p.mods], dim=1)
+        step.deltas.spmm_add_(y, x, p.slot, p.name)
+        if step.vectors and step.token_group is not None:
+            start = 0
+            for size, bias in zip(p.sizes, p.biases, strict=True):
+                if bias is not None and bias in step.vectors:
+                    dv = step.vectors[bias].index_select(0, step.token_group)
+                    y[:, start : start + size] += dv.to(y.dtype)
+                start += size
+        return list(y.split(p.sizes, dim=1)) if len(p.sizes) > 1 else [y]
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -194,18 +270,19 @@ class ModelRunner:
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # (N, 1, D)
         vec, group = step.vectors, step.token_group
         for i, layer in enumerate(self.layers):
-            q_m, k_m, v_m, o_m, gate_m, up_m, down_m = self._mods[i]
+            attn, o_proj, gate_up, down_proj = self._products_of(i)
             in_norm, post_norm = self._norms[i]
             x = self._rmsnorm(h, layer.input_layernorm.weight, vec.get(in_norm), group)
-            q = self._linear(x, *q_m, step).view(n, self.n_heads, self.head_dim)
-            k = self._linear(x, *k_m, step).view(n, self.n_kv, self.head_dim)
-            v = self._linear(x, *v_m, step).view(n, self.n_kv, self.head_dim)
+            q, k, v = [y for p in attn for y in self._project(x, p, step)]
+            q = q.reshape(n, self.n_heads, self.head_dim)
+            k = k.reshape(n, self.n_kv, self.head_dim)
+            v = v.reshape(n, self.n_kv, self.head_dim)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             self.kv.write_(i, step.slots, step.positions, k, v)
-            h = h + self._linear(self._attention(i, q, step), *o_m, step)
+            h = h + self._project(self._attention(i, q, step), o_proj, step)[0]
             x = self._rmsnorm(h, layer.post_attention_layernorm.weight, vec.get(post_norm), group)
-            mlp = F.silu(self._linear(x, *gate_m, step)) * self._linear(x, *up_m, step)
-            h = h + self._linear(mlp, *down_m, step)
+            gate, up = [y for p in gate_up for y in self._project(x, p, step)]
+            h = h + self._project(F.silu(gate) * up, down_proj, step)[0]
         last = h.index_select(0, step.logits_idx)
         final = vec.get(self.final_norm_name)
         last = self._rmsnorm(last, self.norm.weight, final, step.row_group)

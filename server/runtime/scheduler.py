@@ -76,6 +76,7 @@ class Scheduler:
         )
         self.runner = ModelRunner(model, self.kv)
         engine.matrix_names = self.runner.matrix_names
+        engine.fused_matrices = self.runner.fused
         self.kernels = use_kernels(KernelChoice(settings.delta_kernel), engine.device)
         self.policy = MergePolicy.calibrate(engine, self.kernels, settings.merge_policy)
         self.eos = _eos_ids(model, engine.tokenizer)

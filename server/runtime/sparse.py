@@ -221,10 +221,47 @@ class VariantLayout:
         }
 
 
-def layout_variant(name: str, delta: Delta, matrix_slots: list[str]) -> VariantLayout:
+def fuse_rows(parts: list[CSR | None], rows: list[int], inp: int) -> CSR | None:
+    """One CSR for matrices stacked by rows (q/k/v, gate/up): parts[i] covers `rows[i]`
+    rows, None where the delta leaves that member alone. Values stay bf16 when every
+    part has bf16 values and one scale; otherwise they become fp32 times their scale."""
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    same = all(p.vals.dtype == torch.bfloat16 for p in present) and (
+        len({p.scale for p in present}) == 1
+    )
+    rowptrs, cols, vals = [torch.zeros(1, dtype=torch.int64)], [], []
+    nnz = 0
+    for part, n in zip(parts, rows, strict=True):
+        if part is None:
+            rowptrs.append(torch.full((n,), nnz, dtype=torch.int64))
+            continue
+        rowptrs.append(part.rowptr[1:].to(torch.int64) + nnz)
+        cols.append(part.cols)
+        vals.append(part.vals if same else part.scaled())
+        nnz += part.count
+    return CSR(
+        torch.cat(rowptrs).to(torch.int32),
+        torch.cat(cols),
+        torch.cat(vals).contiguous(),
+        present[0].scale if same else 1.0,
+        (sum(rows), inp),
+    )
+
+
+def layout_variant(
+    name: str,
+    delta: Delta,
+    matrix_slots: list[str],
+    fused: dict[str, list[tuple[str, int]]] | None = None,
+) -> VariantLayout:
     """Lay `delta` out for the runner whose pruned matrices are `matrix_slots` (in
-    order). Raises ValueError for a 2-D tensor the runner does not treat as a matrix
-    (its delta could not be served unmerged)."""
+    order). `fused` maps a slot to the matrices it stacks by rows (name, rows), for a
+    runner that computes them in one product. Raises ValueError for a 2-D tensor the
+    runner does not treat as a matrix (its delta could not be served unmerged)."""
+    fused = fused or {}
+    member_of = {m: f for f, members in fused.items() for m, _ in members}
     slot_of = {n: i for i, n in enumerate(matrix_slots)}
     matrices: dict[str, CSR] = {}
     vectors: dict[str, torch.Tensor] = {}
@@ -233,13 +270,19 @@ def layout_variant(name: str, delta: Delta, matrix_slots: list[str]) -> VariantL
             dense = torch.zeros(t.shape[0], dtype=torch.float32)
             dense[t.positions] = t.values.to(torch.float32) * t.scale  # as apply's bind
             vectors[t.name] = dense
-        elif len(t.shape) == 2 and t.name in slot_of:
+        elif len(t.shape) == 2 and (t.name in slot_of or t.name in member_of):
             shape = (t.shape[0], t.shape[1])
             matrices[t.name] = CSR.from_positions(t.positions, t.values, t.scale, shape)
         else:
             raise ValueError(
                 f"{name}: tensor {t.name} {t.shape} is not a matrix the mixed-step runner knows"
             )
+    for f, members in fused.items():
+        parts = [matrices.pop(m, None) for m, _ in members]
+        inp = next((p.shape[1] for p in parts if p is not None), 0)
+        csr = fuse_rows(parts, [n for _, n in members], inp)
+        if csr is not None:
+            matrices[f] = csr
     records = torch.zeros((len(matrix_slots), 4), dtype=torch.int64)
     scales = torch.zeros(len(matrix_slots), dtype=torch.float32)
     for n, m in matrices.items():

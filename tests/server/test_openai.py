@@ -72,9 +72,22 @@ def test_interleaved_concurrent_requests(live, references, tiny_dirs):
     for (v, p), text in results:
         assert text == references[v][p], (v, p)
     metrics = live.client.get("/metrics").text
-    assert 'deltaserve_swap_seconds_count{mode="materialized"}' in metrics
-    assert 'deltaserve_swap_seconds_count{mode="inplace"}' in metrics
+    if live.state.settings.engine == "v1":  # one variant per batch: both kinds of swap
+        assert 'deltaserve_swap_seconds_count{mode="materialized"}' in metrics
+        assert 'deltaserve_swap_seconds_count{mode="inplace"}' in metrics
+    else:  # engine v2: steps with rows of several variants
+        steps = _sample(metrics, "deltaserve_step_variants_count")
+        at_most_one = _sample(metrics, 'deltaserve_step_variants_bucket{le="1.0"}')
+        assert steps - at_most_one > 0, "no step mixed variants"
     _base_is_pristine(live, tiny_dirs["base"])
+
+
+def _sample(metrics: str, name: str) -> float:
+    """The value of one Prometheus sample (`name` with its labels, if any)."""
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
 
 
 def _sse(text):
