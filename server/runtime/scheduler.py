@@ -87,6 +87,7 @@ class Scheduler:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._held: str | None = None  # the merged variant, its layout held in use
+        self._admitting: Job | None = None  # popped from the queue, not yet running
         self._vec_names = [n for pair in self.runner._norms for n in pair]
         self._vec_names.append(self.runner.final_norm_name)
         log.info(
@@ -140,7 +141,8 @@ class Scheduler:
     def in_flight(self, variant: str) -> int:
         with self._cond:
             queued = sum(1 for j in self._waiting if j.variant == variant)
-            return queued + sum(1 for s in self._running if s.variant == variant)
+            admitting = self._admitting is not None and self._admitting.variant == variant
+            return queued + admitting + sum(1 for s in self._running if s.variant == variant)
 
     # ------------------------------------------------------------------ the loop
 
@@ -153,10 +155,10 @@ class Scheduler:
                     break
                 controls = list(self._control)
                 self._control.clear()
-            if controls and self._held is not None:
-                self._set_merged(None)  # admin actions see the base resident, nothing held
-            run_controls(controls, self.engine)
             try:
+                if controls and self._held is not None:
+                    self._set_merged(None)  # admin actions see the base, nothing held
+                run_controls(controls, self.engine)
                 self._step()
             except Exception as e:  # a failed step ends its sequences, not the server
                 log.exception("step failed")
@@ -173,7 +175,6 @@ class Scheduler:
             return
         decode = [s for s in self._running if not s.prefilling]
         chunks = self._plan_prefill(len(decode))
-        rows = decode + [s for s, n in chunks if s.prefilled + n == len(s.prompt)]
         merged = self._merge(decode, chunks)
         step, groups, order = self._pack(decode, chunks, merged)
         t0 = time.perf_counter()
@@ -182,9 +183,8 @@ class Scheduler:
         self._observe(groups, step, merged)
         for s, n in chunks:
             s.prefilled += n
-        for i, seq in enumerate(order):
-            if seq in rows:
-                self._sample(seq, logits[i])
+        for i, seq in enumerate(order):  # the rows that sample: decode, finished prompts
+            self._sample(seq, logits[i])
         for seq in [s for s in self._running if s.done]:
             self._finish(seq, seq.job.finish_reason or "stop")
 
@@ -193,36 +193,50 @@ class Scheduler:
             with self._cond:
                 if not self._waiting or self.kv.free == 0:
                     break
-                job = self._waiting.popleft()
+                job = self._admitting = self._waiting.popleft()
                 self.metrics.queue_length.set(len(self._waiting))
-            if job.cancelled.is_set():
-                job.finish_reason = "cancelled"
-                job.emit("done", job)
-                continue
-            now = time.perf_counter()
-            job.started = now
-            self.metrics.queue_seconds.observe(now - job.enqueued)
-            acquired, slot = False, None
             try:
-                if job.variant is not None:
-                    self._acquire(job.variant)
-                    acquired = True
-                slot = self.kv.allocate()
-                seq = Sequence(job, slot, self.engine.tokenizer, self.eos)
-            except Exception as e:  # this request alone waits or fails, never its neighbours
-                if slot is not None:
-                    self.kv.release(slot)
-                if acquired and job.variant is not None:
-                    self.engine.release_layout(job.variant)
-                if isinstance(e, CacheFull) and self._running:
-                    with self._cond:  # every laid-out variant is in use: wait for one
-                        self._waiting.appendleft(job)
-                    break
-                log.exception("admitting a request for %r failed", job.variant)
-                job.finish_reason = "error"
-                job.emit("error", f"could not start: {type(e).__name__}: {e}")
-                continue
+                started = self._admit_one(job)
+            finally:
+                with self._cond:
+                    self._admitting = None
+            if not started:  # put back: it waits for a layout to be released
+                break
+
+    def _admit_one(self, job: Job) -> bool:
+        """Start `job`: its layout held, a KV slot, a Sequence in the running set; or end
+        it with an error that concerns it alone. False: it went back to the queue's head
+        (in_flight counts it throughout, so a delete never slips in between)."""
+        if job.cancelled.is_set():
+            job.finish_reason = "cancelled"
+            job.emit("done", job)
+            return True
+        now = time.perf_counter()
+        job.started = now
+        self.metrics.queue_seconds.observe(now - job.enqueued)
+        acquired, slot = False, None
+        try:
+            if job.variant is not None:
+                self._acquire(job.variant)
+                acquired = True
+            slot = self.kv.allocate()
+            seq = Sequence(job, slot, self.engine.tokenizer, self.eos)
+        except Exception as e:  # this request alone waits or fails, never its neighbours
+            if slot is not None:
+                self.kv.release(slot)
+            if acquired and job.variant is not None:
+                self.engine.release_layout(job.variant)
+            if isinstance(e, CacheFull) and self._running:
+                with self._cond:  # every laid-out variant is in use: wait for one
+                    self._waiting.appendleft(job)
+                return False
+            log.exception("admitting a request for %r failed", job.variant)
+            job.finish_reason = "error"
+            job.emit("error", f"could not start: {type(e).__name__}: {e}")
+            return True
+        with self._cond:
             self._running.append(seq)
+        return True
 
     def _acquire(self, variant: str) -> None:
         """Hold `variant`'s layout; if only the merged variant's hold is in the way,
@@ -418,7 +432,8 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         seq.finish(reason)
         if seq in self._running:
-            self._running.remove(seq)
+            with self._cond:
+                self._running.remove(seq)
             self.kv.release(seq.slot)
             if seq.variant is not None:
                 self.engine.release_layout(seq.variant)
