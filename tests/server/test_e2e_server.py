@@ -10,7 +10,7 @@ import torch
 from deltastore.format import Delta, DeltaMeta, TensorDelta, save_delta
 from deltastore.methods import Method, select, tensor_generator
 from deltastore.sources import fingerprint, open_model
-from tests.server.conftest import LiveServer, make_settings
+from tests.server.conftest import LiveServer, make_settings, reference_text
 
 pytestmark = pytest.mark.e2e
 
@@ -74,22 +74,6 @@ def test_serve_the_real_base_and_a_variant(embedded_base, tmp_path, engine):
         srv.stop()
 
 
-def _reference(model_dir, tok, prompts, max_tokens):
-    model = open_model(model_dir).load_model()
-    out = {}
-    for p in prompts:
-        ids = tok(p, return_tensors="pt")["input_ids"]
-        gen = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-        )
-        out[p] = gen[0, ids.shape[1] :].tolist()
-    return model, out
-
-
 @pytest.mark.parametrize("merge_policy", ["never", "always"])
 def test_mixed_steps_on_the_real_base_match_materialized_finetunes(
     embedded_base, tmp_path, merge_policy
@@ -110,11 +94,11 @@ def test_mixed_steps_on_the_real_base_match_materialized_finetunes(
     src = open_model(embedded_base)
     tok = src.load_tokenizer()
     prompts = ["The capital of France is", "def fibonacci(n):"]
-    refs = {None: _reference(embedded_base, tok, prompts, 16)[1]}
+    refs = {None: {p: reference_text(embedded_base, p, 16) for p in prompts}}
     for i, name in enumerate(["a", "b"]):
         path = _variant(embedded_base, store / f"{name}.delta.safetensors", seed=i + 1)
         mat = materialize(src, load_delta(path), tmp_path / name, progress=False)
-        refs[name] = _reference(mat, tok, prompts, 16)[1]
+        refs[name] = {p: reference_text(mat, p, 16) for p in prompts}
     settings = make_settings(
         embedded_base,
         store,
@@ -140,8 +124,7 @@ def test_mixed_steps_on_the_real_base_match_materialized_finetunes(
     while any(j.finish_reason is None for j in jobs.values()):
         sched._step()  # on this thread: the one that loaded the model
     for (variant, p), job in jobs.items():
-        want = tok.decode(refs[variant][p], skip_special_tokens=True)
-        assert job.text == want, (variant, p, job.text, want)
+        assert job.text == refs[variant][p], (variant, p, job.text, refs[variant][p])
     engine.activate(None)
     for n, param in engine.params.items():
         assert torch.equal(param.detach(), src.get(n)), n
