@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltastore.format import Delta, TensorDelta
+from deltastore.format import Delta, DeltaMeta, TensorDelta
 
 
 class BaseMismatchError(ValueError):
@@ -122,8 +122,8 @@ class UndoLog:
         return sum(old.nbytes for _, _, old in self.groups)
 
 
-def check_base(delta: Delta, weights: FlatWeights) -> None:
-    fp = delta.meta.base_fingerprint
+def check_base(delta: Delta | DeltaMeta, weights: FlatWeights) -> None:
+    fp = (delta.meta if isinstance(delta, Delta) else delta).base_fingerprint
     if weights.fingerprint is not None and fp != weights.fingerprint:
         raise BaseMismatchError(
             f"delta was made against base {fp}, the resident base is {weights.fingerprint}"
@@ -147,6 +147,20 @@ def check_compatible(delta: Delta, weights: FlatWeights) -> None:
     check_base(delta, weights)
     for t in delta.tensors.values():
         _slot_for(t, weights)
+
+
+def check_meta(meta: DeltaMeta, weights: FlatWeights) -> None:
+    """`check_compatible` from the metadata alone: run it before decoding a payload."""
+    check_base(meta, weights)
+    for name, tm in meta.tensors.items():
+        slot = weights.slots.get(name)
+        if slot is None:
+            raise BaseMismatchError(
+                f"delta touches {name!r}, which the resident model does not have "
+                f"(it has e.g. {sorted(weights.slots)[:3]})"
+            )
+        if slot.shape != tuple(tm.shape):
+            raise BaseMismatchError(f"{name}: delta shape {tuple(tm.shape)}, resident {slot.shape}")
 
 
 def bind(
@@ -187,23 +201,41 @@ CPU_CHUNK = 1 << 14
 
 def apply_delta_(weights: FlatWeights, delta: BoundDelta) -> UndoLog:
     """Scatter-add `delta` into `weights` in place (fp32 arithmetic, written back in
-    the weights' dtype). Returns the undo log that `revert_delta_` needs."""
-    undo = []
-    for g in delta.groups:
-        flat = weights.buffers[g.group]
-        k = int(g.index.numel())
-        old = torch.empty(k, dtype=flat.dtype, device=flat.device)  # (k,) the undo log
-        step = k if flat.device.type == "cuda" else CPU_CHUNK
-        for s in range(0, k, step):
-            index, saved = g.index[s : s + step], old[s : s + step]
-            torch.take(flat, index, out=saved)  # gather
-            # out of place: for fp32 weights .to(float32) is `saved` itself
-            new = torch.add(saved.to(torch.float32), g.values[s : s + step]).to(flat.dtype)
-            flat.index_put_((index,), new)  # scatter
-        undo.append((g.group, g.index, old))
+    the weights' dtype). Returns the undo log that `revert_delta_` needs.
+
+    All or nothing: the undo buffers are allocated before any weight is touched, and
+    an exception part-way (a bad index, out of memory) scatters back every original
+    value saved so far before it propagates, so the weights are exactly as before."""
+    olds = [
+        torch.empty(
+            int(g.index.numel()), dtype=weights.buffers[g.group].dtype, device=g.index.device
+        )
+        for g in delta.groups
+    ]
+    saved_upto: list[int] = []  # per group: originals gathered into its undo buffer
+    try:
+        for g, old in zip(delta.groups, olds, strict=True):
+            flat = weights.buffers[g.group]
+            k = int(g.index.numel())
+            saved_upto.append(0)
+            step = k if flat.device.type == "cuda" else CPU_CHUNK
+            for s in range(0, k, step):
+                index, saved = g.index[s : s + step], old[s : s + step]
+                torch.take(flat, index, out=saved)  # gather
+                saved_upto[-1] = s + int(index.numel())
+                # out of place: for fp32 weights .to(float32) is `saved` itself
+                new = torch.add(saved.to(torch.float32), g.values[s : s + step]).to(flat.dtype)
+                flat.index_put_((index,), new)  # scatter
+    except BaseException:
+        for g, old, upto in reversed(list(zip(delta.groups, olds, saved_upto, strict=False))):
+            if upto:  # positions saved but not yet written get their own value back
+                weights.buffers[g.group].index_put_((g.index[:upto],), old[:upto])
+        raise
     token = next(weights._ids)
     weights._applied.append(token)
-    return UndoLog(token, tuple(undo))
+    return UndoLog(
+        token, tuple((g.group, g.index, old) for g, old in zip(delta.groups, olds, strict=True))
+    )
 
 
 def revert_delta_(weights: FlatWeights, undo: UndoLog) -> None:

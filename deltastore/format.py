@@ -17,8 +17,15 @@ Layout (format version 1). For every tensor the delta touches, by its name N in 
 The rescale (1/q) is per tensor in the metadata, so it is exactly 1/q and never
 baked into rounded values. The JSON metadata (``__metadata__["deltaserve"]``)
 also carries the base fingerprint, method, p, q, q-search record, seed, per-tensor
-counts, and a sha256 over every stored byte, so a truncated or corrupted file is
-refused instead of silently producing a wrong model.
+counts, and a sha256 over every stored byte (``payload_sha256``). Format 2 adds
+``__metadata__["deltaserve_sha256"]``, the sha256 of the metadata JSON exactly as
+stored: one checksum chain over metadata (each tensor's scale included) and payload,
+so a truncated or corrupted file is refused instead of silently producing a wrong
+model. Format 1 files (payload checksum only) are still read.
+
+Decoding is bounded: every zlib stream inflates to at most the size its metadata
+implies, and a caller can check the metadata (names, shapes, base) before any
+payload is decoded (`load_delta(path, check=...)`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import math
 import os
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,8 +48,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_KEY = "deltaserve"
+META_SHA_KEY = "deltaserve_sha256"
 POSITION_CODEC = "gap8-zlib"
 VALUE_CODEC = "shuffle-zlib"
 _ESCAPE = 255
@@ -155,12 +165,25 @@ def encode_positions(positions: np.ndarray) -> bytes:
     return zlib.compress(out.tobytes(), 6)
 
 
+def _inflate(blob: bytes, limit: int, name: str, what: str) -> bytes:
+    """zlib-decompress at most `limit` bytes: a stream that would inflate beyond what
+    the metadata allows is refused without being inflated (no zip bombs)."""
+    d = zlib.decompressobj()
+    try:
+        raw = d.decompress(blob, limit + 1)
+    except zlib.error as e:
+        raise DeltaFormatError(f"{name}: {what} stream is corrupted ({e})") from e
+    if len(raw) > limit or d.unconsumed_tail:
+        raise DeltaFormatError(f"{name}: {what} stream inflates beyond {limit} bytes")
+    if not d.eof:
+        raise DeltaFormatError(f"{name}: {what} stream is truncated")
+    return raw
+
+
 def decode_positions(blob: bytes, count: int, numel: int, name: str) -> np.ndarray:
     """Inverse of encode_positions, validating count, bounds and uniqueness."""
-    try:
-        raw = np.frombuffer(zlib.decompress(blob), dtype=np.uint8)
-    except zlib.error as e:
-        raise DeltaFormatError(f"{name}: position stream is corrupted ({e})") from e
+    # each position is one byte plus one escape per 255 of its gap; gaps sum to < numel
+    raw = np.frombuffer(_inflate(blob, count + numel // _ESCAPE + 1, name, "position"), np.uint8)
     if raw.size and raw[-1] == _ESCAPE:
         raise DeltaFormatError(f"{name}: position stream is truncated (ends inside a gap)")
     # The sum of all bytes up to the k-th terminator is the k-th position.
@@ -197,10 +220,7 @@ _VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 def decode_values(blob: bytes, count: int, dtype: str, name: str) -> torch.Tensor:
     torch_dtype = _VALUE_DTYPES[dtype]
     size = torch.empty(0, dtype=torch_dtype).element_size()
-    try:
-        raw = zlib.decompress(blob)
-    except zlib.error as e:
-        raise DeltaFormatError(f"{name}: value stream is corrupted ({e})") from e
+    raw = _inflate(blob, count * size, name, "value")
     if len(raw) != count * size:
         raise DeltaFormatError(f"{name}: {len(raw)} value bytes stored, expected {count * size}")
     # flatten to 1-D bytes before the dtype view: a 2-D view of (1, size) keeps a
@@ -262,24 +282,43 @@ def save_delta(path: str | os.PathLike[str], delta: Delta) -> DeltaMeta:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    raw = meta.model_dump_json()
     try:
-        save_file(blobs, tmp, metadata={META_KEY: meta.model_dump_json()})
+        save_file(blobs, tmp, metadata={META_KEY: raw, META_SHA_KEY: _sha(raw)})
+        fsync_path(Path(tmp))
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return meta
 
 
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries (a rename or unlink), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_meta(path: str | os.PathLike[str]) -> DeltaMeta:
     """Read and validate only the metadata (cheap; the payload is not checked)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
+            header = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise DeltaFormatError(f"{path}: not a readable safetensors file ({e})") from e
+    raw, sha = header.get(META_KEY), header.get(META_SHA_KEY)
     if raw is None:
         raise DeltaFormatError(f"{path}: a safetensors file, but not a deltaserve delta")
+    if sha is not None and sha != _sha(raw):
+        raise DeltaFormatError(f"{path}: metadata checksum mismatch, the file is corrupted")
     try:
         meta = DeltaMeta.model_validate(json.loads(raw))
     except ValidationError as e:
@@ -291,16 +330,30 @@ def read_meta(path: str | os.PathLike[str]) -> DeltaMeta:
         ) from e
     except ValueError as e:
         raise DeltaFormatError(f"{path}: invalid delta metadata ({e})") from e
-    if meta.format_version != FORMAT_VERSION:
+    if meta.format_version not in READABLE_VERSIONS:
         raise DeltaFormatError(
-            f"{path}: format version {meta.format_version}, this deltaserve reads {FORMAT_VERSION}"
+            f"{path}: format version {meta.format_version}, this deltaserve reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
+    if meta.format_version >= 2 and sha is None:
+        raise DeltaFormatError(f"{path}: the metadata checksum is missing")
+    for name, tm in meta.tensors.items():
+        numel = math.prod(tm.shape)
+        if any(d < 0 for d in tm.shape) or tm.count > numel:
+            raise DeltaFormatError(f"{name}: {tm.count} entries for shape {tm.shape}")
+        if tm.kind == "dense" and tm.count != numel:
+            raise DeltaFormatError(f"{name}: dense with {tm.count} of {numel} entries")
     return meta
 
 
-def load_delta(path: str | os.PathLike[str]) -> Delta:
-    """Read, verify (checksum, counts, bounds, uniqueness, finiteness) and decode a delta."""
+def load_delta(
+    path: str | os.PathLike[str], check: Callable[[DeltaMeta], None] | None = None
+) -> Delta:
+    """Read, verify (checksums, counts, bounds, uniqueness, finiteness) and decode a
+    delta. `check(meta)` runs before any payload is read (e.g. against the base)."""
     meta = read_meta(path)
+    if check is not None:
+        check(meta)
     try:
         with safe_open(str(path), framework="pt") as f:
             blobs = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)

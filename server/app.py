@@ -14,8 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
-from starlette.middleware.base import RequestResponseEndpoint
+from fastapi import FastAPI
 
 from deltastore.embedded import ensure_embedded_base
 from deltastore.sources import open_model
@@ -23,6 +22,7 @@ from server import errors
 from server.config import Settings
 from server.engine import Engine
 from server.metrics import Metrics
+from server.middleware import Guard
 from server.routes import admin, health, openai
 from server.scheduler import Scheduler, SchedulerAPI
 from server.state import AppState
@@ -37,18 +37,22 @@ def _load_and_serve(state: AppState) -> None:
         base_dir = state.settings.base or ensure_embedded_base(progress=False)
         state.base_dir = base_dir
         state.base_name = base_dir.name
-        engine = Engine(open_model(base_dir), state.store, state.settings)
+        source = open_model(base_dir)
+        state.tokenizer = source.load_tokenizer()  # the HTTP side's own (state.tokenize)
+        engine = Engine(source, state.store, state.settings)
         scheduler = make_scheduler(engine, state.settings, state.metrics)
         state.engine, state.scheduler = engine, scheduler
         state.ready_at = time.time()
         log.info(
-            "ready: base %s on %s (%s) in %.1fs; %d variants in %s",
+            "ready: base %s on %s (%s) in %.1fs; %d variants in %s; admin API %s; %s",
             base_dir,
             engine.device,
             engine.dtype,
             state.ready_at - state.started,
             len(state.store.names()),
             state.store.root,
+            "on" if state.settings.admin_token else "off (set DELTASERVE_ADMIN_TOKEN)",
+            f"{len(state.settings.keys())} API keys" if state.settings.keys() else "no API keys",
         )
     except Exception as e:
         state.load_error = f"{type(e).__name__}: {e}"
@@ -92,20 +96,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="deltaserve", version="0.1.0", lifespan=lifespan)
     errors.install(app)
+    app.add_middleware(Guard)  # request ids, the body limit, the last-resort 500
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(health.router)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: RequestResponseEndpoint) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
-        state = getattr(request.app.state, "deltaserve", None)
-        if state is not None:
-            state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
-
     return app
 
 

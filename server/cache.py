@@ -95,6 +95,13 @@ class ByteLRU(Generic[V]):
             free += sum(e.nbytes for n, e in self._entries.items() if self._evictable(n, e))
             return nbytes <= free
 
+    def make_room(self, nbytes: int) -> list[str]:
+        """Evict now what adding `nbytes` would evict (before allocating them)."""
+        with self._lock:
+            if nbytes > self.budget:
+                raise CacheFull(f"{self.tier}: {nbytes} B exceeds the budget of {self.budget} B")
+            return self._make_room(nbytes)
+
     def _evictable(self, name: str, entry: _Entry[V]) -> bool:
         return name not in self._pinned and entry.in_use == 0
 

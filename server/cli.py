@@ -24,6 +24,15 @@ def _field_type(annotation: Any) -> Any:
     return annotation
 
 
+class _NoSecrets(argparse.Action):
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        env = "DELTASERVE_" + self.dest.upper()
+        parser.error(
+            f"{option} is not taken on the command line (other users see it in ps): "
+            f"set {env} or use {option}-file"
+        )
+
+
 def add_serve(sub: Any) -> None:
     s = sub.add_parser(
         "serve",
@@ -33,6 +42,10 @@ def add_serve(sub: Any) -> None:
     )
     for name, info in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and extra.get("secret"):  # never on argv (ps shows it)
+            s.add_argument(flag, action=_NoSecrets, nargs="?", help=argparse.SUPPRESS)
+            continue
         kind = _field_type(info.annotation)
         env = f"DELTASERVE_{name.upper()}"
         default = (
@@ -81,7 +94,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.demo import install_demos
     from server.store import DeltaStore
 
-    overrides = {n: getattr(args, n) for n in Settings.model_fields if getattr(args, n) is not None}
+    overrides = {
+        n: getattr(args, n)
+        for n in Settings.model_fields
+        if getattr(args, n, None) is not None and n not in ("admin_token", "api_keys")
+    }
     settings = Settings(**overrides)
     if settings.base is None:
         base_dir = ensure_embedded_base()

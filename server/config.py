@@ -32,7 +32,21 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
     admin_token: SecretStr | None = Field(
-        None, description="Bearer token for /admin (unset: admin routes are off)"
+        None,
+        description="Bearer token for /admin, from the environment only (unset: admin is off)",
+        json_schema_extra={"secret": True},
+    )
+    admin_token_file: Path | None = Field(
+        None, description="file holding the admin token (instead of DELTASERVE_ADMIN_TOKEN)"
+    )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="comma-separated keys that inference and /metrics then require "
+        "(Authorization: Bearer KEY), from the environment only (unset: open)",
+        json_schema_extra={"secret": True},
+    )
+    api_keys_file: Path | None = Field(
+        None, description="file of API keys, one per line (instead of DELTASERVE_API_KEYS)"
     )
     materialized_cache_bytes: int = Field(
         2 * GiB, ge=0, description="budget for materialized variants on the device (0: off)"
@@ -79,6 +93,9 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted (413)")
     max_new_tokens: int = Field(512, ge=1, description="largest max_tokens accepted")
     max_upload_bytes: int = Field(GiB, ge=1, description="largest delta upload accepted (413)")
+    max_request_bytes: int = Field(
+        1 << 20, ge=1024, description="largest request body other than an upload (413)"
+    )
     demo: bool = Field(
         True, description="make the two demo variants on first run (embedded base only)"
     )
@@ -87,6 +104,33 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.device_delta_cache_bytes and not self.host_delta_cache_bytes:
             raise ValueError("a device delta cache needs a host delta cache to feed it")
+        if self.admin_token_file is not None:
+            if self.admin_token is not None:
+                raise ValueError("give the admin token once: DELTASERVE_ADMIN_TOKEN or a file")
+            self.admin_token = SecretStr(_read_secret(self.admin_token_file, "admin token"))
         if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 8:
             raise ValueError("admin token must be at least 8 characters")
+        if self.api_keys_file is not None:
+            if self.api_keys is not None:
+                raise ValueError("give the API keys once: DELTASERVE_API_KEYS or a file")
+            keys = _read_secret(self.api_keys_file, "API keys").split()
+            self.api_keys = SecretStr(",".join(keys))
+        if self.api_keys is not None and any(len(k) < 8 for k in self.keys()):
+            raise ValueError("each API key must be at least 8 characters")
         return self
+
+    def keys(self) -> list[str]:
+        """The API keys (empty: inference is open)."""
+        if self.api_keys is None:
+            return []
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+
+
+def _read_secret(path: Path, what: str) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read the {what} file {path}: {e.strerror}") from None
+    if not text:
+        raise ValueError(f"the {what} file {path} is empty")
+    return text

@@ -23,8 +23,16 @@ StateDep = Annotated[AppState, Depends(get_state)]
 
 def get_ready(state: StateDep) -> tuple[Engine, SchedulerAPI]:
     if state.engine is None or state.scheduler is None:
-        reason = state.load_error or "loading the base model"
+        reason = (
+            "loading the base model failed (the server log says why)"
+            if state.load_error
+            else "loading the base model"
+        )
         raise APIError(503, f"not ready: {reason}", "not_ready")
+    if state.engine.broken is not None:
+        raise APIError(
+            503, "not ready: the resident weights could not be verified", "weights_unavailable"
+        )
     return state.engine, state.scheduler
 
 
@@ -49,3 +57,28 @@ def require_admin(state: StateDep, authorization: Annotated[str | None, Header()
 
 
 AdminDep = Annotated[None, Depends(require_admin)]
+
+
+def _bearer(authorization: str | None) -> bytes | None:
+    scheme, _, given = (authorization or "").partition(" ")
+    return given.strip().encode() if scheme.lower() == "bearer" else None
+
+
+def require_api_key(state: StateDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    """Inference and /metrics: open unless API keys are set (DELTASERVE_API_KEYS); then
+    a key, or the admin token, is required."""
+    keys = state.settings.keys()
+    if not keys:
+        return
+    given = _bearer(authorization)
+    admin = state.settings.admin_token
+    allowed = [k.encode() for k in keys]
+    if admin is not None:
+        allowed.append(admin.get_secret_value().encode())
+    # compare with every key (no early exit): the time taken says nothing about which
+    ok = given is not None and sum(hmac.compare_digest(given, k) for k in allowed) > 0
+    if not ok:
+        raise APIError(401, "missing or wrong API key (Authorization: Bearer …)", "invalid_api_key")
+
+
+KeyDep = Depends(require_api_key)

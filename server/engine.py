@@ -15,7 +15,13 @@ variants evict hot ones: slower than no cache at all under Zipf traffic
 (BENCHMARKS.md, serving comparison).
 
 Invariant: the flat resident buffers hold the base, or the base plus exactly one
-in-place variant (the active one).
+in-place variant (the active one), and every parameter is bound to its view of the
+buffers, except a materialized variant's own tensors. Activation is transactional:
+memory is allocated and caches evicted before a weight is touched, `apply_delta_`
+rolls back on an exception, and if a swap fails anyway the engine checks the buffers
+against the base's digest taken at load, reloads the base from disk when they
+differ, and refuses to serve (`broken`) when even that cannot restore it.
+`check()` verifies the invariant before every step.
 
 Threading: not thread-safe. The scheduler's worker thread is its only caller; admin
 actions reach it as jobs run on that thread between batches.
@@ -23,6 +29,7 @@ actions reach it as jobs run on that thread between batches.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -38,7 +45,7 @@ from deltastore.apply import (
     UndoLog,
     apply_delta_,
     bind,
-    check_compatible,
+    check_meta,
     revert_delta_,
 )
 from deltastore.format import Delta, load_delta
@@ -91,8 +98,27 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+class InUse(RuntimeError):
+    """The variant is in use by running requests: it cannot be evicted now."""
+
+
+class WeightsUnavailable(RuntimeError):
+    """The resident weights could not be restored to a known state: refuse to serve."""
+
+
+def digest(weights: FlatWeights) -> str:
+    """sha256 over every resident byte (on CPU; a GPU buffer is copied in chunks)."""
+    h = hashlib.sha256()
+    for buf in weights.buffers:
+        raw = buf.view(torch.uint8)
+        for s in range(0, raw.numel(), 1 << 26):
+            h.update(raw[s : s + (1 << 26)].cpu().numpy().data)
+    return h.hexdigest()
+
+
 class Engine:
     def __init__(self, source: ModelSource, store: DeltaStore, settings: Settings) -> None:
+        self.source = source
         self.store = store
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
@@ -101,6 +127,11 @@ class Engine:
         self.model: Any = source.load_model(self.dtype).to(self.device).eval()
         self.weights = FlatWeights.from_module(self.model, self.fingerprint)
         self.params = dict(self.model.named_parameters())  # tied weights appear once
+        self._views = {n: self.weights.tensor(n) for n in self.params}
+        self._ptrs = {n: v.data_ptr() for n, v in self._views.items()}
+        self.base_digest = digest(self.weights)
+        self.broken: str | None = None  # set when the base could not be restored
+        self._dirty = False  # a write to the weights or their bindings is under way
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
         self.host: ByteLRU[Delta] = ByteLRU("host", settings.host_delta_cache_bytes)
         self.device_tier: ByteLRU[BoundDelta] = ByteLRU("device", settings.device_delta_cache_bytes)
@@ -115,6 +146,7 @@ class Engine:
         self.mode = Mode.BASE
         self._undo: UndoLog | None = None
         self._touched: dict[str, tuple[str, ...]] = {}  # variant -> tensor names it changes
+        self._stamps: dict[str, Any] = {}  # variant -> the store file its caches came from
         self._uses: dict[str, float] = {}  # variant -> recent activations (aged)
         self._activations = 0
         self.materialize_after = settings.materialize_after
@@ -129,11 +161,21 @@ class Engine:
         """Put `name` (None: the base) in place of the active variant. `force`
         materializes it whenever the budget allows (an explicit preload)."""
         if name == self.active:
-            return Swap(name, self.mode, 0.0, switched=False)
+            if name is None or not self._stale(name):
+                return Swap(name, self.mode, 0.0, switched=False)
+            self.activate(None)  # its file changed on disk: put the new one in place
+        if self.broken is not None:
+            raise WeightsUnavailable(self.broken)
         t0 = time.perf_counter()
-        self._deactivate()
-        if name is not None:
-            self._activate(name, force)
+        try:
+            self._deactivate()
+            if name is not None:
+                self._activate(name, force)
+        except BaseException:
+            # back to the base before the error propagates; the bytes are checked
+            # against the digest when the failure came mid-write
+            self.restore_base(verify=self._dirty)
+            raise
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return Swap(name, self.mode, time.perf_counter() - t0, switched=True)
@@ -160,37 +202,68 @@ class Engine:
         return victim is None or uses > self._uses.get(victim, 0.0)
 
     def _activate(self, name: str, force: bool) -> None:
+        self.revalidate(name)
         self._count_use(name)
         tensors = self.materialized.get(name)
         if tensors is None:
             bound = self._bound(name)
             tensors = self._materialize(name, bound, force)
             if tensors is None:
+                self._dirty = True
                 self._undo = apply_delta_(self.weights, bound)
-                self.active, self.mode = name, Mode.INPLACE
+                self.active, self.mode, self._dirty = name, Mode.INPLACE, False
                 return
+        self._dirty = True
         for n, t in tensors.items():
             self.params[n].data = t
+        self._dirty = False
         self.materialized.acquire(name)
         self.active, self.mode = name, Mode.MATERIALIZED
 
+    def _rebind_base(self) -> None:
+        for n, view in self._views.items():
+            if self.params[n].data_ptr() != self._ptrs[n]:
+                self.params[n].data = view
+
     def _deactivate(self) -> None:
+        self._dirty = True
         if self.mode is Mode.INPLACE:
             assert self._undo is not None
             revert_delta_(self.weights, self._undo)
             self._undo = None
         elif self.mode is Mode.MATERIALIZED:
             assert self.active is not None
-            for n in self._touched[self.active]:
-                self.params[n].data = self.weights.tensor(n)
+            self._rebind_base()
             self.materialized.release(self.active)
-        self.active, self.mode = None, Mode.BASE
+        self.active, self.mode, self._dirty = None, Mode.BASE, False
+
+    def _stale(self, name: str) -> bool:
+        cached = self._stamps.get(name)
+        return cached is not None and cached != self.store.stamp(name)
+
+    def revalidate(self, name: str) -> None:
+        """Drop `name` from every tier if its file changed on disk since it was decoded
+        (replaced behind the server's back); a version in use stays until released."""
+        if not self._stale(name):
+            return
+        if self.in_use(name):
+            log.warning("%s changed on disk while in use: new requests get it when released", name)
+            return
+        log.info("%s changed on disk: reloading it", name)
+        self.evict(name)
+
+    def in_use(self, name: str) -> bool:
+        if self.active == name and self.mode is Mode.MATERIALIZED:
+            return True
+        return any(e.in_use for t in self.tiers for e in t.list() if e.name == name)
 
     def _delta(self, name: str) -> Delta:
         delta = self.host.get(name)
         if delta is None:
-            delta = load_delta(self.store.path(name))
-            check_compatible(delta, self.weights)
+            path = self.store.path(name)
+            stamp = self.store.stamp(name)
+            delta = load_delta(path, check=lambda meta: check_meta(meta, self.weights))
+            self._stamps[name] = stamp
             self._touched[name] = tuple(delta.tensors)
             try:
                 self.host.add(name, delta, delta.nbytes)
@@ -217,11 +290,82 @@ class Engine:
         nbytes = sum(self.params[n].numel() * self.params[n].element_size() for n in names)
         if not self._admit(name, nbytes, force):
             return None
+        # room and memory first: a failure here has not touched the weights
+        self.materialized.make_room(nbytes)
+        tensors = {n: torch.empty_like(self.weights.tensor(n)) for n in names}
+        self._dirty = True
         undo = apply_delta_(self.weights, bound)
-        tensors = {n: self.weights.tensor(n).clone() for n in names}
-        revert_delta_(self.weights, undo)
+        try:
+            for n, t in tensors.items():
+                t.copy_(self.weights.tensor(n))
+        finally:
+            revert_delta_(self.weights, undo)
+        self._dirty = False
         self.materialized.add(name, tensors, nbytes)
         return tensors
+
+    # ------------------------------------------------------------------ the invariant
+
+    def check(self) -> None:
+        """Verify the invariant (cheap: bindings and the undo stack, no data read);
+        on a violation, restore the base (raises WeightsUnavailable if it cannot)."""
+        if self.broken is not None:
+            raise WeightsUnavailable(self.broken)
+        problem = self._violation()
+        if problem is not None:
+            log.error("resident weights disagree with the engine (%s): restoring the base", problem)
+            self.restore_base(verify=True)
+
+    def _violation(self) -> str | None:
+        depth = self.weights.applied_depth
+        if depth != (1 if self.mode is Mode.INPLACE else 0):
+            return f"{depth} deltas applied in mode {self.mode.value}"
+        if self.mode is Mode.INPLACE and (
+            self._undo is None or self.weights._applied[-1] != self._undo.token
+        ):
+            return "the applied delta is not the active variant's"
+        own: dict[str, int] = {}
+        if self.mode is Mode.MATERIALIZED:
+            tensors = self.materialized.peek(self.active or "")
+            if tensors is None:
+                return f"materialized {self.active!r} is not in its tier"
+            own = {n: t.data_ptr() for n, t in tensors.items()}
+        for n, p in self.params.items():
+            if p.data_ptr() != own.get(n, self._ptrs[n]):
+                return f"{n} is bound to the wrong tensor"
+        return None
+
+    def restore_base(self, verify: bool = True) -> None:
+        """Put the base back: unbind any variant, revert what the undo log can, and
+        (verify) check the bytes against the base's digest, reloading from disk if they
+        differ. Raises WeightsUnavailable when the base cannot be restored."""
+        self._rebind_base()
+        if self.mode is Mode.MATERIALIZED and self.active is not None:
+            self.materialized.release(self.active)
+        if self.mode is Mode.INPLACE and self._undo is not None:
+            try:
+                revert_delta_(self.weights, self._undo)
+            except Exception:
+                log.exception("reverting %s failed", self.active)
+        self.weights._applied.clear()
+        self.active, self.mode, self._undo, self._dirty = None, Mode.BASE, None, False
+        if not verify or digest(self.weights) == self.base_digest:
+            return
+        log.error("resident weights differ from the base: reloading it from %s", self.source)
+        try:
+            model = self.source.load_model(self.dtype)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in self._views:
+                        self._views[n].copy_(p.detach())
+        except Exception as e:
+            self.broken = f"the base could not be reloaded ({type(e).__name__})"
+            log.exception("reloading the base failed")
+            raise WeightsUnavailable(self.broken) from e
+        if digest(self.weights) != self.base_digest:
+            self.broken = "the reloaded base does not match its digest"
+            raise WeightsUnavailable(self.broken)
+        log.info("base restored from disk and verified")
 
     # ------------------------------------------------------------------ mixed steps
 
@@ -242,6 +386,7 @@ class Engine:
 
     def acquire_layout(self, name: str) -> Any:
         """Lay `name` out (if needed) and mark it in use by a running sequence."""
+        self.revalidate(name)
         layout = self.layout(name)
         self.layouts.acquire(name)
         return layout
@@ -268,13 +413,17 @@ class Engine:
         return self.activate(name, force=True)
 
     def evict(self, name: str) -> None:
-        """Drop `name` from every tier (pins are kept unless `forget` is called)."""
+        """Drop `name` from every tier (pins are kept unless `forget` is called).
+        Raises InUse, changing nothing, while running requests hold it."""
         if self.active == name:
             self.activate(None)
+        if self.in_use(name):
+            raise InUse(f"{name!r} is in use by running requests")
         for tier in self.tiers:
             tier.remove(name)
         self._touched.pop(name, None)
         self._uses.pop(name, None)
+        self._stamps.pop(name, None)
 
     def forget(self, name: str) -> None:
         """Evict and unpin: the variant was deleted."""
@@ -287,5 +436,6 @@ class Engine:
             (tier.pin if pinned else tier.unpin)(name)
 
     def check_upload(self, path: Path) -> None:
-        """Decode and validate an uploaded file against the resident base."""
-        check_compatible(load_delta(path), self.weights)
+        """Validate an uploaded file against the resident base (its metadata first, so
+        a file for another model is refused before its payload is decoded)."""
+        load_delta(path, check=lambda meta: check_meta(meta, self.weights))

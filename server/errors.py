@@ -33,9 +33,13 @@ def body(status: int, message: str, code: str | None = None) -> dict[str, object
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api(_: Request, e: APIError) -> JSONResponse:
+    async def _api(request: Request, e: APIError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return JSONResponse(body(e.status, e.message, e.code), e.status, headers=headers)
+        message = e.message
+        rid = getattr(request.state, "request_id", None)
+        if e.status >= 500 and rid:
+            message = f"{message} (request id {rid})"
+        return JSONResponse(body(e.status, message, e.code), e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:

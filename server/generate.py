@@ -5,6 +5,7 @@ next step."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,11 +28,16 @@ class SamplingParams:
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
 
 
+# Below this a temperature is greedy (as vLLM): dividing logits by it would overflow.
+GREEDY_BELOW = 1e-5
+
+
 def pick_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
     """One token from (vocab,) logits: greedy at temperature 0, else top-p sampling."""
-    if p.temperature <= 0:
+    if p.temperature < GREEDY_BELOW:
         return int(logits.argmax())
-    probs = torch.softmax(logits / p.temperature, dim=-1)
+    # shifted so the largest logit is 0: a small temperature cannot overflow to inf
+    probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)
     if p.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         outside = sorted_p.cumsum(-1) - sorted_p > p.top_p  # always keeps the top token
@@ -38,15 +46,33 @@ def pick_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generat
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+@dataclass(frozen=True)
+class JobError:
+    """Why a request failed, in words safe to show its client (never exception text:
+    that goes to the log, under the request id)."""
+
+    message: str
+    status: int = 500
+    code: str = "generation_failed"
+
+
+INTERNAL = JobError("generation failed on an internal error")
+UNAVAILABLE = JobError(
+    "the server cannot verify its resident weights and refuses to serve", 503, "weights_unavailable"
+)
+
+
 @dataclass(eq=False)
 class Job:
     """One request, as the worker sees it. `emit` is thread-safe (it hands events to
-    the request's event loop): ("text", str) while generating, then ("done", Job)."""
+    the request's event loop): ("text", str) while generating, then ("done", Job),
+    or ("error", JobError)."""
 
     variant: str | None
     prompt_ids: list[int]
     params: SamplingParams
     emit: Callable[[str, Any], None]
+    request_id: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
     started: float | None = None
@@ -128,9 +154,15 @@ def generate(model: Any, tokenizer: Any, jobs: list[Job], device: torch.device) 
         step = torch.full((len(jobs), 1), pad, dtype=torch.int64)
         for i, row in enumerate(rows):
             if not row.done:
-                token = row.pick(logits[i])
+                try:  # a row that fails ends alone, never its neighbours
+                    token = row.pick(logits[i])
+                    row.add(token)
+                except Exception:
+                    log.exception("request %s failed while sampling", row.job.request_id)
+                    row.job.finish_reason = "error"
+                    row.job.emit("error", INTERNAL)
+                    continue
                 step[i, 0] = token
-                row.add(token)
         if all(r.done for r in rows):
             break
         mask = torch.cat([mask, torch.ones((len(jobs), 1), dtype=mask.dtype, device=device)], 1)

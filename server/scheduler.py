@@ -23,8 +23,8 @@ from concurrent.futures import Future
 from typing import Any, Protocol, TypeVar
 
 from server.config import Settings
-from server.engine import Engine
-from server.generate import Job, generate
+from server.engine import Engine, WeightsUnavailable
+from server.generate import INTERNAL, UNAVAILABLE, Job, generate
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,7 @@ class Scheduler:
     def _run(self, batch: list[Job]) -> None:
         variant = batch[0].variant
         try:
+            self.engine.check()
             swap = self.engine.activate(variant)
             if swap.switched:
                 self._slice_start = time.perf_counter()
@@ -178,11 +179,15 @@ class Scheduler:
             self.metrics.batch_size.observe(len(batch))
             generate(self.engine.model, self.engine.tokenizer, batch, self.engine.device)
         except Exception as e:  # one bad variant must not take the worker down
-            log.exception("batch for %r failed", variant)
+            log.exception(
+                "batch for %r failed (requests %s)", variant, [j.request_id for j in batch]
+            )
             for job in batch:
                 if job.finish_reason is None:
                     job.finish_reason = "error"
-                    job.emit("error", f"generation failed: {e}")
+                    job.emit(
+                        "error", UNAVAILABLE if isinstance(e, WeightsUnavailable) else INTERNAL
+                    )
         finally:
             with self._cond:
                 self._running = []

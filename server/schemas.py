@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Known OpenAI options this server does not implement, with the value that means
 # "not used": anything else is a 400 that names the option.
@@ -25,6 +25,12 @@ UNSUPPORTED_DEFAULTS: dict[str, Any] = {
 }
 IGNORED = {"user", "stream_options"}  # accepted: metadata, or handled below
 
+# Bounds on what one request may carry, checked before it is tokenized or queued.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit generator seed (as vLLM)
+MAX_STOPS = 4  # as OpenAI
+MAX_STOP_CHARS = 256
+MAX_MESSAGES = 256
+
 
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -33,10 +39,20 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(stops)}")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence is at most {MAX_STOP_CHARS} characters")
+        return v
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -72,7 +88,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
 
 

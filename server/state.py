@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
+
+from starlette.concurrency import run_in_threadpool
 
 from server.config import Settings
 from server.engine import Engine
 from server.metrics import Metrics
 from server.scheduler import SchedulerAPI
 from server.store import DeltaStore
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -26,3 +35,27 @@ class AppState:
     started: float = field(default_factory=time.time)
     ready_at: float | None = None
     retiring: set[str] = field(default_factory=set)  # deleted, draining in-flight requests
+    replacing: set[str] = field(default_factory=set)  # new requests wait for the new file
+    # The HTTP side's own tokenizer (the worker's is never shared), one caller at a time
+    # (a Rust tokenizer is not safe to call from several threads), off the event loop.
+    tokenizer: Any = None
+    _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+    # admin actions on one name run one at a time (upload, replace, delete, preload…)
+    _name_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
+        default_factory=weakref.WeakValueDictionary
+    )
+
+    async def tokenize(self, fn: Callable[[Any], T]) -> T:
+        """fn(tokenizer) on a worker thread of the HTTP side, under the tokenizer lock."""
+
+        def run() -> T:
+            with self._tokenizer_lock:
+                return fn(self.tokenizer)
+
+        return await run_in_threadpool(run)
+
+    def name_lock(self, name: str) -> asyncio.Lock:
+        lock = self._name_locks.get(name)
+        if lock is None:
+            lock = self._name_locks[name] = asyncio.Lock()
+        return lock

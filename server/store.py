@@ -2,7 +2,8 @@
 
 Uploads land in a hidden temporary file in the same directory and are committed
 with an atomic rename after validation, so a failed or interrupted upload never
-leaves a partial variant, and what was committed survives a restart.
+leaves a partial variant. The file is fsynced before the rename and the directory
+after it (and after a delete), so what was committed survives a crash or power loss.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from deltastore.format import DeltaMeta, read_meta
+from deltastore.format import DeltaMeta, fsync_path, read_meta
 
 SUFFIX = ".delta.safetensors"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _UPLOAD_PREFIX = ".upload-"
 
 
@@ -27,7 +28,12 @@ class NameError_(ValueError):
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name) or ".." in name or name.endswith(SUFFIX):
+    if (
+        not isinstance(name, str)
+        or not _NAME.fullmatch(name)
+        or ".." in name
+        or name.endswith(SUFFIX)
+    ):
         raise NameError_(
             f"invalid variant name {name!r}: 1-64 characters of letters, digits, '.', '_' "
             "and '-', starting with a letter or digit, no '..'"
@@ -59,7 +65,7 @@ class DeltaStore:
         for stale in root.glob(f"{_UPLOAD_PREFIX}*"):
             stale.unlink(missing_ok=True)  # an upload interrupted by a crash
         self._lock = threading.Lock()
-        self._info: dict[str, tuple[tuple[int, int], StoredDelta]] = {}
+        self._info: dict[str, tuple[tuple[int, int, int], StoredDelta]] = {}
 
     def path(self, name: str) -> Path:
         return self.root / f"{check_name(name)}{SUFFIX}"
@@ -70,19 +76,26 @@ class DeltaStore:
     def exists(self, name: str) -> bool:
         return self.path(name).is_file()
 
+    def stamp(self, name: str) -> tuple[int, int, int] | None:
+        """(inode, size, mtime) of the committed file; None if there is none. A replace
+        is a new inode, so a cached decode can tell the file it came from is gone."""
+        try:
+            st = self.path(name).stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
     def info(self, name: str) -> StoredDelta:
         """Size, sha256 and metadata; cached per (size, mtime)."""
         path = self.path(name)
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise KeyError(name) from None
-        stamp = (st.st_size, st.st_mtime_ns)
+        stamp = self.stamp(name)
+        if stamp is None:
+            raise KeyError(name)
         with self._lock:
             cached = self._info.get(name)
             if cached and cached[0] == stamp:
                 return cached[1]
-        entry = StoredDelta(name, path, st.st_size, sha256_file(path), read_meta(path))
+        entry = StoredDelta(name, path, stamp[1], sha256_file(path), read_meta(path))
         with self._lock:
             self._info[name] = (stamp, entry)
         return entry
@@ -95,14 +108,17 @@ class DeltaStore:
     def commit(self, name: str, upload: Path, replace: bool) -> Path:
         """Atomically move a validated upload into place."""
         dest = self.path(name)
+        fsync_path(upload)
         with self._lock:
             if dest.exists() and not replace:
                 raise FileExistsError(f"variant {name!r} exists (use replace=true)")
             os.replace(upload, dest)
             self._info.pop(name, None)
+        fsync_path(self.root)
         return dest
 
     def delete(self, name: str) -> None:
         with self._lock:
             self.path(name).unlink()
             self._info.pop(name, None)
+        fsync_path(self.root)

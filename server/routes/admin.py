@@ -3,6 +3,12 @@
 An upload streams to a temporary file under a size limit, is validated (format,
 checksum, positions, values, base fingerprint, tensor names and shapes), and only
 then committed with an atomic rename: a failed upload stores nothing.
+
+Actions on one name are linearizable: each holds the name's lock from its first
+check to its last effect, so an upload, replace, delete or preload of the same name
+never interleave. A replace holds new requests for the name at the door and lets
+the requests already running on the old version finish before the new file is
+committed; a delete drains them too. File I/O and hashing run off the event loop.
 """
 
 from __future__ import annotations
@@ -12,12 +18,13 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, status
+from starlette.concurrency import run_in_threadpool
 
 from deltastore.apply import BaseMismatchError
 from deltastore.format import DeltaFormatError
 from server.cache import ByteLRU, EntryInfo
 from server.deps import AdminDep, ReadyDep, StateDep
-from server.engine import Engine
+from server.engine import Engine, InUse
 from server.errors import APIError
 from server.schemas import CacheInfo, DeltaInfo, TierInfo
 from server.state import AppState
@@ -61,7 +68,24 @@ def _info(state: AppState, name: str) -> DeltaInfo:
 
 async def _on_worker(ready: Any, fn: Any) -> Any:
     _, scheduler = ready
-    return await asyncio.wrap_future(scheduler.control(fn))
+    try:
+        return await asyncio.wrap_future(scheduler.control(fn))
+    except InUse as e:
+        raise APIError(409, str(e), "in_use") from e
+
+
+async def _drain(state: AppState, ready: Any, name: str) -> None:
+    """Wait until no request for `name` is queued or running (409 after a while)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DRAIN_TIMEOUT_S
+    while ready[1].in_flight(name):
+        if loop.time() > deadline:
+            raise APIError(409, f"{name!r} still has requests in flight", "in_use")
+        await asyncio.sleep(0.02)
+
+
+async def _info_async(state: AppState, name: str) -> DeltaInfo:
+    return await run_in_threadpool(_info, state, name)  # sha256 of the file: off the loop
 
 
 @router.post("/deltas", status_code=status.HTTP_201_CREATED)
@@ -74,38 +98,56 @@ async def upload(
     replace: Annotated[bool, Query(description="overwrite an existing variant")] = False,
 ) -> DeltaInfo:
     _name(state, name, must_exist=False)
-    exists = state.store.exists(name)
-    if exists and not replace:
-        raise APIError(409, f"a delta named {name!r} exists (replace=true overwrites)", "exists")
     limit = state.settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"upload of {declared} bytes exceeds {limit}", "too_large")
+    if not replace and name not in state.retiring and state.store.exists(name):  # early out
+        raise APIError(409, f"a delta named {name!r} exists (replace=true overwrites)", "exists")
     upload = state.store.new_upload()
     try:
-        size = 0
-        with upload.open("wb") as f:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise APIError(413, f"upload exceeds {limit} bytes", "too_large")
-                f.write(chunk)
-        if size == 0:
-            raise APIError(400, "empty body: send the delta file as the request body", "empty")
+        await _receive(request, upload, limit)
         try:
             await _on_worker(ready, lambda e: e.check_upload(upload))
         except (DeltaFormatError, BaseMismatchError) as e:
             reason = str(e).replace(f"{upload}: ", "").replace(str(upload), "upload")
             raise APIError(400, f"invalid delta {name!r}: {reason}", "invalid_delta") from e
-        try:
-            state.store.commit(name, upload, replace=replace)
-        except FileExistsError as e:
-            raise APIError(409, str(e), "exists") from e
-        if exists:  # replaced: the old weights must not be served from any tier
-            await _on_worker(ready, lambda e: e.evict(name))
-        return _info(state, name)
+        async with state.name_lock(name):
+            exists = state.store.exists(name)
+            if exists and not replace:
+                raise APIError(
+                    409, f"a delta named {name!r} exists (replace=true overwrites)", "exists"
+                )
+            if exists:  # new requests wait at the door; the old version's finish first
+                state.replacing.add(name)
+            try:
+                if exists:
+                    await _drain(state, ready, name)
+                await run_in_threadpool(state.store.commit, name, upload, replace)
+                if exists:  # the old weights are not served again once released
+                    await _on_worker(ready, lambda e: e.revalidate(name))
+            finally:
+                state.replacing.discard(name)
+        return await _info_async(state, name)
     finally:
-        upload.unlink(missing_ok=True)
+        await run_in_threadpool(upload.unlink, missing_ok=True)
+
+
+async def _receive(request: Request, upload: Any, limit: int) -> None:
+    """Stream the body to `upload` (writes off the event loop, in 1 MiB pieces)."""
+    size, pending = 0, bytearray()
+    with upload.open("wb") as f:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"upload exceeds {limit} bytes", "too_large")
+            pending += chunk
+            if len(pending) >= 1 << 20:
+                await run_in_threadpool(f.write, bytes(pending))
+                pending.clear()
+        await run_in_threadpool(f.write, bytes(pending))
+    if size == 0:
+        raise APIError(400, "empty body: send the delta file as the request body", "empty")
 
 
 @router.get("/deltas")
@@ -121,54 +163,55 @@ def get_delta(name: str, state: StateDep, _: AdminDep) -> DeltaInfo:
 @router.delete("/deltas/{name}")
 async def delete_delta(name: str, state: StateDep, ready: ReadyDep, _: AdminDep) -> dict[str, str]:
     _name(state, name)
-    scheduler = ready[1]
-    state.retiring.add(name)  # new requests get 404; running and queued ones finish
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DRAIN_TIMEOUT_S
-        while scheduler.in_flight(name):
-            if loop.time() > deadline:
-                raise APIError(409, f"{name!r} still has requests in flight", "in_use")
-            await asyncio.sleep(0.05)
-        await _on_worker(ready, lambda e: e.forget(name))
-        state.store.delete(name)
-    finally:
-        state.retiring.discard(name)
+    async with state.name_lock(name):
+        _name(state, name)  # still there once the lock is ours
+        state.retiring.add(name)  # new requests get 404; running and queued ones finish
+        try:
+            await _drain(state, ready, name)
+            await _on_worker(ready, lambda e: e.forget(name))
+            await run_in_threadpool(state.store.delete, name)
+        finally:
+            state.retiring.discard(name)
     return {"deleted": name}
 
 
 @router.post("/deltas/{name}/pin")
 async def pin(name: str, state: StateDep, ready: ReadyDep, _: AdminDep) -> DeltaInfo:
-    _name(state, name)
-    await _on_worker(ready, lambda e: e.pin(name, True))
-    return _info(state, name)
+    async with state.name_lock(name):
+        _name(state, name)
+        await _on_worker(ready, lambda e: e.pin(name, True))
+        return await _info_async(state, name)
 
 
 @router.post("/deltas/{name}/unpin")
 async def unpin(name: str, state: StateDep, ready: ReadyDep, _: AdminDep) -> DeltaInfo:
-    _name(state, name)
-    await _on_worker(ready, lambda e: e.pin(name, False))
-    return _info(state, name)
+    async with state.name_lock(name):
+        _name(state, name)
+        await _on_worker(ready, lambda e: e.pin(name, False))
+        return await _info_async(state, name)
 
 
 @router.post("/deltas/{name}/preload")
 async def preload(name: str, state: StateDep, ready: ReadyDep, _: AdminDep) -> DeltaInfo:
-    _name(state, name)
-    try:
-        await _on_worker(ready, lambda e: e.preload(name))
-    except (DeltaFormatError, BaseMismatchError) as e:
-        raise APIError(400, f"cannot load {name!r}: {e}", "invalid_delta") from e
-    return _info(state, name)
+    async with state.name_lock(name):
+        _name(state, name)
+        try:
+            await _on_worker(ready, lambda e: e.preload(name))
+        except (DeltaFormatError, BaseMismatchError) as e:
+            reason = str(e).replace(f"{state.store.path(name)}: ", "")
+            raise APIError(400, f"cannot load {name!r}: {reason}", "invalid_delta") from e
+        return await _info_async(state, name)
 
 
 @router.post("/deltas/{name}/evict")
 async def evict(name: str, state: StateDep, ready: ReadyDep, _: AdminDep) -> DeltaInfo:
-    _name(state, name)
     engine: Engine = ready[0]
-    if engine.host.is_pinned(name):
-        raise APIError(409, f"{name!r} is pinned: unpin it first", "pinned")
-    await _on_worker(ready, lambda e: e.evict(name))
-    return _info(state, name)
+    async with state.name_lock(name):
+        _name(state, name)
+        if engine.host.is_pinned(name):
+            raise APIError(409, f"{name!r} is pinned: unpin it first", "pinned")
+        await _on_worker(ready, lambda e: e.evict(name))
+        return await _info_async(state, name)
 
 
 def _entry(tier: ByteLRU[Any], e: EntryInfo) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.deps import ReadyDep, StateDep
+from server.deps import KeyDep, ReadyDep, StateDep
 
 router = APIRouter(tags=["health"])
 
@@ -25,6 +25,6 @@ def ready(state: StateDep, _: ReadyDep) -> dict[str, object]:
     }
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[KeyDep])
 def metrics(state: StateDep) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

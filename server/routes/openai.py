@@ -15,9 +15,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server.deps import ReadyDep, StateDep
+from server.deps import KeyDep, ReadyDep, StateDep
 from server.errors import APIError, body
-from server.generate import Job, SamplingParams
+from server.generate import Job, JobError, SamplingParams
 from server.scheduler import QueueFull
 from server.schemas import (
     AssistantMessage,
@@ -35,8 +35,22 @@ from server.schemas import (
 from server.state import AppState
 from server.store import NameError_, check_name
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], dependencies=[KeyDep])
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# A prompt longer than this many characters per allowed token is refused before it
+# is tokenized (a token of this tokenizer family is rarely over 16 characters).
+CHARS_PER_TOKEN_BOUND = 32
+
+
+def _check_chars(state: AppState, n_chars: int) -> None:
+    limit = state.settings.max_prompt_tokens * CHARS_PER_TOKEN_BOUND
+    if n_chars > limit:
+        raise APIError(
+            413,
+            f"prompt of {n_chars} characters exceeds {limit} "
+            f"(at most {state.settings.max_prompt_tokens} tokens)",
+            "prompt_too_long",
+        )
 
 
 def resolve_model(state: AppState, name: str) -> str | None:
@@ -53,6 +67,19 @@ def resolve_model(state: AppState, name: str) -> str | None:
         shown = ", ".join(names[:20]) + (" …" if len(names) > 20 else "")
         raise APIError(404, f"model {name!r} does not exist; available: {shown}", "model_not_found")
     return name
+
+
+async def _door(state: AppState, variant: str | None, model: str) -> None:
+    """Right before a request is queued: it waits while its variant is being replaced,
+    and gets 404 if it was deleted since it was resolved."""
+    if variant is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 600
+    while variant in state.replacing and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    if variant in state.retiring or not state.store.exists(variant):
+        resolve_model(state, model)  # raises the 404, with the names available
 
 
 def _check_options(req: _Sampling) -> None:
@@ -119,7 +146,8 @@ async def completions(
         prompt = req.prompt[0]
     else:
         prompt = req.prompt
-    ids = engine.tokenizer(prompt)["input_ids"]
+    _check_chars(state, len(prompt))
+    ids = await state.tokenize(lambda tok: tok(prompt)["input_ids"])
     if not ids:
         raise APIError(400, "empty prompt", "empty_prompt")
     params = _params(
@@ -135,13 +163,17 @@ async def chat_completions(
     engine, _ = ready
     _check_options(req)
     variant = resolve_model(state, req.model)
-    tok = engine.tokenizer
-    if not getattr(tok, "chat_template", None):
+    if not getattr(state.tokenizer, "chat_template", None):
         raise APIError(400, "the base has no chat template: use /v1/completions", "no_template")
-    text = tok.apply_chat_template(
-        [m.model_dump() for m in req.messages], tokenize=False, add_generation_prompt=True
-    )
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    _check_chars(state, sum(len(m.content) for m in req.messages))
+    messages = [m.model_dump() for m in req.messages]
+
+    def encode(tok: Any) -> list[int]:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids: list[int] = tok(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    ids = await state.tokenize(encode)
     max_tokens = req.max_completion_tokens or req.max_tokens
     params = _params(
         state, req, len(ids), max_tokens, state.settings.max_new_tokens, engine.max_positions
@@ -155,14 +187,22 @@ async def chat_completions(
 class _Pending:
     """A submitted job and the queue its events arrive on (from the worker thread)."""
 
-    def __init__(self, variant: str | None, ids: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self, variant: str | None, ids: list[int], params: SamplingParams, request_id: str
+    ) -> None:
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def emit(kind: str, payload: Any) -> None:
             loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
 
-        self.job = Job(variant, ids, params, emit)
+        self.job = Job(variant, ids, params, emit, request_id=request_id)
+
+
+def _job_error(payload: Any) -> tuple[int, str, str]:
+    """(status, message, code) of a failed job, in words safe for the client."""
+    err = payload if isinstance(payload, JobError) else JobError(str(payload))
+    return err.status, err.message, err.code
 
 
 def _observe(state: AppState, job: Job) -> None:
@@ -195,8 +235,9 @@ async def _serve(
     chat: bool,
 ) -> Any:
     _, scheduler = ready
-    pending = _Pending(variant, ids, params)
-    try:
+    pending = _Pending(variant, ids, params, getattr(request.state, "request_id", ""))
+    await _door(state, variant, req.model)
+    try:  # no await between the door and the queue: admin actions see this request
         scheduler.submit(pending.job)
     except QueueFull as e:
         raise APIError(429, f"server busy: {e}", "queue_full") from e
@@ -241,7 +282,8 @@ async def _wait(pending: _Pending, request: Request) -> Job:
                 job: Job = payload
                 return job
             if kind == "error":
-                raise APIError(500, str(payload), "generation_failed")
+                status, message, code = _job_error(payload)
+                raise APIError(status, message, code)
 
     async def disconnected() -> None:
         while not await request.is_disconnected():
@@ -299,7 +341,9 @@ async def _stream(
                 yield _chunk(rid, created, req.model, chat, payload, None)
             elif kind == "error":
                 finished = True
-                yield f"data: {json.dumps(body(500, str(payload), 'generation_failed'))}\n\n"
+                status, message, code = _job_error(payload)
+                message = f"{message} (request id {job.request_id})"
+                yield f"data: {json.dumps(body(status, message, code))}\n\n"
                 break
             elif kind == "done":
                 finished = True

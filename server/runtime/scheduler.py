@@ -32,8 +32,8 @@ import torch
 
 from server.cache import CacheFull
 from server.config import Settings
-from server.engine import Engine
-from server.generate import Job, _eos_ids
+from server.engine import Engine, WeightsUnavailable
+from server.generate import INTERNAL, UNAVAILABLE, Job, JobError, _eos_ids
 from server.metrics import Metrics
 from server.runtime.kv_cache import KVCache
 from server.runtime.model_runner import ModelRunner, Prefill, StepInput
@@ -88,6 +88,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._held: str | None = None  # the merged variant, its layout held in use
         self._admitting: Job | None = None  # popped from the queue, not yet running
+        self._in_step: list[Sequence] = []  # the sequences of the step being run
+        self._suspects: deque[Sequence] = deque()  # after a failed step: retried alone
         self._vec_names = [n for pair in self.runner._norms for n in pair]
         self._vec_names.append(self.runner.final_norm_name)
         log.info(
@@ -160,21 +162,61 @@ class Scheduler:
                     self._set_merged(None)  # admin actions see the base, nothing held
                 run_controls(controls, self.engine)
                 self._step()
-            except Exception as e:  # a failed step ends its sequences, not the server
-                log.exception("step failed")
-                for seq in list(self._running):
-                    self._finish(seq, "error", f"generation failed: {type(e).__name__}")
+            except WeightsUnavailable:
+                log.exception("the resident weights cannot be restored: refusing to serve")
+                self._fail_all(UNAVAILABLE)
+            except Exception:
+                self._step_failed()
         for seq in list(self._running):
             self._finish(seq, "cancelled")
+
+    def _step_failed(self) -> None:
+        """A failed step ends the request that caused it, never its neighbours: a step
+        of several sequences is retried one sequence per step (nothing of a failed
+        step was kept: a sequence advances only after its forward), and the sequence
+        that fails alone is ended with an error."""
+        ids = [s.job.request_id for s in self._in_step]
+        log.exception("step failed (requests %s)", ids)
+        if self._suspects:
+            seq = self._suspects.popleft()
+            self._finish(seq, "error", INTERNAL)
+        elif len(self._in_step) == 1:
+            self._finish(self._in_step[0], "error", INTERNAL)
+        else:
+            self._suspects = deque(self._in_step)
+        self._in_step = []
+        if self.engine.active is not None:  # a clean, verified base for the retries
+            try:
+                self._set_merged(None)
+            except WeightsUnavailable:
+                self._fail_all(UNAVAILABLE)
+            except Exception:
+                log.exception("unmerging after a failed step failed")
+
+    def _fail_all(self, error: JobError) -> None:
+        for seq in list(self._running):
+            self._finish(seq, "error", error)
+        with self._cond:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for job in waiting:
+            job.finish_reason = "error"
+            job.emit("error", error)
 
     def _step(self) -> None:
         for seq in [s for s in self._running if s.job.cancelled.is_set()]:
             self._finish(seq, "cancelled")
-        self._admit()
+        self.engine.check()  # the resident weights agree with what the engine says
+        while self._suspects and self._suspects[0] not in self._running:
+            self._suspects.popleft()
+        if not self._suspects:
+            self._admit()
         if not self._running:
             return
-        decode = [s for s in self._running if not s.prefilling]
-        chunks = self._plan_prefill(len(decode))
+        running = [self._suspects[0]] if self._suspects else self._running
+        decode = [s for s in running if not s.prefilling]
+        chunks = self._plan_prefill(len(decode), running)
+        self._in_step = [s for s in running if not s.prefilling] + [s for s, _ in chunks]
         merged = self._merge(decode, chunks)
         step, groups, order = self._pack(decode, chunks, merged)
         t0 = time.perf_counter()
@@ -185,6 +227,9 @@ class Scheduler:
             s.prefilled += n
         for i, seq in enumerate(order):  # the rows that sample: decode, finished prompts
             self._sample(seq, logits[i])
+        self._in_step = []
+        if self._suspects:
+            self._suspects.popleft()  # it ran alone without failing: not the culprit
         for seq in [s for s in self._running if s.done]:
             self._finish(seq, seq.job.finish_reason or "stop")
 
@@ -230,9 +275,9 @@ class Scheduler:
                 with self._cond:  # every laid-out variant is in use: wait for one
                     self._waiting.appendleft(job)
                 return False
-            log.exception("admitting a request for %r failed", job.variant)
+            log.exception("admitting request %s for %r failed", job.request_id, job.variant)
             job.finish_reason = "error"
-            job.emit("error", f"could not start: {type(e).__name__}: {e}")
+            job.emit("error", INTERNAL)
             return True
         with self._cond:
             self._running.append(seq)
@@ -249,10 +294,10 @@ class Scheduler:
             self._set_merged(None)
             self.engine.acquire_layout(variant)
 
-    def _plan_prefill(self, n_decode: int) -> list[tuple[Sequence, int]]:
+    def _plan_prefill(self, n_decode: int, running: list[Sequence]) -> list[tuple[Sequence, int]]:
         budget = max(self.settings.max_step_tokens - n_decode, 16)
         chunks = []
-        for seq in self._running:
+        for seq in running:
             if seq.prefilling and budget > 0:
                 n = min(len(seq.prompt) - seq.prefilled, budget)
                 chunks.append((seq, n))
@@ -427,9 +472,13 @@ class Scheduler:
         if seq.job.cancelled.is_set():
             seq.finish("cancelled")
             return
-        seq.add(seq.pick(logits))
+        try:  # a row that fails ends alone, never its neighbours
+            seq.add(seq.pick(logits))
+        except Exception:
+            log.exception("request %s failed while sampling", seq.job.request_id)
+            self._finish(seq, "error", INTERNAL)
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str, error: JobError | None = None) -> None:
         seq.finish(reason)
         if seq in self._running:
             with self._cond:

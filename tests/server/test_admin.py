@@ -3,13 +3,29 @@ and a store that survives a restart."""
 
 from __future__ import annotations
 
+import json
+import struct
 import threading
 import time
+import zlib
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from deltastore.format import Delta, DeltaMeta, TensorDelta, read_meta, save_delta
+from deltastore.format import (
+    META_KEY,
+    META_SHA_KEY,
+    Delta,
+    DeltaMeta,
+    TensorDelta,
+    _encode,
+    _payload_sha256,
+    _sha,
+    read_meta,
+    save_delta,
+)
+from server.engine import digest
 from tests.conftest import make_model, save
 from tests.server.conftest import TOKEN, LiveServer, make_settings
 
@@ -67,13 +83,54 @@ def test_upload_serve_replace_delete(live, variant_files):
     assert "bot.delta.safetensors" not in _store_files(live)
 
 
+def _edit_meta(data: bytes, edit) -> bytes:
+    """The file with its deltaserve metadata edited, its checksum left as it was."""
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    meta = json.loads(header["__metadata__"]["deltaserve"])
+    edit(meta)
+    header["__metadata__"]["deltaserve"] = json.dumps(meta)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+
+
+def _lying_scale(meta) -> None:
+    first = sorted(meta["tensors"])[0]
+    meta["tensors"][first]["scale"] *= 3  # a 1/q that is not the one the file was made with
+
+
+def _bomb(tmp_path, fp: str) -> bytes:
+    """Checksums right, but one value stream inflates to 64 MiB for 2 values."""
+    name = "model.layers.0.self_attn.q_proj.weight"
+    good = TensorDelta(name, (32, 32), torch.tensor([5, 6]), torch.ones(2), 1.0)
+    blobs, metas = _encode(
+        Delta(DeltaMeta(base_fingerprint=fp, method="dare", rate=0.5), {name: good})
+    )
+    bomb = zlib.compress(b"\x00" * (64 << 20), 9)
+    blobs[f"{name}::val"] = torch.frombuffer(bytearray(bomb), dtype=torch.uint8)
+    meta = DeltaMeta(base_fingerprint=fp, method="dare", rate=0.5, tensors=metas)
+    meta = meta.model_copy(update={"payload_sha256": _payload_sha256(blobs)})
+    raw = meta.model_dump_json()
+    path = tmp_path / "bomb.safetensors"
+    save_file(blobs, str(path), metadata={META_KEY: raw, META_SHA_KEY: _sha(raw)})
+    return path.read_bytes()
+
+
 def _bad_files(tmp_path, good: bytes, other_base_delta: bytes):
     truncated = good[: len(good) // 2]
     corrupted = bytearray(good)
     corrupted[-3] ^= 0xFF
+    n = struct.unpack("<Q", good[:8])[0]
+    meta_flip = bytearray(good)
+    key = b'\\"scale\\":'  # inside the header, the metadata is an escaped JSON string
+    at = good.index(key, 8, 8 + n) + len(key)  # the first digit of a tensor's scale
+    meta_flip[at] ^= 0x01
     return {
         "truncated": truncated,
         "corrupted": bytes(corrupted),
+        "bit-flipped-metadata": bytes(meta_flip),
+        "lying-metadata": _edit_meta(good, _lying_scale),
         "foreign": b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ",
         "garbage": b"not a delta at all" * 10,
         "other-base": other_base_delta,
@@ -137,8 +194,11 @@ def test_every_bad_upload_is_refused_and_nothing_is_stored(live, variant_files, 
         fp=fp,
         tensors=[TensorDelta(name, (16, 64), torch.tensor([0]), torch.ones(1), 1.0)],
     )
+    cases["zlib-bomb"] = _bomb(tmp_path, fp)
     cases["empty"] = b""
     before = _store_files(live)
+    before_hash = {p.name: p.read_bytes() for p in live.state.store.root.iterdir()}
+    resident = digest(live.state.engine.weights)
     for case, data in cases.items():
         r = live.admin.post("/admin/deltas", params={"name": f"bad-{case}"}, content=data)
         assert r.status_code == 400, (case, r.text)
@@ -146,13 +206,19 @@ def test_every_bad_upload_is_refused_and_nothing_is_stored(live, variant_files, 
         assert err["code"] in ("invalid_delta", "empty") and err["message"], case
         assert ".upload-" not in err["message"]
         assert _store_files(live) == before, case  # nothing stored, no temp file left
+    assert {p.name: p.read_bytes() for p in live.state.store.root.iterdir()} == before_hash
+    assert digest(live.state.engine.weights) == resident  # the resident weights untouched
 
 
-@pytest.mark.parametrize("name", ["../evil", "a/b", ".hidden", "x" * 65, "bad name", "..", "a..b"])
+@pytest.mark.parametrize(
+    "name", ["../evil", "a/b", ".hidden", "x" * 65, "bad name", "..", "a..b", "bot\n", "bot\n\n"]
+)
 def test_invalid_names(live, variant_files, name):
     r = live.admin.post("/admin/deltas", params={"name": name}, content=b"x")
     assert r.status_code in (400, 404), name
-    assert not any("evil" in f for f in _store_files(live))
+    assert not any("evil" in f or "\n" in f for f in _store_files(live))
+    if "\n" in name:  # the name check matches the whole name, not up to a newline
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_name"
 
 
 def test_upload_size_limit(tiny_dirs, variant_files, tmp_path):
@@ -273,7 +339,9 @@ def test_not_ready_is_503(tmp_path):
         while srv.state.load_error is None and time.time() < deadline:
             time.sleep(0.02)
         r = srv.client.get("/ready")
-        assert r.status_code == 503 and "no such file" in r.json()["error"]["message"]
+        message = r.json()["error"]["message"]
+        assert r.status_code == 503 and "server log" in message
+        assert "no-such-base" not in message  # internal detail stays in the log
         r = srv.client.post("/v1/completions", json={"model": "x", "prompt": "y"})
         assert r.status_code == 503
         assert srv.client.get("/health").status_code == 200

@@ -187,10 +187,24 @@ def test_sampling_is_seeded_and_stop_strings_cut(live):
         ({"model": "v0"}, 400, "invalid_request"),
         ({"model": "v0", "prompt": ["a", "b"]}, 400, "n_prompts"),
         ({"model": "v0", "prompt": "x" * 3000}, 413, "prompt_too_long"),
+        # refused before tokenizing: more characters than the token limit allows
+        ({"model": "v0", "prompt": "word " * 200_000}, 413, "prompt_too_long"),
+        ({"model": "v0", "prompt": "x", "seed": 2**70}, 400, "invalid_request"),
+        ({"model": "v0", "prompt": "x", "seed": -(2**70)}, 400, "invalid_request"),
+        ({"model": "v0", "prompt": "x", "stop": ["a"] * 5}, 400, "invalid_request"),
+        ({"model": "v0", "prompt": "x", "stop": ["a" * 1000]}, 400, "invalid_request"),
+        ({"model": "v0", "prompt": "x", "stop": "a" * 1000}, 400, "invalid_request"),
+        ({"model": "v0", "prompt": "x" * (2 << 20)}, 413, "too_large"),  # the body limit
+        (
+            {"model": "v0", "messages": [{"role": "user", "content": "hi"}] * 300},
+            400,
+            "invalid_request",
+        ),
     ],
 )
 def test_errors_are_openai_shaped(live, body, status, code):
-    r = live.client.post("/v1/completions", json=body)
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    r = live.client.post(path, json=body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == code and err["message"] and err["type"]

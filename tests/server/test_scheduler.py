@@ -22,6 +22,9 @@ class FakeEngine:
         self.order: list[tuple[str | None, int]] = []
         self.model = self.tokenizer = self.device = None
 
+    def check(self):  # the engine's invariant check before each batch
+        pass
+
     def activate(self, name):
         switched = name != self.active
         self.active = name
