@@ -50,6 +50,7 @@ from deltastore.apply import (
 )
 from deltastore.format import Delta, load_delta
 from deltastore.sources import ModelSource, fingerprint
+from server import faults
 from server.cache import ByteLRU, CacheFull
 from server.config import Settings
 from server.store import DeltaStore
@@ -211,6 +212,7 @@ class Engine:
             if tensors is None:
                 self._dirty = True
                 self._undo = apply_delta_(self.weights, bound)
+                faults.point("swap.applied")  # the delta in the weights, not yet recorded
                 self.active, self.mode, self._dirty = name, Mode.INPLACE, False
                 return
         self._dirty = True
@@ -295,6 +297,7 @@ class Engine:
         tensors = {n: torch.empty_like(self.weights.tensor(n)) for n in names}
         self._dirty = True
         undo = apply_delta_(self.weights, bound)
+        faults.point("materialize.applied")
         try:
             for n, t in tensors.items():
                 t.copy_(self.weights.tensor(n))

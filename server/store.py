@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deltastore.format import DeltaMeta, fsync_path, read_meta
+from server import faults
 
 SUFFIX = ".delta.safetensors"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -109,16 +110,20 @@ class DeltaStore:
         """Atomically move a validated upload into place."""
         dest = self.path(name)
         fsync_path(upload)
+        faults.point("commit.synced")
         with self._lock:
             if dest.exists() and not replace:
                 raise FileExistsError(f"variant {name!r} exists (use replace=true)")
             os.replace(upload, dest)
             self._info.pop(name, None)
+        faults.point("commit.renamed")
         fsync_path(self.root)
         return dest
 
     def delete(self, name: str) -> None:
+        faults.point("delete.unlinking")
         with self._lock:
             self.path(name).unlink()
             self._info.pop(name, None)
+        faults.point("delete.unlinked")
         fsync_path(self.root)

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from deltastore.apply import BaseMismatchError
 from deltastore.format import DeltaFormatError
+from server import faults
 from server.cache import ByteLRU, EntryInfo
 from server.deps import AdminDep, ReadyDep, StateDep
 from server.engine import Engine, InUse
@@ -107,6 +108,7 @@ async def upload(
     upload = state.store.new_upload()
     try:
         await _receive(request, upload, limit)
+        faults.point("upload.received")
         try:
             await _on_worker(ready, lambda e: e.check_upload(upload))
         except (DeltaFormatError, BaseMismatchError) as e:
