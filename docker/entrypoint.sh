@@ -17,7 +17,9 @@ case "${1:-serve}" in
       mkdir -p "$dir" 2>/dev/null || fail "cannot create $dir (mount a writable volume there)"
       [ -w "$dir" ] || fail "$dir is not writable by uid $(id -u) (chown the volume to it)"
     done
-    if [ -z "${DELTASERVE_ADMIN_TOKEN:-}" ]; then
+    if [ -n "${DELTASERVE_ADMIN_TOKEN_FILE:-}" ]; then
+      [ -r "$DELTASERVE_ADMIN_TOKEN_FILE" ] || fail "cannot read $DELTASERVE_ADMIN_TOKEN_FILE"
+    elif [ -z "${DELTASERVE_ADMIN_TOKEN:-}" ]; then
       echo "deltaserve-entrypoint: DELTASERVE_ADMIN_TOKEN is not set: the admin API is off" >&2
     elif [ "${#DELTASERVE_ADMIN_TOKEN}" -lt 8 ]; then
       fail "DELTASERVE_ADMIN_TOKEN must be at least 8 characters"

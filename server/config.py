@@ -17,7 +17,10 @@ GiB = 1 << 30
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DELTASERVE_", extra="forbid")
+    # hide_input_in_errors: a rejected setting (a short token) is never echoed
+    model_config = SettingsConfigDict(
+        env_prefix="DELTASERVE_", extra="forbid", hide_input_in_errors=True
+    )
 
     base: Path | None = Field(
         None, description="base model directory (default: the embedded SmolLM2-135M-Instruct)"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from server.config import Settings
 from server.engine import Engine
 from server.errors import APIError
 from server.scheduler import SchedulerAPI
@@ -59,25 +61,37 @@ def require_admin(state: StateDep, authorization: Annotated[str | None, Header()
 AdminDep = Annotated[None, Depends(require_admin)]
 
 
-def _bearer(authorization: str | None) -> bytes | None:
+def _sha(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def key_digests(settings: Settings) -> list[bytes]:
+    """sha256 of every credential inference accepts (the API keys and the admin
+    token); empty when no API keys are set (inference is open)."""
+    keys = settings.keys()
+    if not keys:
+        return []
+    if settings.admin_token is not None:
+        keys.append(settings.admin_token.get_secret_value())
+    return [_sha(k) for k in keys]
+
+
+def bearer_ok(authorization: str | None, digests: list[bytes]) -> bool:
+    """A Bearer credential whose sha256 is one of `digests`. Digests of equal length
+    are compared with every key (no early exit), so the time says nothing about a
+    key, its length or which one matched."""
     scheme, _, given = (authorization or "").partition(" ")
-    return given.strip().encode() if scheme.lower() == "bearer" else None
+    if scheme.lower() != "bearer":
+        return False
+    h = _sha(given.strip())
+    return sum(hmac.compare_digest(h, d) for d in digests) > 0
 
 
 def require_api_key(state: StateDep, authorization: Annotated[str | None, Header()] = None) -> None:
     """Inference and /metrics: open unless API keys are set (DELTASERVE_API_KEYS); then
     a key, or the admin token, is required."""
-    keys = state.settings.keys()
-    if not keys:
-        return
-    given = _bearer(authorization)
-    admin = state.settings.admin_token
-    allowed = [k.encode() for k in keys]
-    if admin is not None:
-        allowed.append(admin.get_secret_value().encode())
-    # compare with every key (no early exit): the time taken says nothing about which
-    ok = given is not None and sum(hmac.compare_digest(given, k) for k in allowed) > 0
-    if not ok:
+    digests = key_digests(state.settings)
+    if digests and not bearer_ok(authorization, digests):
         raise APIError(401, "missing or wrong API key (Authorization: Bearer …)", "invalid_api_key")
 
 

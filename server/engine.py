@@ -162,7 +162,7 @@ class Engine:
         """Put `name` (None: the base) in place of the active variant. `force`
         materializes it whenever the budget allows (an explicit preload)."""
         if name == self.active:
-            if name is None or not self._stale(name):
+            if name is None or not self.stale(name):
                 return Swap(name, self.mode, 0.0, switched=False)
             self.activate(None)  # its file changed on disk: put the new one in place
         if self.broken is not None:
@@ -239,14 +239,15 @@ class Engine:
             self.materialized.release(self.active)
         self.active, self.mode, self._dirty = None, Mode.BASE, False
 
-    def _stale(self, name: str) -> bool:
+    def stale(self, name: str) -> bool:
+        """`name`'s file changed on disk since its caches were decoded from it."""
         cached = self._stamps.get(name)
         return cached is not None and cached != self.store.stamp(name)
 
     def revalidate(self, name: str) -> None:
         """Drop `name` from every tier if its file changed on disk since it was decoded
         (replaced behind the server's back); a version in use stays until released."""
-        if not self._stale(name):
+        if not self.stale(name):
             return
         if self.in_use(name):
             log.warning("%s changed on disk while in use: new requests get it when released", name)
@@ -352,20 +353,21 @@ class Engine:
                 log.exception("reverting %s failed", self.active)
         self.weights._applied.clear()
         self.active, self.mode, self._undo, self._dirty = None, Mode.BASE, None, False
-        if not verify or digest(self.weights) == self.base_digest:
-            return
-        log.error("resident weights differ from the base: reloading it from %s", self.source)
         try:
+            if not verify or digest(self.weights) == self.base_digest:
+                return
+            log.error("resident weights differ from the base: reloading it from %s", self.source)
             model = self.source.load_model(self.dtype)
             with torch.no_grad():
                 for n, p in model.named_parameters():
                     if n in self._views:
                         self._views[n].copy_(p.detach())
-        except Exception as e:
-            self.broken = f"the base could not be reloaded ({type(e).__name__})"
-            log.exception("reloading the base failed")
+            ok = digest(self.weights) == self.base_digest
+        except BaseException as e:  # unverified weights are never served
+            self.broken = f"the base could not be verified or reloaded ({type(e).__name__})"
+            log.exception("restoring the base failed")
             raise WeightsUnavailable(self.broken) from e
-        if digest(self.weights) != self.base_digest:
+        if not ok:
             self.broken = "the reloaded base does not match its digest"
             raise WeightsUnavailable(self.broken)
         log.info("base restored from disk and verified")

@@ -32,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 
 from server.app import ThreadedServer
 from server.config import Settings
+from server.deps import bearer_ok, key_digests
 from server.errors import body as error_body
 
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"  # Ray's header name, defined once here
@@ -70,7 +71,18 @@ def build_app(
         raise ValueError(
             f"replicas and max variants per replica must be >= 1 ({replicas}, {max_variants})"
         )
-    settings_json = settings.model_dump_json()
+    # Replicas serve only the ingress, on loopback with a token of their own: no
+    # secrets travel to them (a dumped SecretStr would be "**********" anyway). The
+    # ingress checks API keys itself, against their digests.
+    settings_json = settings.model_copy(
+        update={
+            "admin_token": None,
+            "admin_token_file": None,
+            "api_keys": None,
+            "api_keys_file": None,
+        }
+    ).model_dump_json()
+    digests = key_digests(settings)
 
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 0})
     class Replica:
@@ -117,6 +129,12 @@ def build_app(
 
     api = FastAPI(title="deltaserve (Ray Serve)")
 
+    def _denied(request: Request) -> JSONResponse | None:
+        if not digests or bearer_ok(request.headers.get("authorization"), digests):
+            return None
+        msg = "missing or wrong API key (Authorization: Bearer …)"
+        return JSONResponse(error_body(401, msg, "invalid_api_key"), 401)
+
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     @serve.ingress(api)
     class Ingress:
@@ -124,6 +142,9 @@ def build_app(
             self.replica = replica
 
         async def _forward(self, path: str, request: Request) -> JSONResponse:
+            denied = _denied(request)
+            if denied is not None:
+                return denied
             body = await request.json()
             if body.get("stream"):
                 return JSONResponse(
@@ -150,8 +171,8 @@ def build_app(
             return await self._forward("/v1/chat/completions", request)
 
         @api.get("/v1/models")
-        async def list_models(self) -> Any:
-            return await self.replica.models.remote()
+        async def list_models(self, request: Request) -> Any:
+            return _denied(request) or await self.replica.models.remote()
 
         @api.get("/health")
         async def health(self) -> dict[str, str]:

@@ -23,9 +23,9 @@ from starlette.concurrency import run_in_threadpool
 from deltastore.apply import BaseMismatchError
 from deltastore.format import DeltaFormatError
 from server import faults
-from server.cache import ByteLRU, EntryInfo
+from server.cache import ByteLRU, CacheFull, EntryInfo
 from server.deps import AdminDep, ReadyDep, StateDep
-from server.engine import Engine, InUse
+from server.engine import Engine, InUse, WeightsUnavailable
 from server.errors import APIError
 from server.schemas import CacheInfo, DeltaInfo, TierInfo
 from server.state import AppState
@@ -73,6 +73,12 @@ async def _on_worker(ready: Any, fn: Any) -> Any:
         return await asyncio.wrap_future(scheduler.control(fn))
     except InUse as e:
         raise APIError(409, str(e), "in_use") from e
+    except CacheFull as e:
+        raise APIError(409, f"no room in the cache: {e}", "cache_full") from e
+    except WeightsUnavailable as e:
+        raise APIError(
+            503, "the resident weights could not be verified", "weights_unavailable"
+        ) from e
 
 
 async def _drain(state: AppState, ready: Any, name: str) -> None:
@@ -154,7 +160,15 @@ async def _receive(request: Request, upload: Any, limit: int) -> None:
 
 @router.get("/deltas")
 def list_deltas(state: StateDep, _: AdminDep) -> list[DeltaInfo]:
-    return [_info(state, n) for n in state.store.names() if n not in state.retiring]
+    out = []
+    for n in state.store.names():
+        if n in state.retiring:
+            continue
+        try:
+            out.append(_info(state, n))
+        except (APIError, FileNotFoundError):
+            continue  # deleted while listing
+    return out
 
 
 @router.get("/deltas/{name}")

@@ -69,7 +69,7 @@ def resolve_model(state: AppState, name: str) -> str | None:
     return name
 
 
-async def _door(state: AppState, variant: str | None, model: str) -> None:
+async def _door(state: AppState, variant: str | None, model: str, request: Request) -> None:
     """Right before a request is queued: it waits while its variant is being replaced,
     and gets 404 if it was deleted since it was resolved."""
     if variant is None:
@@ -77,6 +77,8 @@ async def _door(state: AppState, variant: str | None, model: str) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 600
     while variant in state.replacing and loop.time() < deadline:
+        if await request.is_disconnected():
+            raise APIError(499, "client disconnected", "cancelled")
         await asyncio.sleep(0.02)
     if variant in state.retiring or not state.store.exists(variant):
         resolve_model(state, model)  # raises the 404, with the names available
@@ -236,7 +238,7 @@ async def _serve(
 ) -> Any:
     _, scheduler = ready
     pending = _Pending(variant, ids, params, getattr(request.state, "request_id", ""))
-    await _door(state, variant, req.model)
+    await _door(state, variant, req.model, request)
     try:  # no await between the door and the queue: admin actions see this request
         scheduler.submit(pending.job)
     except QueueFull as e:

@@ -174,7 +174,8 @@ class Scheduler:
         """A failed step ends the request that caused it, never its neighbours: a step
         of several sequences is retried one sequence per step (nothing of a failed
         step was kept: a sequence advances only after its forward), and the sequence
-        that fails alone is ended with an error."""
+        that fails alone is ended with an error. A failure outside any step's
+        sequences (an admin preface, the weights check) ends the running requests."""
         ids = [s.job.request_id for s in self._in_step]
         log.exception("step failed (requests %s)", ids)
         if self._suspects:
@@ -182,9 +183,13 @@ class Scheduler:
             self._finish(seq, "error", INTERNAL)
         elif len(self._in_step) == 1:
             self._finish(self._in_step[0], "error", INTERNAL)
-        else:
+        elif self._in_step:
             self._suspects = deque(self._in_step)
+        else:
+            for seq in list(self._running):
+                self._finish(seq, "error", INTERNAL)
         self._in_step = []
+        self._sync_held()
         if self.engine.active is not None:  # a clean, verified base for the retries
             try:
                 self._set_merged(None)
@@ -192,6 +197,14 @@ class Scheduler:
                 self._fail_all(UNAVAILABLE)
             except Exception:
                 log.exception("unmerging after a failed step failed")
+                self._sync_held()
+
+    def _sync_held(self) -> None:
+        """After a failed swap or a repair the engine may hold the base while a merged
+        variant's layout is still held here: release it."""
+        if self._held is not None and self.engine.active != self._held:
+            self.engine.release_layout(self._held)
+            self._held = None
 
     def _fail_all(self, error: JobError) -> None:
         for seq in list(self._running):
@@ -206,7 +219,11 @@ class Scheduler:
     def _step(self) -> None:
         for seq in [s for s in self._running if s.job.cancelled.is_set()]:
             self._finish(seq, "cancelled")
+        self._in_step = []
         self.engine.check()  # the resident weights agree with what the engine says
+        self._sync_held()  # (a repair puts the base back)
+        if self._held is not None and not self._running and self.engine.stale(self._held):
+            self._set_merged(None)  # its file changed on disk: the next request reloads it
         while self._suspects and self._suspects[0] not in self._running:
             self._suspects.popleft()
         if not self._suspects:
@@ -285,7 +302,10 @@ class Scheduler:
 
     def _acquire(self, variant: str) -> None:
         """Hold `variant`'s layout; if only the merged variant's hold is in the way,
-        unmerge it first."""
+        unmerge it first. A merged variant whose file changed on disk is unmerged
+        first too, so the new request gets the new file (when no other holds it)."""
+        if variant == self._held and self.engine.stale(variant):
+            self._set_merged(None)
         try:
             self.engine.acquire_layout(variant)
         except CacheFull:
@@ -322,6 +342,10 @@ class Scheduler:
         want = self.policy.choose(
             self.engine.active, rows, kept, remaining, self.engine, steady=bool(decode)
         )
+        if want is not None and self.engine.stale(want):
+            # its file changed while rows hold the old layout: merging would read the
+            # new file and mix versions, so its rows stay unmerged until it reloads
+            want = None
         self._set_merged(want)
         return self.engine.active
 
@@ -337,6 +361,7 @@ class Scheduler:
         except Exception:
             if want is not None:
                 self.engine.release_layout(want)
+            self._sync_held()  # the engine is back on the base
             raise
         if self._held is not None:
             self.engine.release_layout(self._held)

@@ -30,17 +30,21 @@ def _bound_to_base(e: Engine) -> bool:
 # --------------------------------------------------------------------------- transactional
 
 
-def test_apply_that_fails_midway_rolls_back_every_group(tiny_dirs, variant_files):
+def test_apply_that_fails_midway_rolls_back_every_group(
+    tiny_dirs, variant_files, tmp_path, monkeypatch
+):
     """A delta whose last chunk has a bad index: the chunks before it were written,
     and must be put back before the error propagates."""
-    e = _engine(tiny_dirs, variant_files, tiny_dirs["base"].parent / "apply-store")
+    import deltastore.apply as apply_mod
+    from deltastore.apply import BoundDelta, BoundGroup
+
+    monkeypatch.setattr(apply_mod, "CPU_CHUNK", 1000)  # chunks the tiny model can hold
+    e = _engine(tiny_dirs, variant_files, tmp_path)
     before = digest(e.weights)
-    bound = bind(load_delta(variant_files["v0"]), e.weights)
-    g = bound.groups[0]
-    bad_index = torch.cat([g.index, torch.tensor([e.weights.buffers[0].numel() + 7])])
-    bad_values = torch.cat([g.values, torch.ones(1)])
-    bad = type(bound)((type(g)(g.group, bad_index, bad_values), *bound.groups[1:]))
-    assert bad_index.numel() > 1
+    n = 2 * 1000 + 5  # two whole chunks written before the failing one
+    assert e.weights.buffers[0].numel() > n
+    index = torch.cat([torch.arange(n), torch.tensor([e.weights.buffers[0].numel() + 7])])
+    bad = BoundDelta((BoundGroup(0, index, torch.ones(n + 1)),))
     with pytest.raises((IndexError, RuntimeError)):
         apply_delta_(e.weights, bad)
     assert digest(e.weights) == before and e.weights.applied_depth == 0
@@ -312,6 +316,28 @@ def test_a_file_replaced_on_disk_is_reloaded(live, variant_files):
     os.replace(tmp, live.state.store.path("v2"))
     again = live.client.post("/v1/completions", json={**body, "model": "v2"}).json()
     assert again["choices"][0]["text"] == v4["choices"][0]["text"]
+
+
+def test_a_merged_variant_whose_file_changed_is_reloaded(tiny_dirs, variant_files, tmp_path):
+    """Engine v2 with every step merged: the variant stays merged between requests,
+    and must still be reloaded when its file changes."""
+    store = tmp_path / "store"
+    shutil.copytree(variant_files["v0"].parent, store)
+    srv = LiveServer(make_settings(tiny_dirs["base"], store, engine="v2", merge_policy="always"))
+    srv.wait_ready()
+    try:
+        body = {"prompt": PROMPT, "temperature": 0, "max_tokens": 12}
+        v4 = srv.client.post("/v1/completions", json={**body, "model": "v4"}).json()
+        srv.client.post("/v1/completions", json={**body, "model": "v2"})
+        assert srv.state.engine.active == "v2"  # merged, and left merged while idle
+        tmp = store / "swap.tmp"
+        shutil.copy(variant_files["v4"], tmp)
+        os.replace(tmp, srv.state.store.path("v2"))
+        for _ in range(2):
+            again = srv.client.post("/v1/completions", json={**body, "model": "v2"}).json()
+            assert again["choices"][0]["text"] == v4["choices"][0]["text"]
+    finally:
+        srv.stop()
 
 
 def test_evicting_a_variant_in_use_is_409_not_500(live):
