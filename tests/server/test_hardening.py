@@ -342,16 +342,15 @@ def test_a_merged_variant_whose_file_changed_is_reloaded(tiny_dirs, variant_file
 
 def test_evicting_a_variant_in_use_is_409_not_500(live):
     e, sched = live.state.engine, live.state.scheduler
-    e_layout = getattr(e, "acquire_layout", None)
-    if live.state.settings.engine != "v2" or e_layout is None:
-        pytest.skip("engine v2 holds layouts per running request")
-    sched.control(lambda eng: eng.acquire_layout("v1")).result(timeout=30)
-    try:
-        r = live.admin.post("/admin/deltas/v1/evict")
-        assert r.status_code == 409 and r.json()["error"]["code"] == "in_use"
-    finally:
-        sched.control(lambda eng: eng.release_layout("v1")).result(timeout=30)
+    if live.state.settings.engine == "v2":  # v2 holds a layout per running request
+        sched.control(lambda eng: eng.acquire_layout("v1")).result(timeout=30)
+        try:
+            r = live.admin.post("/admin/deltas/v1/evict")
+            assert r.status_code == 409 and r.json()["error"]["code"] == "in_use"
+        finally:
+            sched.control(lambda eng: eng.release_layout("v1")).result(timeout=30)
     assert live.admin.post("/admin/deltas/v1/evict").status_code == 200
+    assert e.tier_of("v1") == "disk"
 
 
 # --------------------------------------------------------------------------- secrets
