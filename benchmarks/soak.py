@@ -37,16 +37,14 @@ delta layout held but the merged variant's; and the RSS growth from after the fi
 100 to the end stays under a bound.
 
 Memory bounds, from measurements (tiny model, 2 CPU cores, the RSS of the whole
-process: server, clients and torch). Soak: after the 30 s warm-up, +1.1 MiB in a
-150 s soak (12,000 requests, 1,100 admin operations) and +8.5 MiB over 270 s of a
-300 s one (28,800 requests, 2,250 admin operations), about 2 MiB a minute, most
-of it from the admin churn: safetensors 0.8.0 keeps ~64 B per tensor each time
-a delta file is read with framework="pt" (`load_delta`: each upload's check, each
-load of an evicted variant), ~2.2 KiB per read of these deltas. Traffic alone
-(no churn) grows +1.4 MiB in 120 s and levels off. Disconnects: +1.7 to +3.2 MiB
-from after the first 100 to 1,000; 8,000 in a row grew 7.4 MiB over the first
-1,000 and then under 0.3 MiB per 1,000. The bounds, 64 MiB for the soak and 32 MiB
-for the disconnects, hold that with room for a 600 s run (~20 MiB), while a leak of
+process: server, clients and torch). Soak: after the warm-up, +1.5 MiB in a 150 s
+soak (11,200 requests, 1,100 admin operations) and +5.1 MiB in a 600 s one (37,700
+requests, 4,200 admin operations; benchmarks/results/soak.json). Before the store
+read delta files through numpy, safetensors' framework="pt" reader kept ~2.2 KiB
+per read of these deltas and a 300 s soak grew +8.5 MiB (about 2 MiB a minute).
+Disconnects: +1.2 to +3.2 MiB from after the first 100 to 1,000; 8,000 in a row grew
+7.4 MiB over the first 1,000 and then under 0.3 MiB per 1,000. The bounds, 64 MiB
+for the soak and 32 MiB for the disconnects, hold that with room, while a leak of
 5 KiB per request (60 MiB over the 150 s soak's 12,000) or of 36 KiB per dropped
 stream would cross them; leaked slots and in-flight requests are checked directly.
 """
