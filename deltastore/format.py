@@ -277,7 +277,9 @@ def save_delta(path: str | os.PathLike[str], delta: Delta) -> DeltaMeta:
     """Write `delta` atomically (temp file + rename). Returns the metadata written."""
     path = Path(path)
     blobs, metas = _encode(delta)
-    meta = delta.meta.model_copy(update={"tensors": metas, "payload_sha256": ""})
+    meta = delta.meta.model_copy(
+        update={"tensors": metas, "payload_sha256": "", "format_version": FORMAT_VERSION}
+    )
     meta = meta.model_copy(update={"payload_sha256": _payload_sha256(blobs)})
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

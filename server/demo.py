@@ -13,7 +13,7 @@ from pathlib import Path
 from deltastore.calib import Example
 from deltastore.compress import CompressOptions, compress
 from deltastore.finetune import FinetuneConfig, finetune
-from deltastore.format import save_delta
+from deltastore.format import FORMAT_VERSION, load_delta, read_meta, save_delta
 from deltastore.methods import Method
 from deltastore.paths import cache_dir
 from deltastore.qsearch import QSearch
@@ -42,6 +42,8 @@ def demo_delta(demo: Demo, base_dir: Path, progress: bool = True) -> Path:
     """The demo's delta file, made (fine-tune + compress) on first use."""
     out = cache_dir() / "demo" / f"{demo.name}.delta.safetensors"
     if out.is_file():
+        if read_meta(out).format_version < FORMAT_VERSION:  # cached by an older release
+            save_delta(out, load_delta(out))  # the same delta, with the newer checksums
         return out
     work = cache_dir() / "demo" / "work"
     ft_dir = finetune(

@@ -36,6 +36,7 @@ class AppState:
     ready_at: float | None = None
     retiring: set[str] = field(default_factory=set)  # deleted, draining in-flight requests
     replacing: set[str] = field(default_factory=set)  # new requests wait for the new file
+    at_door: int = 0  # requests waiting for a replace (bounded by queue_limit)
     # The HTTP side's own tokenizer (the worker's is never shared), one caller at a time
     # (a Rust tokenizer is not safe to call from several threads), off the event loop.
     tokenizer: Any = None

@@ -74,12 +74,19 @@ async def _door(state: AppState, variant: str | None, model: str, request: Reque
     and gets 404 if it was deleted since it was resolved."""
     if variant is None:
         return
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 600
-    while variant in state.replacing and loop.time() < deadline:
-        if await request.is_disconnected():
-            raise APIError(499, "client disconnected", "cancelled")
-        await asyncio.sleep(0.02)
+    if variant in state.replacing:
+        if state.at_door >= state.settings.queue_limit:  # they count as queued
+            raise APIError(429, f"server busy: {variant!r} is being replaced", "queue_full")
+        state.at_door += 1
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 600
+            while variant in state.replacing and loop.time() < deadline:
+                if await request.is_disconnected():
+                    raise APIError(499, "client disconnected", "cancelled")
+                await asyncio.sleep(0.02)
+        finally:
+            state.at_door -= 1
     if variant in state.retiring or not state.store.exists(variant):
         resolve_model(state, model)  # raises the 404, with the names available
 

@@ -179,3 +179,39 @@ def test_non_finite_dense(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(DeltaFormatError):
         load_delta(tmp_path / "nope.safetensors")
+
+
+def _rewrite_header(path, edit):
+    """Rewrite the file's safetensors header (its metadata) with `edit(metadata)`."""
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    edit(header["__metadata__"])
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def test_format_1_files_are_read_and_resaved_as_format_2(tmp_path):
+    path = _written(tmp_path, [_sparse()])
+    want = load_delta(path)
+
+    def as_format_1(meta):
+        del meta["deltaserve_sha256"]  # format 1 had no metadata checksum
+        inner = json.loads(meta["deltaserve"])
+        inner["format_version"] = 1
+        meta["deltaserve"] = json.dumps(inner)
+
+    _rewrite_header(path, as_format_1)
+    old = load_delta(path)
+    assert old.meta.format_version == 1
+    assert torch.equal(old.tensors["a.weight"].values, want.tensors["a.weight"].values)
+    save_delta(path, old)
+    assert read_meta(path).format_version == 2
+
+
+def test_format_2_without_its_metadata_checksum_is_refused(tmp_path):
+    path = _written(tmp_path, [_sparse()])
+    _rewrite_header(path, lambda meta: meta.pop("deltaserve_sha256"))
+    with pytest.raises(DeltaFormatError, match="metadata checksum is missing"):
+        load_delta(path)

@@ -410,3 +410,23 @@ def test_secret_files_are_checked(tmp_path):
     short.write_text("abc\n")
     with pytest.raises(ValueError, match="at least 8"):
         Settings(api_keys_file=short, demo=False)
+
+
+def test_requests_waiting_for_a_replace_are_bounded(live):
+    """While a variant is replaced its new requests wait at the door; they count
+    against the queue limit, and a request for another variant does not wait."""
+    state = live.state
+    state.replacing.add("v0")
+    state.at_door = state.settings.queue_limit
+    try:
+        r = live.client.post("/v1/completions", json={"model": "v0", "prompt": PROMPT})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        other = live.client.post("/v1/completions", json={"model": "v1", "prompt": PROMPT})
+        assert other.status_code == 200
+    finally:
+        state.replacing.discard("v0")
+        state.at_door = 0
+    assert (
+        live.client.post("/v1/completions", json={"model": "v0", "prompt": PROMPT}).status_code
+        == 200
+    )
