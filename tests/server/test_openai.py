@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from deltastore.sources import open_model
+from server.engine import digest
 from tests.server.conftest import MAX_TOKENS, PROMPTS
 
 
@@ -203,8 +204,12 @@ def test_sampling_is_seeded_and_stop_strings_cut(live):
     ],
 )
 def test_errors_are_openai_shaped(live, body, status, code):
+    store = {f.name: f.read_bytes() for f in live.state.store.root.iterdir()}
+    resident = digest(live.state.engine.weights)
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     r = live.client.post(path, json=body)
+    assert {f.name: f.read_bytes() for f in live.state.store.root.iterdir()} == store
+    assert digest(live.state.engine.weights) == resident
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == code and err["message"] and err["type"]
