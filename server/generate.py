@@ -109,7 +109,7 @@ class _Row:
         if job.cancelled.is_set():
             job.finish_reason = "cancelled"
             return
-        if token in self.eos:
+        if token in self.eos and not job.params.ignore_eos:
             job.finish_reason = "stop"
         else:
             self.ids.append(token)

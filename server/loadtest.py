@@ -6,6 +6,14 @@ weighted list), bounded by --requests and/or --duration: it always stops by itse
 Reports throughput, latency percentiles (time to first token, end to end),
 per-model counts, and the server's own swap / cache counters read from /metrics
 before and after.
+
+It cannot measure nothing: by default every request asks for `ignore_eos` (vLLM's
+extension, which deltaserve supports), so each generates the tokens it asks for; a
+run that generated no tokens at all says so loudly and exits 1. Time to first token
+is the time to the first chunk carrying text (not the role-only chunk), so it is
+measured with --stream only; without it the report says TTFT was not measured.
+--prompts FILE.jsonl mixes prompts (one {"prompt": "..."} per line, optionally
+with its own "max_tokens").
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import math
 import random
 import re
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,6 +103,8 @@ class Report:
     per_model: dict[str, int]
     server: dict[str, float]
     results: list[dict[str, Any]] = field(default_factory=list)
+    generated_tokens: int = 0
+    ttft_measured: bool = True
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -147,20 +158,64 @@ class Workload:
     chat: bool
     temperature: float
     seed: int
+    ignore_eos: bool = False  # ask for max_tokens whatever the model says
+    prompts: tuple[tuple[str, int | None], ...] = ()  # (prompt, its max_tokens): mixed
+
+    def pick_prompt(self, rng: random.Random) -> tuple[str, int]:
+        if not self.prompts:
+            return self.prompt, self.max_tokens
+        prompt, max_tokens = rng.choice(self.prompts)
+        return prompt, max_tokens or self.max_tokens
 
 
-async def _one(client: httpx.AsyncClient, w: Workload, model: str, t0: float) -> Result:
+def load_prompts(path: Path) -> tuple[tuple[str, int | None], ...]:
+    """A JSONL file of {"prompt": str, "max_tokens": int (optional)} per line."""
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt, max_tokens = row["prompt"], row.get("max_tokens")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f'{path}:{i}: expected {{"prompt": "...", "max_tokens": N}}') from None
+        if (
+            not isinstance(prompt, str)
+            or not prompt
+            or not (max_tokens is None or (isinstance(max_tokens, int) and max_tokens >= 1))
+        ):
+            raise ValueError(f"{path}:{i}: a non-empty prompt and a max_tokens >= 1")
+        out.append((prompt, max_tokens))
+    if not out:
+        raise ValueError(f"{path}: no prompts")
+    return tuple(out)
+
+
+def _content(chunk: dict[str, Any]) -> bool:
+    """Whether a streamed chunk carries generated text (not only the role)."""
+    for choice in chunk.get("choices") or []:
+        if choice.get("text") or (choice.get("delta") or {}).get("content"):
+            return True
+    return False
+
+
+async def _one(
+    client: httpx.AsyncClient, w: Workload, model: str, t0: float, rng: random.Random
+) -> Result:
     path = "/v1/chat/completions" if w.chat else "/v1/completions"
+    prompt, max_tokens = w.pick_prompt(rng)
     body: dict[str, Any] = {
         "model": model,
-        "max_tokens": w.max_tokens,
+        "max_tokens": max_tokens,
         "temperature": w.temperature,
         "stream": w.stream,
     }
+    if w.ignore_eos:
+        body["ignore_eos"] = True
     if w.chat:
-        body["messages"] = [{"role": "user", "content": w.prompt}]
+        body["messages"] = [{"role": "user", "content": prompt}]
     else:
-        body["prompt"] = w.prompt
+        body["prompt"] = prompt
     if w.stream:
         body["stream_options"] = {"include_usage": True}
     start = time.perf_counter()
@@ -169,7 +224,7 @@ async def _one(client: httpx.AsyncClient, w: Workload, model: str, t0: float) ->
         if not w.stream:
             r = await client.post(path, json=body)
             res.status = r.status_code
-            res.e2e = res.ttft = time.perf_counter() - start
+            res.e2e = time.perf_counter() - start  # no TTFT without a stream
             if r.status_code == 200:
                 res.tokens = int(r.json()["usage"]["completion_tokens"])
             else:
@@ -181,7 +236,7 @@ async def _one(client: httpx.AsyncClient, w: Workload, model: str, t0: float) ->
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
-                if res.ttft is None and chunk.get("choices"):
+                if res.ttft is None and _content(chunk):
                     res.ttft = time.perf_counter() - start
                 if chunk.get("usage"):
                     res.tokens = int(chunk["usage"]["completion_tokens"])
@@ -235,7 +290,7 @@ async def run(
                 nonlocal sent
                 while may_send():
                     sent += 1
-                    record(await _one(client, w, w.mix.sample(rng), t0))
+                    record(await _one(client, w, w.mix.sample(rng), t0, rng))
 
             await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         else:
@@ -244,7 +299,7 @@ async def run(
             next_at = t0
 
             async def fire(model: str) -> None:
-                record(await _one(client, w, model, t0))
+                record(await _one(client, w, model, t0, rng))
 
             while may_send():
                 next_at += rng.expovariate(rate)
@@ -262,7 +317,9 @@ async def run(
         elapsed = time.perf_counter() - t0
         bar.close()
         after = await _metrics(client)
-    return _report(url, concurrency, rate, elapsed, results, before, after)
+    rep = _report(url, concurrency, rate, elapsed, results, before, after)
+    rep.ttft_measured = w.stream
+    return rep
 
 
 def _report(
@@ -298,6 +355,7 @@ def _report(
         per_model=dict(sorted(per_model.items())),
         server=server,
         results=[asdict(r) for r in results],
+        generated_tokens=sum(r.tokens for r in ok),
     )
 
 
@@ -313,6 +371,8 @@ def summary(rep: Report) -> str:
             lines.append(
                 f"  {name:<10} p50 {p['p50']:.0f} ms, p90 {p['p90']:.0f} ms, p99 {p['p99']:.0f} ms"
             )
+        elif name == "ttft" and not rep.ttft_measured:
+            lines.append("  ttft       not measured (it needs --stream)")
     lines.append("  per model  " + ", ".join(f"{m}: {n}" for m, n in rep.per_model.items()))
     if rep.server:
         lines.append("  server     " + ", ".join(f"{k} +{v:g}" for k, v in rep.server.items()))
@@ -329,10 +389,15 @@ def plot(rep: Report, path: Path) -> None:
         raise RuntimeError("--plot needs matplotlib (pip install matplotlib)") from e
     ok = [r for r in rep.results if r["status"] == 200 and r["error"] is None]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("e2e", "end to end"), ("ttft", "time to first token")):
+    styles = (
+        ("e2e", "end to end", "-", "tab:blue"),
+        ("ttft", "time to first token", "--", "tab:orange"),
+    )
+    for key, label, style, color in styles:
         vals = sorted(1e3 * r[key] for r in ok if r[key] is not None)
         if vals:
-            ax1.plot(vals, [(i + 1) / len(vals) for i in range(len(vals))], label=label)
+            ys = [(i + 1) / len(vals) for i in range(len(vals))]
+            ax1.plot(vals, ys, style, color=color, label=label, linewidth=2)
     ax1.set(xlabel="latency (ms)", ylabel="fraction of requests", title="latency distribution")
     ax1.legend()
     seconds = max(1, math.ceil(rep.duration_s))
@@ -341,10 +406,15 @@ def plot(rep: Report, path: Path) -> None:
         done = min(seconds - 1, int(r["start"] + (r["e2e"] or 0)))
         reqs[done] += 1
         toks[done] += r["tokens"]
-    ax2.plot(range(seconds), reqs, label="requests/s")
-    ax2.plot(range(seconds), toks, label="tokens/s")
-    ax2.set(xlabel="time (s)", title="throughput over time")
-    ax2.legend()
+    ax2.plot(range(seconds), reqs, color="tab:blue", label="requests/s")
+    ax2.set(xlabel="time (s)", ylabel="requests/s", title="throughput over time")
+    ax2.tick_params(axis="y", labelcolor="tab:blue")
+    ax3 = ax2.twinx()  # tokens/s on its own axis: often 10-100x the requests/s
+    ax3.plot(range(seconds), toks, "--", color="tab:orange", label="generated tokens/s")
+    ax3.set_ylabel("generated tokens/s")
+    ax3.tick_params(axis="y", labelcolor="tab:orange")
+    lines = ax2.get_lines() + ax3.get_lines()
+    ax2.legend(lines, [ln.get_label() for ln in lines], loc="upper left")
     fig.suptitle(f"deltaserve loadtest: {rep.mode}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -380,6 +450,18 @@ def add_command(sub: Any) -> None:
     )
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request")
     p.add_argument("--prompt", default="Write one sentence about the sea.", help="prompt text")
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        help='JSONL of {"prompt": "...", "max_tokens": N} per line: a mix of prompts',
+    )
+    p.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ask every request for max_tokens tokens (vLLM's ignore_eos; default on; "
+        "--no-ignore-eos for servers without it)",
+    )
     p.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
     p.add_argument("--stream", action="store_true", help="stream (measures time to first token)")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -414,6 +496,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         args.chat,
         args.temperature,
         args.seed,
+        ignore_eos=args.ignore_eos,
+        prompts=load_prompts(args.prompts) if args.prompts else (),
     )
     concurrency = args.concurrency if args.rate is None else None
     if concurrency is None and args.rate is None:
@@ -434,4 +518,12 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         args.out.write_text(json.dumps(asdict(rep), indent=2))
     if args.plot:
         plot(rep, args.plot)
+    if rep.succeeded and rep.generated_tokens == 0:
+        print(
+            "WARNING: the requests succeeded but generated 0 tokens: this run measured "
+            "nothing (the model ended at once). Use --ignore-eos (the default) on a server "
+            "that supports it, or a prompt that makes the model write.",
+            file=sys.stderr,
+        )
+        return 1
     return 0 if rep.succeeded else 1

@@ -124,6 +124,7 @@ def _params(
         top_p=req.top_p,
         seed=req.seed,
         stop=req.stop_list(),
+        ignore_eos=req.ignore_eos,
     )
 
 

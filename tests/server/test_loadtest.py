@@ -128,3 +128,41 @@ def test_bad_arguments(live, capsys):
     assert "--requests" in capsys.readouterr().err
     assert main(["loadtest", "--url", "http://127.0.0.1:9", "--requests", "1"]) == 2
     assert "cannot list models" in capsys.readouterr().err
+
+
+def test_a_run_that_generates_nothing_fails_loudly(live, capsys, monkeypatch):
+    """A model that ends at once: without ignore_eos the run measured nothing, and
+    says so with exit 1; with it (the default) every request generates its tokens."""
+    everything = set(range(live.state.engine.model.config.vocab_size))
+    monkeypatch.setattr("server.generate._eos_ids", lambda model, tok: everything)  # v1
+    if hasattr(live.state.scheduler, "eos"):
+        monkeypatch.setattr(live.state.scheduler, "eos", everything)  # v2
+    args = ["loadtest", "--url", live.url, "--models", "v0", "--requests", "4"]
+    assert main([*args, "--max-tokens", "5", "--no-ignore-eos"]) == 1
+    captured = capsys.readouterr()
+    assert "generated 0 tokens" in captured.err and "measured" in captured.err
+    # the default asks every request for its tokens: 4 requests x 5 tokens
+    assert main([*args, "--max-tokens", "5", "--stream"]) == 0
+    text = capsys.readouterr().out
+    assert float(text.split("req/s, ")[1].split(" generated")[0]) > 0
+
+
+def test_mixed_prompts_from_a_file_and_ttft_only_when_streaming(live, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        '{"prompt": "the cat", "max_tokens": 3}\n\n{"prompt": "a", "max_tokens": 7}\n'
+    )
+    out = tmp_path / "r.json"
+    args = ["loadtest", "--url", live.url, "--models", "v0,v1", "--requests", "16"]
+    assert main([*args, "--prompts", str(prompts), "--out", str(out)]) == 0
+    assert "ttft       not measured" in capsys.readouterr().out
+    rep = json.loads(out.read_text())
+    assert {r["tokens"] for r in rep["results"]} == {3, 7}  # each its own max_tokens
+    assert all(r["ttft"] is None for r in rep["results"])
+    assert main([*args, "--prompts", str(prompts), "--stream", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert all(r["ttft"] is not None and r["ttft"] <= r["e2e"] for r in rep["results"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt key"}\n')
+    assert main([*args, "--prompts", str(bad)]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
