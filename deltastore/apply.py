@@ -130,16 +130,22 @@ def check_base(delta: Delta | DeltaMeta, weights: FlatWeights) -> None:
         )
 
 
-def _slot_for(t: TensorDelta, weights: FlatWeights) -> Slot:
-    slot = weights.slots.get(t.name)
+def _slot(name: str, shape: tuple[int, ...], weights: FlatWeights) -> Slot:
+    """The resident slot a delta tensor `name` of `shape` lands in; refuses a tensor
+    the resident model lacks or holds in another shape."""
+    slot = weights.slots.get(name)
     if slot is None:
         raise BaseMismatchError(
-            f"delta touches {t.name!r}, which the resident model does not have "
+            f"delta touches {name!r}, which the resident model does not have "
             f"(it has e.g. {sorted(weights.slots)[:3]})"
         )
-    if slot.shape != t.shape:
-        raise BaseMismatchError(f"{t.name}: delta shape {t.shape}, resident {slot.shape}")
+    if slot.shape != shape:
+        raise BaseMismatchError(f"{name}: delta shape {shape}, resident {slot.shape}")
     return slot
+
+
+def _slot_for(t: TensorDelta, weights: FlatWeights) -> Slot:
+    return _slot(t.name, t.shape, weights)
 
 
 def check_compatible(delta: Delta, weights: FlatWeights) -> None:
@@ -153,14 +159,7 @@ def check_meta(meta: DeltaMeta, weights: FlatWeights) -> None:
     """`check_compatible` from the metadata alone: run it before decoding a payload."""
     check_base(meta, weights)
     for name, tm in meta.tensors.items():
-        slot = weights.slots.get(name)
-        if slot is None:
-            raise BaseMismatchError(
-                f"delta touches {name!r}, which the resident model does not have "
-                f"(it has e.g. {sorted(weights.slots)[:3]})"
-            )
-        if slot.shape != tuple(tm.shape):
-            raise BaseMismatchError(f"{name}: delta shape {tuple(tm.shape)}, resident {slot.shape}")
+        _slot(name, tuple(tm.shape), weights)
 
 
 def bind(

@@ -7,6 +7,7 @@ each; a flag overrides the environment, which overrides the default.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -127,6 +128,20 @@ class Settings(BaseSettings):
         if self.api_keys is None:
             return []
         return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+
+    def key_digests(self) -> list[bytes]:
+        """sha256 of every credential inference accepts (the API keys and the admin
+        token); empty when no API keys are set (inference is open)."""
+        keys = self.keys()
+        if not keys:
+            return []
+        if self.admin_token is not None:
+            keys.append(self.admin_token.get_secret_value())
+        return [secret_digest(k) for k in keys]
+
+
+def secret_digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
 
 
 def _read_secret(path: Path, what: str) -> str:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from server.config import Settings
+from server.config import secret_digest
 from server.engine import Engine
 from server.errors import APIError
 from server.scheduler import SchedulerAPI
@@ -61,21 +60,6 @@ def require_admin(state: StateDep, authorization: Annotated[str | None, Header()
 AdminDep = Annotated[None, Depends(require_admin)]
 
 
-def _sha(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
-
-
-def key_digests(settings: Settings) -> list[bytes]:
-    """sha256 of every credential inference accepts (the API keys and the admin
-    token); empty when no API keys are set (inference is open)."""
-    keys = settings.keys()
-    if not keys:
-        return []
-    if settings.admin_token is not None:
-        keys.append(settings.admin_token.get_secret_value())
-    return [_sha(k) for k in keys]
-
-
 def bearer_ok(authorization: str | None, digests: list[bytes]) -> bool:
     """A Bearer credential whose sha256 is one of `digests`. Digests of equal length
     are compared with every key (no early exit), so the time says nothing about a
@@ -83,14 +67,14 @@ def bearer_ok(authorization: str | None, digests: list[bytes]) -> bool:
     scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer":
         return False
-    h = _sha(given.strip())
+    h = secret_digest(given.strip())
     return sum(hmac.compare_digest(h, d) for d in digests) > 0
 
 
 def require_api_key(state: StateDep, authorization: Annotated[str | None, Header()] = None) -> None:
     """Inference and /metrics: open unless API keys are set (DELTASERVE_API_KEYS); then
     a key, or the admin token, is required."""
-    digests = key_digests(state.settings)
+    digests = state.key_digests
     if digests and not bearer_ok(authorization, digests):
         raise APIError(401, "missing or wrong API key (Authorization: Bearer …)", "invalid_api_key")
 

@@ -71,7 +71,7 @@ class Guard:
             await send(message)
 
         try:
-            receive_ = await self._limit_body(scope, receive, send_, rid)
+            receive_ = await self._limit_body(scope, receive, send_)
             if receive_ is not None:
                 await self.app(scope, receive_, send_)
         except Exception:
@@ -82,7 +82,7 @@ class Guard:
         finally:
             self._count(scope, status)
 
-    async def _limit_body(self, scope: dict[str, Any], receive: Any, send: Any, rid: str) -> Any:
+    async def _limit_body(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
         """A receive that replays the body read here; None when a 413 was sent."""
         if (scope["method"], scope["path"].rstrip("/")) == UPLOAD:
             return receive

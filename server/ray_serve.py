@@ -32,7 +32,7 @@ from ray.serve.handle import DeploymentHandle
 
 from server.app import ThreadedServer
 from server.config import Settings
-from server.deps import bearer_ok, key_digests
+from server.deps import bearer_ok
 from server.errors import body as error_body
 
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"  # Ray's header name, defined once here
@@ -82,7 +82,7 @@ def build_app(
             "api_keys_file": None,
         }
     ).model_dump_json()
-    digests = key_digests(settings)
+    digests = settings.key_digests()
 
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 0})
     class Replica:

@@ -37,6 +37,7 @@ class AppState:
     retiring: set[str] = field(default_factory=set)  # deleted, draining in-flight requests
     replacing: set[str] = field(default_factory=set)  # new requests wait for the new file
     at_door: int = 0  # requests waiting for a replace (bounded by queue_limit)
+    key_digests: list[bytes] = field(init=False)  # what inference accepts (empty: open)
     # The HTTP side's own tokenizer (the worker's is never shared), one caller at a time
     # (a Rust tokenizer is not safe to call from several threads), off the event loop.
     tokenizer: Any = None
@@ -45,6 +46,9 @@ class AppState:
     _name_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
         default_factory=weakref.WeakValueDictionary
     )
+
+    def __post_init__(self) -> None:
+        self.key_digests = self.settings.key_digests()  # once, not per request
 
     async def tokenize(self, fn: Callable[[Any], T]) -> T:
         """fn(tokenizer) on a worker thread of the HTTP side, under the tokenizer lock."""

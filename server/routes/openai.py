@@ -209,10 +209,9 @@ class _Pending:
         self.job = Job(variant, ids, params, emit, request_id=request_id)
 
 
-def _job_error(payload: Any) -> tuple[int, str, str]:
+def _job_error(payload: JobError) -> tuple[int, str, str]:
     """(status, message, code) of a failed job, in words safe for the client."""
-    err = payload if isinstance(payload, JobError) else JobError(str(payload))
-    return err.status, err.message, err.code
+    return payload.status, payload.message, payload.code
 
 
 def _observe(state: AppState, job: Job) -> None:
