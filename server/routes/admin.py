@@ -131,7 +131,10 @@ async def upload(
             try:
                 if exists:
                     await _drain(state, ready, name)
-                await run_in_threadpool(state.store.commit, name, upload, replace)
+                try:  # a file put in the store directory by hand since the check
+                    await run_in_threadpool(state.store.commit, name, upload, replace)
+                except FileExistsError as e:
+                    raise APIError(409, str(e), "exists") from e
                 if exists:  # the old weights are not served again once released
                     await _on_worker(ready, lambda e: e.revalidate(name))
             finally:

@@ -430,3 +430,15 @@ def test_requests_waiting_for_a_replace_are_bounded(live):
         live.client.post("/v1/completions", json={"model": "v0", "prompt": PROMPT}).status_code
         == 200
     )
+
+
+def test_a_file_that_appears_before_commit_is_409(live, variant_files, monkeypatch):
+    """A store file put there by hand between the upload's check and its commit."""
+
+    def appeared(name, upload, replace):
+        raise FileExistsError(f"variant {name!r} exists (use replace=true)")
+
+    monkeypatch.setattr(live.state.store, "commit", appeared)
+    data = variant_files["v3"].read_bytes()
+    r = live.admin.post("/admin/deltas", params={"name": "fresh"}, content=data)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "exists"
