@@ -32,7 +32,7 @@ from deltastore.paths import cache_dir
 from deltastore.sources import open_model
 from server.config import Settings
 from server.engine import Engine
-from server.generate import Job, SamplingParams
+from server.job import Job, SamplingParams
 from server.metrics import Metrics
 from server.runtime.scheduler import Scheduler
 from server.runtime.sparse import CSR, KernelChoice, Segment, StepDeltas, VariantLayout, use_kernels

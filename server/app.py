@@ -75,26 +75,53 @@ def make_scheduler(engine: Engine, settings: Settings, metrics: Metrics) -> Sche
     return Scheduler(engine, settings, metrics)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def start(settings: Settings) -> tuple[AppState, threading.Thread]:
+    """The app's state, with the base loading (then the scheduler running) on a worker
+    thread of its own. The lifespan starts one; so does each Ray replica."""
+    state = AppState(settings, DeltaStore(settings.store), Metrics())
+    if settings.base is not None:
+        state.base_name = settings.base.name
+    state.metrics.watch_engine(lambda: state.engine)
+    worker = threading.Thread(
+        target=_load_and_serve, args=(state,), name="deltaserve-worker", daemon=True
+    )
+    worker.start()
+    return state, worker
+
+
+def stop(state: AppState, worker: threading.Thread) -> None:
+    while worker.is_alive() and state.scheduler is None and state.load_error is None:
+        time.sleep(0.05)  # stopped while loading: let the load finish first
+    if state.scheduler is not None:
+        state.scheduler.stop()
+    worker.join(timeout=30)
+
+
+def wait_ready(state: AppState, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while state.engine is None or state.scheduler is None:
+        if state.load_error or time.time() > deadline:
+            raise RuntimeError(f"not ready: {state.load_error or 'timed out'}")
+        time.sleep(0.02)
+
+
+def create_app(settings: Settings, state: AppState | None = None) -> FastAPI:
+    """The app; with `state` given, the caller started it (and stops it)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = AppState(settings, DeltaStore(settings.store), Metrics())
-        if settings.base is not None:
-            state.base_name = settings.base.name
-        state.metrics.watch_engine(lambda: state.engine)
-        app.state.deltaserve = state
-        worker = threading.Thread(
-            target=_load_and_serve, args=(state,), name="deltaserve-worker", daemon=True
-        )
-        worker.start()
+        if state is not None:
+            app.state.deltaserve = state
+            yield
+            return
+        own, worker = start(settings)
+        app.state.deltaserve = own
         yield
-        while worker.is_alive() and state.scheduler is None and state.load_error is None:
-            time.sleep(0.05)  # stopped while loading: let the load finish first
-        if state.scheduler is not None:
-            state.scheduler.stop()
-        worker.join(timeout=30)
+        stop(own, worker)
 
     app = FastAPI(title="deltaserve", version="0.1.0", lifespan=lifespan)
+    if state is not None:
+        app.state.deltaserve = state
     errors.install(app)
     app.add_middleware(Guard)  # request ids, the body limit, the last-resort 500
     app.include_router(openai.router)
@@ -131,11 +158,7 @@ class ThreadedServer:
         return state
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while self.state.engine is None or self.state.scheduler is None:
-            if self.state.load_error or time.time() > deadline:
-                raise RuntimeError(f"not ready: {self.state.load_error or 'timed out'}")
-            time.sleep(0.02)
+        wait_ready(self.state, timeout)
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -12,6 +12,7 @@ from typing import Any
 
 from deltastore.cli import add_commands
 from server.config import Settings
+from server.evaluate import add_command as add_eval
 from server.loadtest import add_command as add_loadtest
 
 
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub)
     add_serve(sub)
     add_loadtest(sub)
+    add_eval(sub)
     return parser
 
 

@@ -24,7 +24,8 @@ from typing import Any, Protocol, TypeVar
 
 from server.config import Settings
 from server.engine import Engine, WeightsUnavailable
-from server.generate import INTERNAL, UNAVAILABLE, Job, generate
+from server.generate import generate
+from server.job import INTERNAL, UNAVAILABLE, Job
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)

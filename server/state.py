@@ -42,6 +42,7 @@ class AppState:
     # (a Rust tokenizer is not safe to call from several threads), off the event loop.
     tokenizer: Any = None
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+    _token_text: dict[int, str] = field(default_factory=dict)
     # admin actions on one name run one at a time (upload, replace, delete, preload…)
     _name_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
         default_factory=weakref.WeakValueDictionary
@@ -58,6 +59,17 @@ class AppState:
                 return fn(self.tokenizer)
 
         return await run_in_threadpool(run)
+
+    async def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (logprobs, token_strs): decoded once, then cached."""
+        missing = [t for t in dict.fromkeys(ids) if t not in self._token_text]
+        if missing:
+
+            def decode(tok: Any) -> list[str]:
+                return [tok.decode([t]) for t in missing]
+
+            self._token_text.update(zip(missing, await self.tokenize(decode), strict=True))
+        return [self._token_text[t] for t in ids]
 
     def name_lock(self, name: str) -> asyncio.Lock:
         lock = self._name_locks.get(name)

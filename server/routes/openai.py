@@ -1,6 +1,10 @@
-"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models,
+and vLLM's /tokenize and /detokenize.
 
-`model` names a variant in the store, or the base by its directory name.
+`model` names a variant in the store, or the base by its directory name. Both
+completion routes share one pipeline: resolve the model -> tokenize the prompts ->
+sampling parameters per choice (prompts x n) -> submit every choice -> render (a
+response, or a stream of chunks).
 """
 
 from __future__ import annotations
@@ -10,25 +14,40 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from server.deps import KeyDep, ReadyDep, StateDep
 from server.errors import APIError, body
-from server.generate import Job, JobError, SamplingParams
+from server.job import Job, JobError, SamplingParams, TokenLogprob
 from server.scheduler import QueueFull
 from server.schemas import (
+    MAX_PROMPTS,
+    SEED_MAX,
+    SEED_MIN,
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatTokenLogprob,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DeltaSummary,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TopLogprob,
     Usage,
     _Sampling,
 )
@@ -36,7 +55,7 @@ from server.state import AppState
 from server.store import NameError_, check_name
 
 router = APIRouter(tags=["openai"], dependencies=[KeyDep])
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+COMPLETION_DEFAULT = 16  # OpenAI's default for /v1/completions
 # A prompt longer than this many characters per allowed token is refused before it
 # is tokenized (a token of this tokenizer family is rarely over 16 characters).
 CHARS_PER_TOKEN_BOUND = 32
@@ -97,50 +116,194 @@ def _check_options(req: _Sampling) -> None:
         raise APIError(400, f"unsupported option(s): {', '.join(bad)}", "unsupported_option")
 
 
+def max_model_len(state: AppState, engine: Any) -> int:
+    """The longest prompt plus completion a request may ask for."""
+    s = state.settings
+    return int(min(engine.max_positions, s.max_prompt_tokens + s.max_new_tokens))
+
+
+def _vocab(engine: Any) -> int:
+    return int(engine.model.get_input_embeddings().weight.shape[0])
+
+
+def _check_ids(ids: list[int], vocab: int, what: str) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"{what}: token id {bad} is outside the vocabulary [0, {vocab})", what)
+
+
+def _max_tokens(
+    state: AppState, engine: Any, n_prompt: int, wanted: int | None, default: int
+) -> int:
+    """The completion budget of one prompt: `wanted`, or the default within the context.
+    A prompt and completion beyond the context are a 400 that says the limit (as vLLM)."""
+    s = state.settings
+    if wanted is not None and wanted > s.max_new_tokens:
+        raise APIError(
+            400, f"max_tokens {wanted} exceeds this server's {s.max_new_tokens}", "max_tokens"
+        )
+    if n_prompt > s.max_prompt_tokens:
+        raise APIError(
+            413, f"prompt of {n_prompt} tokens exceeds {s.max_prompt_tokens}", "prompt_too_long"
+        )
+    limit = max_model_len(state, engine)
+    budget = wanted if wanted is not None else min(default, s.max_new_tokens, limit - n_prompt)
+    if n_prompt + max(budget, 1 if wanted is None else 0) > limit:
+        asked = n_prompt + max(budget, 1)
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{asked} tokens ({n_prompt} in the prompt, {asked - n_prompt} in the completion). "
+            "Please reduce the length of the prompt or completion.",
+            "context_length_exceeded",
+        )
+    return budget
+
+
 def _params(
     state: AppState,
+    engine: Any,
     req: _Sampling,
-    n_prompt: int,
-    max_tokens: int | None,
-    default: int,
-    max_positions: int,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None,
 ) -> SamplingParams:
-    limit = state.settings.max_new_tokens
-    if max_tokens is not None and max_tokens > limit:
-        raise APIError(400, f"max_tokens {max_tokens} exceeds this server's {limit}", "max_tokens")
-    if n_prompt > state.settings.max_prompt_tokens:
+    if req.min_tokens > max_tokens:
         raise APIError(
-            413,
-            f"prompt of {n_prompt} tokens exceeds {state.settings.max_prompt_tokens}",
-            "prompt_too_long",
+            400, f"min_tokens {req.min_tokens} exceeds max_tokens {max_tokens}", "min_tokens"
         )
-    room = max_positions - n_prompt
-    if room < 1:
-        raise APIError(413, f"prompt of {n_prompt} tokens fills the context", "prompt_too_long")
-    wanted = max_tokens if max_tokens is not None else min(default, limit)
+    stop_ids = tuple(req.stop_token_ids or ())
+    _check_ids(list(stop_ids), _vocab(engine), "stop_token_ids")
     return SamplingParams(
-        max_tokens=min(wanted, room),
+        max_tokens=max_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
+        top_k=max(req.top_k, 0),
+        min_p=req.min_p,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
         seed=req.seed,
         stop=req.stop_list(),
+        stop_token_ids=stop_ids,
         ignore_eos=req.ignore_eos,
+        min_tokens=req.min_tokens,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
+
+
+def _choice_seed(seed: int | None, j: int) -> int | None:
+    """Choice j's seed: the request's seed plus j (wrapped to 64 bits), so a seeded
+    request is reproducible choice by choice and its first choice is that of n = 1."""
+    if seed is None:
+        return None
+    return (seed + j - SEED_MIN) % (SEED_MAX - SEED_MIN + 1) + SEED_MIN
+
+
+async def fingerprint(state: AppState, variant: str | None) -> str | None:
+    """`system_fingerprint`: of the base's weights, or of the variant's delta file."""
+    if variant is None:
+        digest = getattr(state.engine, "base_digest", None)
+        return f"fp_{digest[:16]}" if digest else None
+    try:
+        info = await run_in_threadpool(state.store.info, variant)  # sha256: cached per stamp
+    except (KeyError, FileNotFoundError):
+        return None
+    return f"fp_{info.sha256[:16]}"
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def _card(state: AppState, name: str, engine: Any | None) -> ModelCard | None:
+    limit = max_model_len(state, engine) if engine is not None else None
+    if name == state.base_name:
+        root = str(state.base_dir or "")
+        return ModelCard(id=name, created=int(state.started), root=root, max_model_len=limit)
+    if name in state.retiring:
+        return None
+    try:
+        created = int(state.store.path(name).stat().st_mtime)
+    except (FileNotFoundError, NameError_):
+        return None
+    return ModelCard(
+        id=name, created=created, root=name, parent=state.base_name, max_model_len=limit
     )
 
 
 @router.get("/v1/models")
 def models(state: StateDep) -> ModelList:
-    base_created = int(state.started)
-    cards = [ModelCard(id=state.base_name, created=base_created, root=str(state.base_dir or ""))]
-    for name in state.store.names():
-        if name in state.retiring:
-            continue
+    names = [state.base_name, *state.store.names()]
+    cards = [_card(state, n, state.engine) for n in names]
+    return ModelList(data=[c for c in cards if c is not None])
+
+
+@router.get("/v1/models/{model_id}")
+async def model(model_id: str, state: StateDep) -> ModelCard:
+    """One model (the OpenAI client's `models.retrieve`); a variant's card carries its
+    delta: method, rate, q, size, checksum and parent."""
+    resolve_model(state, model_id)
+    card = _card(state, model_id, state.engine)
+    if card is None:
+        resolve_model(state, model_id)  # gone since: the 404 with the names available
+        raise APIError(404, f"model {model_id!r} does not exist", "model_not_found")
+    if model_id != state.base_name:
         try:
-            created = int(state.store.path(name).stat().st_mtime)
-        except FileNotFoundError:
-            continue
-        cards.append(ModelCard(id=name, created=created, root=name, parent=state.base_name))
-    return ModelList(data=cards)
+            info = await run_in_threadpool(state.store.info, model_id)
+        except (KeyError, FileNotFoundError):
+            raise APIError(404, f"model {model_id!r} does not exist", "model_not_found") from None
+        m = info.meta
+        card.delta = DeltaSummary(
+            method=m.method,
+            rate=m.rate,
+            q=m.q,
+            size_bytes=info.size,
+            kept_entries=sum(t.count for t in m.tensors.values()),
+            sha256=info.sha256,
+            parent=state.base_name,
+        )
+    return card
+
+
+async def _chat_ids(state: AppState, messages: list[ChatMessage], generation: bool) -> list[int]:
+    if not getattr(state.tokenizer, "chat_template", None):
+        raise APIError(400, "the base has no chat template: use /v1/completions", "no_template")
+    _check_chars(state, sum(len(m.text()) for m in messages))
+    turns = [{"role": m.role, "content": m.text()} for m in messages]
+
+    def encode(tok: Any) -> list[int]:
+        text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation)
+        ids: list[int] = tok(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    return await state.tokenize(encode)
+
+
+async def _prompt_ids(state: AppState, engine: Any, prompt: Any) -> list[list[int]]:
+    """A completion request's prompts as token ids: text, ids, or a list of either."""
+    if isinstance(prompt, str):
+        prompts: list[Any] = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise APIError(400, "prompt: an empty list", "empty_prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", "too_many_prompts")
+    texts = [p for p in prompts if isinstance(p, str)]
+    _check_chars(state, max((len(t) for t in texts), default=0))
+    encoded = iter(
+        await state.tokenize(lambda tok: [tok(t)["input_ids"] for t in texts]) if texts else []
+    )
+    out = [next(encoded) if isinstance(p, str) else list(p) for p in prompts]
+    vocab = _vocab(engine)
+    for ids in out:
+        if not ids:
+            raise APIError(400, "empty prompt", "empty_prompt")
+        _check_ids(ids, vocab, "prompt")
+    return out
 
 
 @router.post("/v1/completions", response_model=None)
@@ -150,20 +313,15 @@ async def completions(
     engine, _ = ready
     _check_options(req)
     variant = resolve_model(state, req.model)
-    if isinstance(req.prompt, list):
-        if len(req.prompt) != 1:
-            raise APIError(400, "one prompt per request (got a list of several)", "n_prompts")
-        prompt = req.prompt[0]
-    else:
-        prompt = req.prompt
-    _check_chars(state, len(prompt))
-    ids = await state.tokenize(lambda tok: tok(prompt)["input_ids"])
-    if not ids:
-        raise APIError(400, "empty prompt", "empty_prompt")
-    params = _params(
-        state, req, len(ids), req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, engine.max_positions
-    )
-    return await _serve(state, ready, request, req, variant, ids, params, chat=False)
+    if req.max_tokens == 0 and not req.echo:
+        raise APIError(400, "max_tokens 0 needs echo (it scores the prompt)", "max_tokens")
+    prompts = await _prompt_ids(state, engine, req.prompt)
+    lp = req.logprobs
+    plans = []
+    for ids in prompts:
+        budget = _max_tokens(state, engine, len(ids), req.max_tokens, COMPLETION_DEFAULT)
+        plans.append((ids, _params(state, engine, req, budget, lp, lp if req.echo else None)))
+    return await _serve(state, ready, request, req, variant, plans, _Render(False, req.echo, lp))
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -173,45 +331,104 @@ async def chat_completions(
     engine, _ = ready
     _check_options(req)
     variant = resolve_model(state, req.model)
-    if not getattr(state.tokenizer, "chat_template", None):
-        raise APIError(400, "the base has no chat template: use /v1/completions", "no_template")
-    _check_chars(state, sum(len(m.content) for m in req.messages))
-    messages = [m.model_dump() for m in req.messages]
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    wanted = req.max_completion_tokens or req.max_tokens
+    if wanted == 0:
+        raise APIError(400, "max_tokens must be at least 1", "max_tokens")
+    ids = await _chat_ids(state, req.messages, generation=True)
+    budget = _max_tokens(state, engine, len(ids), wanted, state.settings.max_new_tokens)
+    lp = (req.top_logprobs or 0) if req.logprobs else None
+    plans = [(ids, _params(state, engine, req, budget, lp, None))]
+    return await _serve(state, ready, request, req, variant, plans, _Render(True, False, lp))
 
-    def encode(tok: Any) -> list[int]:
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids: list[int] = tok(text, add_special_tokens=False)["input_ids"]
-        return ids
 
-    ids = await state.tokenize(encode)
-    max_tokens = req.max_completion_tokens or req.max_tokens
-    params = _params(
-        state, req, len(ids), max_tokens, state.settings.max_new_tokens, engine.max_positions
-    )
-    return await _serve(state, ready, request, req, variant, ids, params, chat=True)
+@router.post("/tokenize")
+async def tokenize(req: TokenizeRequest, state: StateDep, ready: ReadyDep) -> TokenizeResponse:
+    """vLLM's /tokenize: a prompt, or messages through the chat template."""
+    engine, _ = ready
+    if req.model is not None:
+        resolve_model(state, req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give either prompt or messages", "invalid_request")
+    if req.messages is not None:
+        ids = await _chat_ids(state, req.messages, req.add_generation_prompt)
+    else:
+        text = req.prompt or ""
+        _check_chars(state, len(text))
+        special = req.add_special_tokens
+        ids = await state.tokenize(lambda tok: tok(text, add_special_tokens=special)["input_ids"])
+    strs = await state.token_texts(ids) if req.return_token_strs else None
+    limit = max_model_len(state, engine)
+    return TokenizeResponse(count=len(ids), max_model_len=limit, tokens=ids, token_strs=strs)
+
+
+@router.post("/detokenize")
+async def detokenize(
+    req: DetokenizeRequest, state: StateDep, ready: ReadyDep
+) -> DetokenizeResponse:
+    engine, _ = ready
+    if req.model is not None:
+        resolve_model(state, req.model)
+    _check_ids(req.tokens, _vocab(engine), "tokens")
+    text = await state.tokenize(lambda tok: tok.decode(req.tokens))
+    return DetokenizeResponse(prompt=text)
+
+
+@router.get("/tokenizer_info")
+def tokenizer_info(state: StateDep, ready: ReadyDep) -> dict[str, Any]:
+    """vLLM's /tokenizer_info: what a client needs to tokenize through /tokenize
+    (lm-evaluation-harness's remote tokenizer reads it)."""
+    engine, _ = ready
+    tok = state.tokenizer
+    return {
+        "tokenizer_class": type(tok).__name__,
+        "eos_token": tok.eos_token,
+        "bos_token": tok.bos_token,
+        "pad_token": tok.pad_token,
+        "chat_template": getattr(tok, "chat_template", None),
+        "model_max_length": max_model_len(state, engine),
+    }
 
 
 # --------------------------------------------------------------------------- serving
 
 
+@dataclass(frozen=True)
+class _Render:
+    """How the choices of a request are rendered."""
+
+    chat: bool
+    echo: bool  # completions: the prompt's text (and logprobs) before the completion
+    logprobs: int | None  # alternatives per token; None: no logprobs
+
+
 class _Pending:
-    """A submitted job and the queue its events arrive on (from the worker thread)."""
+    """The submitted choices of one request (prompts x n, in choice order) and the one
+    queue their events arrive on, tagged with the choice index (from the worker)."""
 
     def __init__(
-        self, variant: str | None, ids: list[int], params: SamplingParams, request_id: str
+        self, variant: str | None, plans: list[tuple[list[int], SamplingParams]], n: int, rid: str
     ) -> None:
         loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
+        self.jobs: list[Job] = []
+        for ids, params in plans:
+            for j in range(n):
+                seeded = replace(params, seed=_choice_seed(params.seed, j))
+                self.jobs.append(
+                    Job(variant, ids, seeded, self._emitter(loop, len(self.jobs)), rid)
+                )
 
+    def _emitter(self, loop: asyncio.AbstractEventLoop, index: int) -> Any:
         def emit(kind: str, payload: Any) -> None:
-            loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+            loop.call_soon_threadsafe(self.events.put_nowait, (index, kind, payload))
 
-        self.job = Job(variant, ids, params, emit, request_id=request_id)
+        return emit
 
-
-def _job_error(payload: JobError) -> tuple[int, str, str]:
-    """(status, message, code) of a failed job, in words safe for the client."""
-    return payload.status, payload.message, payload.code
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancelled.set()
 
 
 def _observe(state: AppState, job: Job) -> None:
@@ -224,13 +441,10 @@ def _observe(state: AppState, job: Job) -> None:
         m.e2e_seconds.observe(job.finished - job.enqueued)
 
 
-def _usage(job: Job) -> Usage:
-    n = len(job.prompt_ids)
-    return Usage(
-        prompt_tokens=n,
-        completion_tokens=job.completion_tokens,
-        total_tokens=n + job.completion_tokens,
-    )
+def _usage(jobs: list[Job], n: int) -> Usage:
+    prompt = sum(len(j.prompt_ids) for j in jobs[::n])  # each prompt once, whatever n
+    done = sum(j.completion_tokens for j in jobs)
+    return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
 
 
 async def _serve(
@@ -239,137 +453,276 @@ async def _serve(
     request: Request,
     req: _Sampling,
     variant: str | None,
-    ids: list[int],
-    params: SamplingParams,
-    chat: bool,
+    plans: list[tuple[list[int], SamplingParams]],
+    render: _Render,
 ) -> Any:
     _, scheduler = ready
-    pending = _Pending(variant, ids, params, getattr(request.state, "request_id", ""))
+    n_choices = len(plans) * req.n
+    if n_choices > state.settings.queue_limit:
+        raise APIError(
+            400,
+            f"{n_choices} choices (prompts x n) exceed what the server queues "
+            f"({state.settings.queue_limit})",
+            "too_many_choices",
+        )
+    pending = _Pending(variant, plans, req.n, getattr(request.state, "request_id", ""))
+    fp = await fingerprint(state, variant)
+    texts = _Texts(state)
     await _door(state, variant, req.model, request)
     try:  # no await between the door and the queue: admin actions see this request
-        scheduler.submit(pending.job)
+        for job in pending.jobs:
+            scheduler.submit(job)
     except QueueFull as e:
+        pending.cancel()  # the choices already queued are dropped at admission
         raise APIError(429, f"server busy: {e}", "queue_full") from e
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    rid = f"{'chatcmpl' if render.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
+    head = _Head(rid, created, req.model, fp, render.chat)
     if req.stream:
-        return StreamingResponse(
-            _stream(state, pending, rid, created, req, chat), media_type="text/event-stream"
-        )
-    job = await _wait(pending, request)
-    _observe(state, job)
-    if job.finish_reason == "cancelled":
+        stream = _stream(state, pending, head, req, render, texts)
+        return StreamingResponse(stream, media_type="text/event-stream")
+    jobs = await _wait(pending, request)
+    for job in jobs:
+        _observe(state, job)
+    if any(job.finish_reason == "cancelled" for job in jobs):
         raise APIError(499, "client disconnected", "cancelled")
-    if chat:
+    usage = _usage(jobs, req.n)
+    if render.chat:
+        chat_choices = []
+        for i, job in enumerate(jobs):
+            chat_lp = None
+            if render.logprobs is not None:
+                chat_lp = ChatLogprobs(content=await texts.chat(job.logprobs))
+            message = AssistantMessage(content=job.text)
+            chat_choices.append(
+                ChatChoice(
+                    index=i, message=message, finish_reason=job.finish_reason, logprobs=chat_lp
+                )
+            )
         return ChatCompletionResponse(
             id=rid,
             created=created,
             model=req.model,
-            usage=_usage(job),
-            choices=[
-                ChatChoice(
-                    message=AssistantMessage(content=job.text), finish_reason=job.finish_reason
-                )
-            ],
+            system_fingerprint=fp,
+            usage=usage,
+            choices=chat_choices,
+        )
+    choices = []
+    for i, job in enumerate(jobs):
+        text, lp = job.text, None
+        if render.echo:
+            text = await texts.prompt_text(job.prompt_ids) + text
+        if render.logprobs is not None:
+            entries = _entries(job, render.echo)
+            lp = await texts.completion(entries, 0)
+        choices.append(
+            CompletionChoice(index=i, text=text, finish_reason=job.finish_reason, logprobs=lp)
         )
     return CompletionResponse(
         id=rid,
         created=created,
         model=req.model,
-        usage=_usage(job),
-        choices=[CompletionChoice(text=job.text, finish_reason=job.finish_reason)],
+        system_fingerprint=fp,
+        usage=usage,
+        choices=choices,
     )
 
 
-async def _wait(pending: _Pending, request: Request) -> Job:
-    """The finished job; a client that disconnects first frees its slot."""
+def _entries(job: Job, echo: bool, generated: bool = True) -> list[tuple[int, TokenLogprob | None]]:
+    """(token, logprob entry) of a choice: the echoed prompt's (the first without one)
+    when `echo`, then the generated tokens' unless not `generated`."""
+    out: list[tuple[int, TokenLogprob | None]] = []
+    if echo:
+        out = list(zip(job.prompt_ids, job.prompt_logprobs, strict=False))
+    if generated:
+        out.extend((e.token, e) for e in job.logprobs)
+    return out
 
-    async def done() -> Job:
-        while True:
-            kind, payload = await pending.events.get()
+
+class _Texts:
+    """Token ids -> text for rendering logprobs (the HTTP side's tokenizer, cached)."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    async def prompt_text(self, ids: list[int]) -> str:
+        return await self.state.tokenize(lambda tok: tok.decode(ids, skip_special_tokens=True))
+
+    async def completion(
+        self, entries: list[tuple[int, TokenLogprob | None]], offset: int
+    ) -> CompletionLogprobs:
+        ids = {t for t, _ in entries}
+        for _, e in entries:
+            if e is not None:
+                ids.update(t for t, _ in e.top)
+        strs = dict(zip(ids, await self.state.token_texts(list(ids)), strict=True))
+        out = CompletionLogprobs()
+        for token, e in entries:
+            out.tokens.append(strs[token])
+            out.text_offset.append(offset)
+            offset += len(strs[token])
+            if e is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            out.token_logprobs.append(e.logprob)
+            top = {strs[t]: lp for t, lp in e.top}
+            top.setdefault(strs[token], e.logprob)  # the chosen token is always there
+            out.top_logprobs.append(top)
+        return out
+
+    async def chat(self, entries: list[TokenLogprob]) -> list[ChatTokenLogprob]:
+        ids = {e.token for e in entries} | {t for e in entries for t, _ in e.top}
+        strs = dict(zip(ids, await self.state.token_texts(list(ids)), strict=True))
+
+        def one(token: int, logprob: float) -> TopLogprob:
+            s = strs[token]
+            return TopLogprob(token=s, logprob=logprob, bytes=list(s.encode("utf-8")))
+
+        out = []
+        for e in entries:
+            first = one(e.token, e.logprob)
+            tops = [one(t, lp) for t, lp in e.top]
+            out.append(ChatTokenLogprob(**first.model_dump(), top_logprobs=tops))
+        return out
+
+
+async def _wait(pending: _Pending, request: Request) -> list[Job]:
+    """Every finished choice; a client that disconnects first frees their slots. The
+    first choice that fails fails the request (and cancels the others)."""
+
+    async def done() -> list[Job]:
+        left = len(pending.jobs)
+        while left:
+            _, kind, payload = await pending.events.get()
             if kind == "done":
-                job: Job = payload
-                return job
-            if kind == "error":
-                status, message, code = _job_error(payload)
-                raise APIError(status, message, code)
+                left -= 1
+            elif kind == "error":
+                pending.cancel()
+                error: JobError = payload
+                raise APIError(error.status, error.message, error.code)
+        return pending.jobs
 
     async def disconnected() -> None:
         while not await request.is_disconnected():
             await asyncio.sleep(0.05)
-        pending.job.cancelled.set()
+        pending.cancel()
 
     waiter, watcher = asyncio.create_task(done()), asyncio.create_task(disconnected())
     try:
         await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not waiter.done():  # disconnected: wait for the worker to drop the job
-            pending.job.cancelled.set()
+        if not waiter.done():  # disconnected: wait for the worker to drop the jobs
+            pending.cancel()
         return await waiter
     finally:
         watcher.cancel()
 
 
-def _chunk(
-    rid: str,
-    created: int,
-    model: str,
-    chat: bool,
-    text: str | None,
-    finish: str | None,
-    first: bool = False,
-) -> str:
-    if chat:
-        delta: dict[str, str] = {"role": "assistant", "content": ""} if first else {}
-        if text:
-            delta["content"] = text
-        choice: dict[str, Any] = {
-            "index": 0,
-            "delta": delta,
-            "finish_reason": finish,
-            "logprobs": None,
+@dataclass(frozen=True)
+class _Head:
+    """What every chunk of a stream repeats."""
+
+    id: str
+    created: int
+    model: str
+    fingerprint: str | None
+    chat: bool
+
+    def chunk(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> str:
+        payload: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": choices,
         }
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        obj = "text_completion"
-    payload = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
-    return f"data: {json.dumps(payload)}\n\n"
+        if usage is not None:
+            payload["usage"] = usage.model_dump()
+        return f"data: {json.dumps(payload)}\n\n"
 
 
 async def _stream(
-    state: AppState, pending: _Pending, rid: str, created: int, req: _Sampling, chat: bool
+    state: AppState,
+    pending: _Pending,
+    head: _Head,
+    req: _Sampling,
+    render: _Render,
+    texts: _Texts,
 ) -> AsyncIterator[str]:
-    job = pending.job
+    """Chunks of every choice as their text arrives (each tagged with its index), a
+    last chunk per choice with its finish reason, then usage when asked, then [DONE].
+    Logprobs travel with the text they belong to (those of tokens whose text is still
+    held back, for a stop string, follow with later text)."""
+    jobs = pending.jobs
+    sent = [0] * len(jobs)  # logprob entries sent, per choice
+    ready = [0] * len(jobs)  # entries the next text carries
+    offset = [0] * len(jobs)  # text offset (completions logprobs)
     finished = False
+
+    async def logprobs(i: int, end: int) -> Any:
+        if render.logprobs is None:
+            return None
+        job = jobs[i]
+        entries, sent[i] = job.logprobs[sent[i] : end], end
+        if render.chat:
+            return {"content": [e.model_dump() for e in await texts.chat(entries)]}
+        lp = await texts.completion([(e.token, e) for e in entries], offset[i])
+        offset[i] += sum(len(t) for t in lp.tokens)
+        return lp.model_dump()
+
+    def choice(
+        i: int, text: str | None, finish: str | None, lp: Any, first: bool = False
+    ) -> dict[str, Any]:
+        if render.chat:
+            delta: dict[str, str] = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            return {"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}
+        return {"index": i, "text": text or "", "finish_reason": finish, "logprobs": lp}
+
+    async def echo(i: int) -> str:
+        """Completions with echo: the prompt's text (and logprobs: complete before the
+        choice's first event) in the choice's first chunk."""
+        job = jobs[i]
+        text = await texts.prompt_text(job.prompt_ids)
+        lp = None
+        if render.logprobs is not None:
+            echoed = await texts.completion(_entries(job, True, generated=False), 0)
+            offset[i] = sum(len(t) for t in echoed.tokens)
+            lp = echoed.model_dump()
+        return head.chunk([choice(i, text, None, lp)])
+
     try:
-        if chat:
-            yield _chunk(rid, created, req.model, chat, None, None, first=True)
-        while True:
-            kind, payload = await pending.events.get()
-            if kind == "text":
-                yield _chunk(rid, created, req.model, chat, payload, None)
+        if render.chat:  # the role first, as OpenAI
+            yield head.chunk([choice(i, None, None, None, first=True) for i in range(len(jobs))])
+        started = [not render.echo] * len(jobs)
+        left = len(jobs)
+        while left:
+            i, kind, payload = await pending.events.get()
+            if not started[i] and kind in ("text", "done"):
+                started[i] = True
+                yield await echo(i)
+            if kind == "logprobs":
+                ready[i] = payload
+            elif kind == "text":
+                yield head.chunk([choice(i, payload, None, await logprobs(i, ready[i]))])
             elif kind == "error":
-                finished = True
-                status, message, code = _job_error(payload)
-                message = f"{message} (request id {job.request_id})"
+                pending.cancel()
+                status, message, code = payload.status, payload.message, payload.code
+                message = f"{message} (request id {jobs[i].request_id})"
                 yield f"data: {json.dumps(body(status, message, code))}\n\n"
                 break
             elif kind == "done":
-                finished = True
-                _observe(state, job)
-                yield _chunk(rid, created, req.model, chat, None, job.finish_reason)
-                if req.include_usage:
-                    usage: dict[str, Any] = {
-                        "id": rid,
-                        "object": "chat.completion.chunk" if chat else "text_completion",
-                        "created": created,
-                        "model": req.model,
-                        "choices": [],
-                        "usage": _usage(job).model_dump(),
-                    }
-                    yield f"data: {json.dumps(usage)}\n\n"
-                break
+                left -= 1
+                _observe(state, jobs[i])
+                rest = await logprobs(i, len(jobs[i].logprobs))
+                yield head.chunk([choice(i, None, jobs[i].finish_reason, rest)])
+        else:
+            if req.include_usage:
+                yield head.chunk([], _usage(jobs, req.n))
+        finished = True
         yield "data: [DONE]\n\n"
     finally:
-        if not finished:  # the client went away mid-stream: free the slot
-            job.cancelled.set()
+        if not finished:  # the client went away mid-stream: free the slots
+            pending.cancel()

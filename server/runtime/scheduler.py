@@ -33,7 +33,8 @@ import torch
 from server.cache import CacheFull
 from server.config import Settings
 from server.engine import Engine, WeightsUnavailable
-from server.generate import INTERNAL, UNAVAILABLE, Job, JobError, _eos_ids
+from server.generate import _eos_ids
+from server.job import INTERNAL, UNAVAILABLE, Job, JobError
 from server.metrics import Metrics
 from server.runtime.kv_cache import KVCache
 from server.runtime.model_runner import ModelRunner, Prefill, StepInput
@@ -55,6 +56,16 @@ class _Group:
     end: int
     row_start: int  # sampling rows
     row_end: int
+
+
+@dataclass
+class _Scored:
+    """Logit rows of a prompt chunk that score the prompt's next tokens (echo)."""
+
+    seq: Sequence
+    row: int
+    rows: int
+    position: int  # the prompt position of the first row
 
 
 class Scheduler:
@@ -235,15 +246,18 @@ class Scheduler:
         chunks = self._plan_prefill(len(decode), running)
         self._in_step = [s for s in running if not s.prefilling] + [s for s, _ in chunks]
         merged = self._merge(decode, chunks)
-        step, groups, order = self._pack(decode, chunks, merged)
+        step, groups, order, scored = self._pack(decode, chunks, merged)
         t0 = time.perf_counter()
-        logits = self.runner.forward(step)
+        logits = self.runner.forward(step).cpu()  # sampling runs on the host
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
         self._observe(groups, step, merged)
+        for sc in scored:  # echo: the prompt's own logprobs
+            self._score(sc.seq, logits[sc.row : sc.row + sc.rows], sc.position)
         for s, n in chunks:
             s.prefilled += n
-        for i, seq in enumerate(order):  # the rows that sample: decode, finished prompts
-            self._sample(seq, logits[i])
+            s.prompt_done()
+        for row, seq in order:  # the rows that sample: decode, finished prompts
+            self._sample(seq, logits[row])
         self._in_step = []
         if self._suspects:
             self._suspects.popleft()  # it ran alone without failing: not the culprit
@@ -371,8 +385,14 @@ class Scheduler:
 
     def _pack(
         self, decode: list[Sequence], chunks: list[tuple[Sequence, int]], merged: str | None
-    ) -> tuple[StepInput, list[_Group], list[Sequence]]:
-        """Tokens grouped by variant: per variant its decode rows, then its chunks."""
+    ) -> tuple[StepInput, list[_Group], list[tuple[int, Sequence]], list[_Scored]]:
+        """Tokens grouped by variant: per variant its decode rows, then its chunks.
+
+        Logit rows: one per sequence that samples (a decode row, the last token of a
+        prompt), and for a sequence that scores its prompt (echo with logprobs) one per
+        prompt token that has a successor. Returns the step, its groups, (row, sequence)
+        of the rows that sample, and (sequence, first row, rows, position) of those
+        that score."""
         by_variant: dict[str | None, list[tuple[Sequence, int]]] = {}
         for s in decode:
             by_variant.setdefault(s.variant, []).append((s, 0))
@@ -384,7 +404,8 @@ class Scheduler:
         dec_idx, dec_slots, dec_lens, logit_rows = [], [], [], []
         prefills: list[Prefill] = []
         groups: list[_Group] = []
-        order: list[Sequence] = []
+        order: list[tuple[int, Sequence]] = []
+        scored: list[_Scored] = []
         n = r = 0
         for variant, members in by_variant.items():
             g_start, g_row = n, r
@@ -397,17 +418,24 @@ class Scheduler:
                     dec_slots.append(s.slot)
                     dec_lens.append(int(positions[-1]) + 1)
                     logit_rows.append(n)
-                    order.append(s)
+                    order.append((r, s))
                     n, r = n + 1, r + 1
                 else:
                     ids.append(torch.tensor(s.prompt[s.prefilled : s.prefilled + chunk]))
                     positions.append(torch.arange(s.prefilled, s.prefilled + chunk))
                     slots.append(torch.full((chunk,), s.slot))
                     prefills.append(Prefill(n, chunk, s.slot, s.prefilled))
+                    ends = s.prefilled + chunk == len(s.prompt)
+                    if s.scores_prompt:  # every position with a next prompt token
+                        k = chunk - 1 if ends else chunk
+                        if k:
+                            logit_rows.extend(range(n, n + k))
+                            scored.append(_Scored(s, r, k, s.prefilled))
+                            r += k
                     n += chunk
-                    if s.prefilled + chunk == len(s.prompt):
+                    if ends and s.samples:
                         logit_rows.append(n - 1)
-                        order.append(s)
+                        order.append((r, s))
                         r += 1
             groups.append(_Group(variant, g_start, n, g_row, r))
         for slot, length in zip(dec_slots, dec_lens, strict=True):
@@ -427,7 +455,7 @@ class Scheduler:
             head_deltas=StepDeltas(head_segs, len(self.runner.matrix_names), self.kernels),
         )
         step.vectors, step.token_group, step.row_group = self._vectors(groups, merged)
-        return step, groups, order
+        return step, groups, order, scored
 
     def _terms(self, variant: str | None, merged: str | None) -> list[tuple[VariantLayout, float]]:
         """What a group's rows add to the resident weights: +their delta, -the merged one."""
@@ -493,12 +521,21 @@ class Scheduler:
         ).to(dev)
         return out, token_group, row_group
 
+    def _score(self, seq: Sequence, logits: torch.Tensor, position: int) -> None:
+        try:
+            seq.score_prompt(logits, position)
+        except Exception:
+            log.exception("request %s failed while scoring its prompt", seq.job.request_id)
+            self._finish(seq, "error", INTERNAL)
+
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
+        if seq.done:  # ended while scoring its prompt
+            return
         if seq.job.cancelled.is_set():
             seq.finish("cancelled")
             return
         try:  # a row that fails ends alone, never its neighbours
-            seq.add(seq.pick(logits))
+            seq.sample(logits)
         except Exception:
             log.exception("request %s failed while sampling", seq.job.request_id)
             self._finish(seq, "error", INTERNAL)

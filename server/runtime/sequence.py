@@ -1,5 +1,5 @@
-"""Per-request state in the engine: prompt progress, generated tokens, incremental
-detokenization, stop checks, and the request's own sampler."""
+"""Per-choice state in the engines: prompt progress, generated tokens, incremental
+detokenization, stop checks, log-probabilities, and the choice's own sampler."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from server.generate import Job, pick_token
+from server.job import Job
+from server.sampling import Sampler, prompt_logprobs, token_logprob
 
 
 class Sequence:
@@ -17,19 +18,28 @@ class Sequence:
         self.variant = job.variant
         self.prompt = job.prompt_ids
         self.prefilled = 0  # prompt tokens whose KV is in the slot
-        self.ids: list[int] = []  # generated tokens (without a final eos)
+        self.ids: list[int] = []  # generated tokens (without a final end token)
         self.sent = 0  # characters already emitted
         self.holdback = max((len(s) for s in job.params.stop), default=1) - 1
         self._prefix = self._read = 0  # incremental detokenization offsets
-        self.generator: torch.Generator | None = None
-        if job.params.temperature > 0:
-            seed = job.params.seed
-            self.generator = torch.Generator()
-            self.generator.manual_seed(seed if seed is not None else torch.seed())
+        self._searched = 0  # characters of text already searched for stop strings
+        self.sampler = Sampler(job.params, job.prompt_ids, eos)
+        self.stop_ids = set(job.params.stop_token_ids)
+        if job.params.prompt_logprobs is not None and not job.prompt_logprobs:
+            job.prompt_logprobs.append(None)  # the first token has no context
 
     @property
     def prefilling(self) -> bool:
         return self.prefilled < len(self.prompt)
+
+    @property
+    def samples(self) -> bool:
+        """Whether the step that ends the prompt samples a token (not with max_tokens 0)."""
+        return self.job.params.max_tokens > 0
+
+    @property
+    def scores_prompt(self) -> bool:
+        return self.job.params.prompt_logprobs is not None
 
     @property
     def length(self) -> int:
@@ -48,29 +58,60 @@ class Sequence:
     def remaining(self) -> int:
         return max(self.job.params.max_tokens - len(self.ids), 0)
 
-    def pick(self, logits: torch.Tensor) -> int:
-        """One token from (vocab,) fp32 logits with this request's parameters."""
-        return pick_token(logits, self.job.params, self.generator)
+    def score_prompt(self, logits: torch.Tensor, position: int) -> None:
+        """Logits (T, vocab) at prompt positions position.. -> the logprobs of the prompt
+        tokens that follow them."""
+        next_ids = self.prompt[position + 1 : position + 1 + logits.shape[0]]
+        k = self.job.params.prompt_logprobs or 0
+        self.job.prompt_logprobs.extend(prompt_logprobs(logits[: len(next_ids)], next_ids, k))
 
-    def add(self, token: int) -> None:
+    def prompt_done(self) -> None:
+        """The prompt is in the KV cache: with max_tokens 0 the choice ends here."""
+        if not self.samples and not self.prefilling:
+            self.finish("length")
+
+    def sample(self, logits: torch.Tensor) -> None:
+        """Choose the next token from raw (vocab,) fp32 logits and take it."""
+        token = self.sampler.pick(logits, len(self.ids))
+        k = self.job.params.logprobs
+        entry = token_logprob(logits, token, k) if k is not None else None
+        self.add(token, entry)
+
+    def add(self, token: int, entry: Any = None) -> None:
         """Take one generated token: detokenize, check stops and limits, emit text."""
         job = self.job
         if job.first_token is None:
             job.first_token = time.perf_counter()
-        if token in self.eos and not job.params.ignore_eos:
+        if (token in self.eos and not job.params.ignore_eos) or token in self.stop_ids:
             job.finish_reason = "stop"
+            if entry is not None:  # as vLLM: the end token is scored, not in the text
+                job.logprobs.append(entry)
             job.text += self._decode_next(final=True)
         else:
             self.ids.append(token)
+            self.sampler.observe(token)
+            if entry is not None:
+                job.logprobs.append(entry)
             job.completion_tokens += 1
             text = job.text + self._decode_next(final=len(self.ids) >= job.params.max_tokens)
-            cut = min((i for s in job.params.stop if (i := text.find(s)) >= 0), default=-1)
+            cut = -1
+            if len(self.ids) > job.params.min_tokens:  # as vLLM: no stop before min_tokens
+                cut = min(
+                    (i for s in job.params.stop if (i := text.find(s, self._checked(s))) >= 0),
+                    default=-1,
+                )
+            self._searched = len(text)
             if cut >= 0:
                 text, job.finish_reason = text[:cut], "stop"
             elif len(self.ids) >= job.params.max_tokens:
                 job.finish_reason = "length"
             job.text = text
         self.flush()
+
+    def _checked(self, stop: str) -> int:
+        """Where to search for `stop`: new text, and the end of the old text it may
+        start in."""
+        return max(self._searched - len(stop) + 1, 0)
 
     def _decode_next(self, final: bool = False) -> str:
         """Text the newest tokens add (a window of earlier tokens gives context, so
@@ -88,6 +129,8 @@ class Sequence:
         text = self.job.text
         end = len(text) if self.done else len(text) - self.holdback
         if end > self.sent:
+            if self.job.params.logprobs is not None:  # the entries this text carries
+                self.job.emit("logprobs", len(self.job.logprobs))
             self.job.emit("text", text[self.sent : end])
             self.sent = end
 

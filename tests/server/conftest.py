@@ -58,18 +58,21 @@ def variant_files(
 
 
 @pytest.fixture(scope="session")
-def references(tiny_dirs, variant_files, tmp_path_factory) -> dict[str | None, dict[str, str]]:
-    """Greedy text per (variant, prompt) from the fine-tune materialized and loaded
-    with transformers; None is the base."""
+def materialized(tiny_dirs, variant_files, tmp_path_factory) -> dict[str | None, Path]:
+    """Each variant materialized as a full model directory (None: the base)."""
     root = tmp_path_factory.mktemp("materialized")
     base = open_model(tiny_dirs["base"])
-    refs: dict[str | None, dict[str, str]] = {
-        None: {p: reference_text(tiny_dirs["base"], p) for p in PROMPTS}
-    }
+    dirs: dict[str | None, Path] = {None: tiny_dirs["base"]}
     for name, path in variant_files.items():
-        mat = materialize(base, load_delta(path), root / name, progress=False)
-        refs[name] = {p: reference_text(mat, p) for p in PROMPTS}
-    return refs
+        dirs[name] = materialize(base, load_delta(path), root / name, progress=False)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def references(materialized) -> dict[str | None, dict[str, str]]:
+    """Greedy text per (variant, prompt) from the fine-tune materialized and loaded
+    with transformers; None is the base."""
+    return {name: {p: reference_text(d, p) for p in PROMPTS} for name, d in materialized.items()}
 
 
 class LiveServer(ThreadedServer):

@@ -84,7 +84,7 @@ def test_mixed_steps_on_the_real_base_match_materialized_finetunes(
     from deltastore.format import load_delta
     from deltastore.materialize import materialize
     from server.engine import Engine
-    from server.generate import Job, SamplingParams
+    from server.job import Job, SamplingParams
     from server.metrics import Metrics
     from server.runtime.scheduler import Scheduler
     from server.store import DeltaStore

@@ -160,18 +160,16 @@ def test_one_failing_request_never_fails_its_neighbours(
 ):
     """The sampler of one request raises (injected on its seed): that request alone
     gets an error with a request id; the requests batched with it are exact."""
-    import server.generate as gen
-    import server.runtime.sequence as seq_mod
+    from server.sampling import Sampler
 
-    real = gen.pick_token
+    real = Sampler.pick
 
-    def pick(logits, params, generator):
-        if params.seed == 666:
+    def pick(self, logits, generated):
+        if self.params.seed == 666:
             raise RuntimeError("sampler exploded (injected)")
-        return real(logits, params, generator)
+        return real(self, logits, generated)
 
-    monkeypatch.setattr(gen, "pick_token", pick)
-    monkeypatch.setattr(seq_mod, "pick_token", pick)
+    monkeypatch.setattr(Sampler, "pick", pick)
     store = tmp_path / "store"
     shutil.copytree(variant_files["v0"].parent, store)
     srv = LiveServer(make_settings(tiny_dirs["base"], store, engine=engine, max_batch_size=8))

@@ -23,7 +23,7 @@ from deltastore.materialize import materialize
 from deltastore.methods import Method
 from deltastore.sources import open_finetune, open_model
 from server.engine import Engine
-from server.generate import INTERNAL, Job, SamplingParams
+from server.job import INTERNAL, Job, SamplingParams
 from server.metrics import Metrics
 from server.runtime.kv_cache import CLEAN_CHUNK, KVCache
 from server.runtime.scheduler import Scheduler

@@ -9,7 +9,7 @@ import pytest
 
 from server.config import Settings
 from server.engine import Mode, Swap
-from server.generate import Job, SamplingParams
+from server.job import Job, SamplingParams
 from server.metrics import Metrics
 from server.scheduler import QueueFull, Scheduler
 
