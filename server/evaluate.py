@@ -6,8 +6,8 @@ imported), and optionally a local fine-tune directory in-process (--finetune, by
 the same rules) for the gain to compare with. Two kinds of rows, mixed freely:
 
     {"prompt": "What is 12 + 34?", "answer": "46"}
-        greedy generation; exact match of the stripped text (the fidelity study's
-        metric); the prompt goes through the chat template unless --no-chat
+        greedy generation of up to the answer's tokens + 2, exact match of the
+        stripped text; the prompt goes through the chat template unless --no-chat
     {"context": "2 + 2 =", "choices": [" 3", " 4"], "label": 1}
         multiple choice by loglikelihood (echo + logprobs, as lm-evaluation-harness)
 
@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from typing import Any
 
 import httpx
 from tqdm import tqdm
+
+RETRIES = 5  # a busy server's 429 or 503 is retried, backing off
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,11 @@ class Client:
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        r = self.http.post(path, json=body)
+        for attempt in range(RETRIES + 1):  # a busy server (429, 503) is asked again
+            r = self.http.post(path, json=body)
+            if r.status_code not in (429, 503) or attempt == RETRIES:
+                break
+            time.sleep(0.5 * 2**attempt)
         if r.status_code != 200:
             raise RuntimeError(f"{path} answered {r.status_code}: {r.text[:300]}")
         out: dict[str, Any] = r.json()
@@ -91,7 +98,7 @@ class Client:
         return ids
 
     def generate(self, model: str, row: Row, chat: bool) -> bool:
-        budget = len(self.tokens(row.answer)) + 2  # as the fidelity study's exact match
+        budget = len(self.tokens(row.answer)) + 2  # the answer and a little more
         common = {"model": model, "max_tokens": budget, "temperature": 0}
         if chat:
             msgs = [{"role": "user", "content": row.prompt}]
@@ -105,19 +112,29 @@ class Client:
 
     def choose(self, model: str, row: Row) -> bool:
         """The choice whose tokens the model finds most likely after the context."""
-        ctx = self.tokens(row.context)
-        prompts = [self.tokens(row.context + c) for c in row.choices]
-        out = self.post(
-            "/v1/completions",
-            {"model": model, "prompt": prompts, "echo": True, "logprobs": 0, "max_tokens": 0},
-        )
-        scores = []
-        for ids, choice in zip(
-            prompts, sorted(out["choices"], key=lambda c: c["index"]), strict=True
-        ):
-            start = min(len(ctx), len(ids) - 1)  # at least the last token is scored
-            scores.append(sum(choice["logprobs"]["token_logprobs"][max(start, 1) :]))
+        pairs = [encode_pair(self.tokens, row.context, c) for c in row.choices]
+        body = {
+            "model": model,
+            "prompt": [ctx + cont for ctx, cont in pairs],
+            "echo": True,
+            "logprobs": 0,
+            "max_tokens": 0,
+        }
+        choices = sorted(self.post("/v1/completions", body)["choices"], key=lambda c: c["index"])
+        scores = [
+            sum(choice["logprobs"]["token_logprobs"][max(len(ctx), 1) :])
+            for (ctx, _), choice in zip(pairs, choices, strict=True)
+        ]
         return max(range(len(scores)), key=scores.__getitem__) == row.label
+
+
+def encode_pair(encode: Any, context: str, choice: str) -> tuple[list[int], list[int]]:
+    """Context and choice tokens, encoded apart so the choice's tokens are exactly
+    what is scored (the context's trailing spaces move to the choice, as in
+    lm-evaluation-harness). With an empty context the first token has no score."""
+    stripped = context.rstrip(" ")
+    choice = context[len(stripped) :] + choice
+    return (encode(stripped) if stripped else []), encode(choice)
 
 
 def score_served(client: Client, model: str, rows: list[Row], chat: bool, workers: int) -> float:
@@ -130,30 +147,50 @@ def score_served(client: Client, model: str, rows: list[Row], chat: bool, worker
 
 
 def score_local(model_dir: Path, rows: list[Row], chat: bool) -> float:
-    """A local model directory in-process (transformers), with the same rules."""
+    """A local model directory in-process (transformers), by the same rules: the same
+    tokenization, token budget and scoring as through the server."""
     import torch
 
-    from deltastore.calib import Example, exact_match
-    from deltastore.finetune import format_prompt
     from deltastore.sources import open_model
 
     src = open_model(model_dir)
     model, tok = src.load_model().eval(), src.load_tokenizer()
-    gen = [r for r in rows if not r.choice]
-    hits = 0.0
-    if gen:
-        examples = [Example(format_prompt(tok, r.prompt, chat), r.answer) for r in gen]
-        hits += exact_match(model, tok, examples) * len(gen)
-    for row in (r for r in rows if r.choice):
-        ctx = tok(row.context, add_special_tokens=False)["input_ids"]
-        scores = []
-        for c in row.choices:
-            ids = tok(row.context + c, add_special_tokens=False)["input_ids"]
-            with torch.inference_mode():
-                lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-            start = max(min(len(ctx), len(ids) - 1), 1)
-            scores.append(sum(float(lp[j - 1, ids[j]]) for j in range(start, len(ids))))
-        hits += max(range(len(scores)), key=scores.__getitem__) == row.label
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def encode(text: str) -> list[int]:
+        ids: list[int] = tok(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def logprobs(ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+    hits = 0
+    for row in tqdm(rows, desc=str(model_dir), leave=False):
+        if row.choice:
+            scores = []
+            for ctx, cont in (encode_pair(encode, row.context, c) for c in row.choices):
+                ids, lp = ctx + cont, logprobs(ctx + cont)
+                scores.append(
+                    sum(float(lp[j - 1, ids[j]]) for j in range(max(len(ctx), 1), len(ids)))
+                )
+            hits += max(range(len(scores)), key=scores.__getitem__) == row.label
+            continue
+        if chat:  # as the server's chat route: the template's text, no added tokens
+            turns = [{"role": "user", "content": row.prompt}]
+            ids = encode(tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
+        else:  # as the completions route
+            ids = tok(row.prompt)["input_ids"]
+        with torch.inference_mode():
+            out = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones((1, len(ids)), dtype=torch.int64),
+                max_new_tokens=len(encode(row.answer)) + 2,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        text = tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+        hits += text.strip() == row.answer.strip()
     return hits / len(rows)
 
 
@@ -189,10 +226,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     client = Client(args.url, os.environ.get(args.api_key_env))
     try:
-        served = [m["id"] for m in client.http.get("/v1/models").raise_for_status().json()["data"]]
+        r = client.http.get("/v1/models")
     except httpx.HTTPError as e:
         print(f"error: no server at {args.url} ({e})", file=sys.stderr)
         return 2
+    if r.status_code != 200:
+        print(
+            f"error: {args.url}/v1/models answered {r.status_code}: {r.text[:300]}", file=sys.stderr
+        )
+        return 2
+    served = [m["id"] for m in r.json()["data"]]
     missing = [m for m in args.models if m not in served]
     if missing:
         print(

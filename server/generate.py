@@ -35,9 +35,15 @@ def generate(model: Any, tokenizer: Any, jobs: list[Job], device: torch.device) 
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
     for i, row in enumerate(rows):
         n = len(row.prompt)
-        if row.scores_prompt:  # position p's logits score prompt token p+1
-            row.score_prompt(out.logits[i, width - n : width - 1].float().cpu(), 0)
         row.prefilled = n
+        if row.scores_prompt:  # position p's logits score prompt token p+1
+            try:  # a row that fails ends alone, never its neighbours
+                row.score_prompt(out.logits[i, width - n : width - 1].float().cpu(), 0)
+            except Exception:
+                log.exception("request %s failed while scoring its prompt", row.job.request_id)
+                row.job.finish_reason = "error"
+                row.job.emit("error", INTERNAL)
+                continue
         row.prompt_done()
     for _ in range(max(j.params.max_tokens for j in jobs)):
         if all(r.done for r in rows):

@@ -97,7 +97,12 @@ def build_app(
     ).model_dump_json()
     digests = settings.key_digests()
 
-    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 0})
+    # requests in flight per replica: its engine batches them (Ray's default is 5)
+    ongoing = settings.queue_limit + settings.max_batch_size
+
+    @serve.deployment(
+        num_replicas=replicas, max_ongoing_requests=ongoing, ray_actor_options={"num_cpus": 0}
+    )
     class Replica:
         def __init__(self, settings_json: str) -> None:
             s = Settings.model_validate_json(settings_json).model_copy(update={"demo": False})
@@ -132,7 +137,10 @@ def build_app(
                 try:
                     await self.get_variant(name)
                 except VariantUnavailable as e:
-                    yield {"status": e.status, "headers": self._headers()}
+                    yield {
+                        "status": e.status,
+                        "headers": {"content-type": "application/json"} | self._headers(),
+                    }
                     yield json.dumps(e.payload).encode()
                     return
             async for message in asgi.call(self.app, method, path, body, headers):
@@ -157,7 +165,7 @@ def build_app(
         msg = "missing or wrong API key (Authorization: Bearer …)"
         return JSONResponse(error_body(401, msg, "invalid_api_key"), 401)
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    @serve.deployment(max_ongoing_requests=ongoing * replicas, ray_actor_options={"num_cpus": 0})
     @serve.ingress(api)
     class Ingress:
         def __init__(self, replica: DeploymentHandle) -> None:
@@ -181,7 +189,14 @@ def build_app(
             gen: DeploymentResponseGenerator[Any] = handle.options(stream=True).call.remote(
                 method, path, body, headers
             )  # type: ignore[assignment]
-            start = await gen.__anext__()
+            try:
+                start = await gen.__anext__()
+            except BaseException as e:
+                gen.cancel()
+                if not isinstance(e, Exception):
+                    raise  # cancelled: the client left
+                msg = f"the replica failed to answer ({type(e).__name__})"
+                return JSONResponse(error_body(502, msg, "replica_failed"), 502)
 
             async def rest() -> AsyncIterator[bytes]:
                 try:

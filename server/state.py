@@ -43,6 +43,7 @@ class AppState:
     tokenizer: Any = None
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
     _token_text: dict[int, str] = field(default_factory=dict)
+    _token_bytes: dict[int, list[int]] = field(default_factory=dict)
     # admin actions on one name run one at a time (upload, replace, delete, preload…)
     _name_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
         default_factory=weakref.WeakValueDictionary
@@ -71,8 +72,48 @@ class AppState:
             self._token_text.update(zip(missing, await self.tokenize(decode), strict=True))
         return [self._token_text[t] for t in ids]
 
+    async def token_bytes(self, ids: list[int]) -> list[list[int]]:
+        """Each token's own bytes (chat logprobs' `bytes`): a byte-level BPE token's
+        raw bytes, so pieces of one multi-byte character add up to it."""
+        missing = [t for t in dict.fromkeys(ids) if t not in self._token_bytes]
+        if missing:
+
+            def raw(tok: Any) -> list[list[int]]:
+                pieces = tok.convert_ids_to_tokens(missing)
+                return [_piece_bytes(tok, t, p) for t, p in zip(missing, pieces, strict=True)]
+
+            self._token_bytes.update(zip(missing, await self.tokenize(raw), strict=True))
+        return [self._token_bytes[t] for t in ids]
+
     def name_lock(self, name: str) -> asyncio.Lock:
         lock = self._name_locks.get(name)
         if lock is None:
             lock = self._name_locks[name] = asyncio.Lock()
         return lock
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte (byte-level BPE tokenizers)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars, n = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+def _piece_bytes(tok: Any, token: int, piece: str | None) -> list[int]:
+    if piece and piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+        return [int(piece[3:5], 16)]  # a sentencepiece byte-fallback piece
+    backend = getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)
+    byte_level = type(backend).__name__ == "ByteLevel"
+    if piece and byte_level and all(c in _BYTE_DECODER for c in piece):
+        return [_BYTE_DECODER[c] for c in piece]
+    if piece and "\u2581" in piece:  # sentencepiece's word boundary
+        return list(piece.replace("\u2581", " ").encode())
+    return list(str(tok.decode([token])).encode())

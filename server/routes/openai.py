@@ -280,8 +280,11 @@ async def _chat_ids(state: AppState, messages: list[ChatMessage], generation: bo
     return await state.tokenize(encode)
 
 
-async def _prompt_ids(state: AppState, engine: Any, prompt: Any) -> list[list[int]]:
-    """A completion request's prompts as token ids: text, ids, or a list of either."""
+async def _prompt_ids(
+    state: AppState, engine: Any, prompt: Any
+) -> tuple[list[list[int]], list[str | None]]:
+    """A completion request's prompts as token ids (text, ids, or a list of either),
+    and each prompt's text as sent (None: given as ids)."""
     if isinstance(prompt, str):
         prompts: list[Any] = [prompt]
     elif prompt and isinstance(prompt[0], int):
@@ -303,7 +306,7 @@ async def _prompt_ids(state: AppState, engine: Any, prompt: Any) -> list[list[in
         if not ids:
             raise APIError(400, "empty prompt", "empty_prompt")
         _check_ids(ids, vocab, "prompt")
-    return out
+    return out, [p if isinstance(p, str) else None for p in prompts]
 
 
 @router.post("/v1/completions", response_model=None)
@@ -315,13 +318,14 @@ async def completions(
     variant = resolve_model(state, req.model)
     if req.max_tokens == 0 and not req.echo:
         raise APIError(400, "max_tokens 0 needs echo (it scores the prompt)", "max_tokens")
-    prompts = await _prompt_ids(state, engine, req.prompt)
+    prompts, texts = await _prompt_ids(state, engine, req.prompt)
     lp = req.logprobs
     plans = []
     for ids in prompts:
         budget = _max_tokens(state, engine, len(ids), req.max_tokens, COMPLETION_DEFAULT)
         plans.append((ids, _params(state, engine, req, budget, lp, lp if req.echo else None)))
-    return await _serve(state, ready, request, req, variant, plans, _Render(False, req.echo, lp))
+    render = _Render(False, req.echo, lp, tuple(texts))
+    return await _serve(state, ready, request, req, variant, plans, render)
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -401,6 +405,7 @@ class _Render:
     chat: bool
     echo: bool  # completions: the prompt's text (and logprobs) before the completion
     logprobs: int | None  # alternatives per token; None: no logprobs
+    prompts: tuple[str | None, ...] = ()  # each prompt as sent (echo)
 
 
 class _Pending:
@@ -511,7 +516,7 @@ async def _serve(
     for i, job in enumerate(jobs):
         text, lp = job.text, None
         if render.echo:
-            text = await texts.prompt_text(job.prompt_ids) + text
+            text = await texts.echo(render, i // req.n, job) + text
         if render.logprobs is not None:
             entries = _entries(job, render.echo)
             lp = await texts.completion(entries, 0)
@@ -545,7 +550,12 @@ class _Texts:
     def __init__(self, state: AppState) -> None:
         self.state = state
 
-    async def prompt_text(self, ids: list[int]) -> str:
+    async def echo(self, render: _Render, prompt: int, job: Job) -> str:
+        """The echoed prompt: its text as sent, or the decoded ids it was sent as."""
+        sent = render.prompts[prompt] if prompt < len(render.prompts) else None
+        if sent is not None:
+            return sent
+        ids = job.prompt_ids
         return await self.state.tokenize(lambda tok: tok.decode(ids, skip_special_tokens=True))
 
     async def completion(
@@ -566,18 +576,19 @@ class _Texts:
                 out.top_logprobs.append(None)
                 continue
             out.token_logprobs.append(e.logprob)
-            top = {strs[t]: lp for t, lp in e.top}
-            top.setdefault(strs[token], e.logprob)  # the chosen token is always there
+            top = {strs[token]: e.logprob}  # the chosen token is always there
+            for t, lp in e.top:  # best first: a text two tokens share keeps the best
+                top.setdefault(strs[t], lp)
             out.top_logprobs.append(top)
         return out
 
     async def chat(self, entries: list[TokenLogprob]) -> list[ChatTokenLogprob]:
-        ids = {e.token for e in entries} | {t for e in entries for t, _ in e.top}
-        strs = dict(zip(ids, await self.state.token_texts(list(ids)), strict=True))
+        ids = list({e.token for e in entries} | {t for e in entries for t, _ in e.top})
+        strs = dict(zip(ids, await self.state.token_texts(ids), strict=True))
+        raw = dict(zip(ids, await self.state.token_bytes(ids), strict=True))
 
         def one(token: int, logprob: float) -> TopLogprob:
-            s = strs[token]
-            return TopLogprob(token=s, logprob=logprob, bytes=list(s.encode("utf-8")))
+            return TopLogprob(token=strs[token], logprob=logprob, bytes=raw[token])
 
         out = []
         for e in entries:
@@ -652,8 +663,9 @@ async def _stream(
 ) -> AsyncIterator[str]:
     """Chunks of every choice as their text arrives (each tagged with its index), a
     last chunk per choice with its finish reason, then usage when asked, then [DONE].
-    Logprobs travel with the text they belong to (those of tokens whose text is still
-    held back, for a stop string, follow with later text)."""
+    Logprobs travel with the text they belong to: each text carries the entries of
+    the tokens generated up to it (a token whose text is still held back, for a stop
+    string, may come before its text)."""
     jobs = pending.jobs
     sent = [0] * len(jobs)  # logprob entries sent, per choice
     ready = [0] * len(jobs)  # entries the next text carries
@@ -685,7 +697,7 @@ async def _stream(
         """Completions with echo: the prompt's text (and logprobs: complete before the
         choice's first event) in the choice's first chunk."""
         job = jobs[i]
-        text = await texts.prompt_text(job.prompt_ids)
+        text = await texts.echo(render, i // req.n, job)
         lp = None
         if render.logprobs is not None:
             echoed = await texts.completion(_entries(job, True, generated=False), 0)

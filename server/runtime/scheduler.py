@@ -212,10 +212,14 @@ class Scheduler:
 
     def _sync_held(self) -> None:
         """After a failed swap or a repair the engine may hold the base while a merged
-        variant's layout is still held here: release it."""
+        variant's layout is still held here: release it. After an admin action that
+        put a variant in place (a preload), the base goes back: the step plan decides
+        what is merged, and holds its layout while it is."""
         if self._held is not None and self.engine.active != self._held:
             self.engine.release_layout(self._held)
             self._held = None
+        if self._held is None and self.engine.active is not None:
+            self.engine.activate(None)
 
     def _fail_all(self, error: JobError) -> None:
         for seq in list(self._running):
