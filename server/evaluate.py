@@ -254,12 +254,18 @@ def run(args: argparse.Namespace) -> int:
     except (RuntimeError, httpx.HTTPError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    full = scores.get(f"{args.finetune} (in-process)") if args.finetune else None
+    local = f"{args.finetune} (in-process)"
+    full = scores.get(local) if args.finetune else None
     print(f"{args.task}: {len(rows)} rows")
     print(f"{'model':40} {'accuracy':>9} {'gain kept':>10}")
     for name, acc in scores.items():
         kept = ""
-        if full is not None and base in scores and full != scores[base] and name != base:
+        if (
+            full is not None
+            and base in scores
+            and full != scores[base]
+            and name not in (base, local)
+        ):
             kept = f"{(acc - scores[base]) / (full - scores[base]):.0%}"
         print(f"{name:40} {acc:>9.3f} {kept:>10}")
     if args.json:
