@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from deltastore.format import Delta, DeltaMeta, load_delta, save_delta
 from deltastore.materialize import materialize
 from deltastore.methods import Method, parse_method
 from deltastore.qsearch import QSearch, parse_q_grid, parse_q_search
-from deltastore.recommend import delta_stats, recommend
+from deltastore.recommend import delta_stats, natural_key, recommend
 from deltastore.sources import LoraFinetune, SafetensorsModel, open_finetune, open_model
 
 
@@ -120,12 +122,7 @@ def add_commands(sub: Any) -> None:
     r.add_argument("finetuned")
     r.add_argument("--have-labels", action="store_true", help="you have a labelled validation set")
     r.add_argument("--json", action="store_true", help="machine-readable output")
-    r.add_argument(
-        "--tensors",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="per-tensor statistics (default on; --no-tensors for the summary only)",
-    )
+    r.add_argument("--tensors", action="store_true", help="also the per-tensor statistics")
     r.set_defaults(func=cmd_recommend)
 
     m = sub.add_parser(
@@ -137,6 +134,11 @@ def add_commands(sub: Any) -> None:
     m.add_argument("base", help="base model directory (safetensors)")
     m.add_argument("delta", type=Path, help="delta file")
     m.add_argument("-o", "--output", required=True, type=Path, help="directory to create")
+    m.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUTPUT if it holds a model directory (written aside, then swapped in)",
+    )
     m.set_defaults(func=cmd_materialize)
 
 
@@ -240,17 +242,19 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             out.pop("tensors")
         print(json.dumps(out, indent=2))
         return 0
+    print(f"recommended: --method {rec.method} --q-search {rec.q_search} --rate {rec.rate}")
+    print(f"  method: {rec.reason}")
+    print(f"  rate:   {rec.rate_reason}")
+    print("  (if you control fine-tuning: train with deltastore.AdamR (L2) and use darex-q)")
+    print(
+        f"delta: mean |delta| {rec.mean_abs:.3e}, std {rec.std:.3e}, max |delta| "
+        f"{rec.max_abs:.3e}, mean |delta| / mean |base| {rec.relative:.2e} "
+        f"over {len(rec.tensors)} tensors" + ("" if args.tensors else " (--tensors lists them)")
+    )
     if args.tensors:
         print(f"{'tensor':<50} {'mean|d|':>10} {'std':>10} {'max|d|':>10}")
-        for s in rec.tensors:
+        for s in sorted(rec.tensors, key=lambda t: natural_key(t.name)):
             print(f"{s.name:<50} {s.mean_abs:>10.3e} {s.std:>10.3e} {s.max_abs:>10.3e}")
-    print(
-        f"overall: mean |delta| {rec.mean_abs:.3e}, std {rec.std:.3e}, max |delta| "
-        f"{rec.max_abs:.3e}, mean |delta| / mean |base| {rec.relative:.2e}"
-    )
-    print(f"recommended: --method {rec.method} --q-search {rec.q_search}")
-    print(f"  because {rec.reason}")
-    print("  (if you control fine-tuning: train with deltastore.AdamR (L2) and use darex-q)")
     return 0
 
 
@@ -258,6 +262,33 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     base = open_model(args.base)
     if not isinstance(base, SafetensorsModel):
         raise ValueError(f"{args.base}: materialize needs a safetensors model directory")
-    out = materialize(base, load_delta(args.delta), args.output, show_progress())
+    out: Path = args.output
+    busy = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if busy and not args.force:
+        raise FileExistsError(f"{out} exists (use --force to replace it)")
+    if busy and not _is_model_dir(out):
+        raise FileExistsError(
+            f"{out} is not a model directory (no config.json and safetensors): "
+            "refusing to replace it, even with --force"
+        )
+    delta = load_delta(args.delta)  # verified before anything is written
+    if not busy:
+        print(materialize(base, delta, out, show_progress()))
+        return 0
+    # written aside and swapped in: a failure leaves the old directory as it was
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
+    try:
+        materialize(base, delta, tmp, show_progress())
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     print(out)
     return 0
+
+
+def _is_model_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors*"))

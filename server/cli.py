@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 import types
 import typing
@@ -101,15 +102,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if getattr(args, n, None) is not None and n not in ("admin_token", "api_keys")
     }
     settings = Settings(**overrides)
+    sock = None
+    if not args.ray:  # the port first: a busy one fails at once, before any loading
+        try:
+            sock = listen(settings.host, settings.port)
+        except OSError as e:
+            print(
+                f"deltaserve serve: error: cannot listen on {settings.host}:{settings.port}: "
+                f"{e.strerror or e}",
+                file=sys.stderr,
+            )
+            return 1
     if settings.base is None:
         base_dir = ensure_embedded_base()
         if settings.demo:
             install_demos(base_dir, DeltaStore(settings.store))
         settings = settings.model_copy(update={"base": base_dir})
-    if args.ray:
+    if args.ray or sock is None:
         return serve_on_ray(settings, args)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="info"))
+    server.run(sockets=[sock])
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A bound, listening socket for uvicorn (SO_REUSEADDR, as uvicorn sets it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def serve_on_ray(settings: Settings, args: argparse.Namespace) -> int:
@@ -133,12 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve many fine-tunes of one base model as sparse DARE/DAREx deltas.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"deltaserve {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_commands(sub)
     add_serve(sub)
     add_loadtest(sub)
     add_eval(sub)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deltaserve")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,9 +133,43 @@ def test_help(cmd):
     assert res.returncode == 0 and "usage: deltaserve" in res.stdout
 
 
-def test_recommend_prints_per_tensor_and_overall(tiny_dirs, capsys):
+def test_recommend_gives_the_advice_first_and_tensors_on_request(tiny_dirs, capsys):
     assert _run("recommend", tiny_dirs["base"], tiny_dirs["ft"]) == 0
-    out = capsys.readouterr().out
-    assert "model.layers.0.mlp.down_proj.weight" in out and "overall: mean |delta|" in out
-    assert _run("recommend", tiny_dirs["base"], tiny_dirs["ft"], "--no-tensors") == 0
-    assert "down_proj" not in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("recommended: --method ") and "--rate 0.99" in out[0]
+    assert out[1].startswith("  method: ") and out[2].startswith("  rate: ")
+    assert len(out) < 10 and not any("down_proj" in line for line in out)
+    assert _run("recommend", tiny_dirs["base"], tiny_dirs["ft"], "--tensors") == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines() if ".weight" in line]
+    assert "model.layers.0.mlp.down_proj.weight" in names
+    layers = [int(n.split(".")[2]) for n in names if n.startswith("model.layers.")]
+    assert layers == sorted(layers)  # natural order: layers.2 before layers.10
+
+
+def test_version():
+    res = subprocess.run(
+        [sys.executable, "-m", "server.cli", "--version"], capture_output=True, text=True
+    )
+    assert res.returncode == 0 and res.stdout.startswith("deltaserve ")
+
+
+def test_materialize_force_replaces_only_a_model_directory(tmp_path, tiny_dirs, capsys):
+    delta = tmp_path / "d.delta.safetensors"
+    args = ["compress", tiny_dirs["base"], tiny_dirs["ft"], "-o", delta, "--method", "dare"]
+    assert _run(*args, "--rate", "0.5") == 0
+    out = tmp_path / "hf"
+    assert _run("materialize", tiny_dirs["base"], delta, "-o", out) == 0
+    first = (out / "model.safetensors").read_bytes()
+    assert _run("materialize", tiny_dirs["base"], delta, "-o", out) == 2
+    assert "--force" in capsys.readouterr().err
+    other = tmp_path / "other.delta.safetensors"
+    assert _run(*args[:4], other, *args[5:], "--rate", "0.9", "--seed", "3") == 0
+    assert _run("materialize", tiny_dirs["base"], other, "-o", out, "--force") == 0
+    assert (out / "model.safetensors").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    assert _run("materialize", tiny_dirs["base"], delta, "-o", notes, "--force") == 2
+    assert "not a model directory" in capsys.readouterr().err
+    assert (notes / "todo.txt").read_text() == "mine"

@@ -22,6 +22,13 @@ def test_large_delta_gets_importance_pruning_with_a_searched_rescale():
     assert recommend(_stats(LARGE_DELTA * 3), have_labels=True).q_search == "labelled"
 
 
+def test_the_rate_follows_the_delta_size():
+    assert recommend(_stats(1e-4)).rate == 0.999
+    assert recommend(_stats(1e-3)).rate == 0.99
+    assert recommend(_stats(1e-4), low_rank=True).rate == 0.99
+    assert "0.999" in recommend(_stats(1e-3)).rate_reason
+
+
 def test_lora_delta_gets_magnitude_with_q_whatever_its_size():
     rec = recommend(_stats(LARGE_DELTA / 10), low_rank=True)
     assert (rec.method, rec.q_search) == ("magnitude", "unlabelled")

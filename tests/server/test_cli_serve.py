@@ -79,3 +79,32 @@ def test_bad_settings_are_a_clear_error(tmp_path):
         text=True,
     )
     assert res.returncode != 0 and "port" in (res.stderr + res.stdout)
+
+
+def test_a_busy_port_exits_non_zero_before_loading(tiny_dirs, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "server.cli",
+                "serve",
+                "--base",
+                str(tiny_dirs["base"]),
+                "--store",
+                str(tmp_path / "store"),
+                "--port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert res.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in res.stderr
+    assert "ready:" not in res.stdout + res.stderr and "Loading" not in res.stderr
