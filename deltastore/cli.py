@@ -12,13 +12,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from deltastore.apply import BaseMismatchError
 from deltastore.compress import CompressOptions, compress
 from deltastore.format import Delta, DeltaMeta, load_delta, save_delta
 from deltastore.materialize import materialize
+from deltastore.merge import MergeMethod, merge
 from deltastore.methods import Method, parse_method
 from deltastore.qsearch import QSearch, parse_q_grid, parse_q_search
 from deltastore.recommend import delta_stats, natural_key, recommend
-from deltastore.sources import LoraFinetune, SafetensorsModel, open_finetune, open_model
+from deltastore.sources import (
+    LoraFinetune,
+    SafetensorsModel,
+    fingerprint,
+    open_finetune,
+    open_model,
+)
+
+SUFFIX = ".delta.safetensors"
 
 
 def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -141,6 +151,35 @@ def add_commands(sub: Any) -> None:
     )
     m.set_defaults(func=cmd_materialize)
 
+    g = sub.add_parser(
+        "merge",
+        help="merge delta files of one base into one delta file (a composition)",
+        description="Merge sparse deltas of one base: sum (task arithmetic, with weights), "
+        "ties (trim, elect sign, disjoint mean) or dare-merge (re-drop and rescale each "
+        "member, then sum). The result is an ordinary delta file; the server's compositions "
+        "(model 'a+b', registered recipes) merge the same way. Member names are the file "
+        "names without .delta.safetensors; the result does not depend on their order.",
+    )
+    g.add_argument("base", help="the base model directory the deltas were made against")
+    g.add_argument("deltas", nargs="+", type=Path, help="member delta files")
+    g.add_argument("-o", "--output", required=True, type=Path, help="delta file to write")
+    g.add_argument(
+        "--method", default="sum", choices=[m.value for m in MergeMethod], help="default: sum"
+    )
+    g.add_argument(
+        "--weights", help="comma-separated, one per member (default: 1 each)", default=None
+    )
+    g.add_argument(
+        "--density",
+        type=float,
+        default=None,
+        help="ties: fraction of each member's entries kept by magnitude (default 1); "
+        "dare-merge: fraction kept at random (default 0.5)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="dare-merge's re-drop seed")
+    g.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    g.set_defaults(func=cmd_merge)
+
 
 def show_progress() -> bool:
     """Progress bars on a terminal, or when DELTASERVE_PROGRESS is set."""
@@ -255,6 +294,36 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         print(f"{'tensor':<50} {'mean|d|':>10} {'std':>10} {'max|d|':>10}")
         for s in sorted(rec.tensors, key=lambda t: natural_key(t.name)):
             print(f"{s.name:<50} {s.mean_abs:>10.3e} {s.std:>10.3e} {s.max_abs:>10.3e}")
+    return 0
+
+
+def member_name(path: Path) -> str:
+    name = path.name
+    return name[: -len(SUFFIX)] if name.endswith(SUFFIX) else path.stem
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    if args.output.exists() and not args.force:
+        raise FileExistsError(f"{args.output} exists (use --force to overwrite)")
+    weights = [1.0] * len(args.deltas)
+    if args.weights is not None:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError as e:
+            raise ValueError(f"--weights: not numbers ({args.weights!r})") from e
+        if len(weights) != len(args.deltas):
+            raise ValueError(f"--weights: {len(weights)} weights for {len(args.deltas)} deltas")
+    base = open_model(args.base)
+    fp = fingerprint(base)
+    members = []
+    for path, w in zip(args.deltas, weights, strict=True):
+        delta = load_delta(path)
+        if delta.meta.base_fingerprint != fp:
+            raise BaseMismatchError(f"{path}: made against another base than {args.base}")
+        members.append((member_name(path), delta, w))
+    merged = merge(members, MergeMethod(args.method), args.density, args.seed)
+    meta = save_delta(args.output, merged)
+    print(format_summary(args.output, meta, merged.count))
     return 0
 
 

@@ -39,7 +39,7 @@ def _load_and_serve(state: AppState) -> None:
         state.base_name = base_dir.name
         source = open_model(base_dir)
         state.tokenizer = source.load_tokenizer()  # the HTTP side's own (state.tokenize)
-        engine = Engine(source, state.store, state.settings)
+        engine = Engine(source, state.store, state.settings, state.compositions)
         scheduler = make_scheduler(engine, state.settings, state.metrics)
         state.engine, state.scheduler = engine, scheduler
         state.ready_at = time.time()

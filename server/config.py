@@ -94,6 +94,9 @@ class Settings(BaseSettings):
         2.0, gt=0, description="longest a variant holds the model while others wait"
     )
     queue_limit: int = Field(64, ge=1, description="queued requests before 429")
+    max_composition_members: int = Field(
+        4, ge=1, le=64, description="variants one composition ('a+b', a recipe) may merge"
+    )
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted (413)")
     max_new_tokens: int = Field(512, ge=1, description="largest max_tokens accepted")
     max_upload_bytes: int = Field(GiB, ge=1, description="largest delta upload accepted (413)")

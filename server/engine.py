@@ -49,9 +49,11 @@ from deltastore.apply import (
     revert_delta_,
 )
 from deltastore.format import Delta, load_delta
+from deltastore.merge import merge
 from deltastore.sources import ModelSource, fingerprint
 from server import faults
 from server.cache import ByteLRU, CacheFull
+from server.compose import Composition, CompositionError, Compositions
 from server.config import Settings
 from server.store import DeltaStore
 
@@ -118,9 +120,16 @@ def digest(weights: FlatWeights) -> str:
 
 
 class Engine:
-    def __init__(self, source: ModelSource, store: DeltaStore, settings: Settings) -> None:
+    def __init__(
+        self,
+        source: ModelSource,
+        store: DeltaStore,
+        settings: Settings,
+        compositions: Compositions | None = None,
+    ) -> None:
         self.source = source
         self.store = store
+        self.compositions = compositions or Compositions(store, settings.max_composition_members)
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.fingerprint = fingerprint(source)
@@ -239,10 +248,22 @@ class Engine:
             self.materialized.release(self.active)
         self.active, self.mode, self._dirty = None, Mode.BASE, False
 
+    def _source_stamp(self, name: str) -> Any:
+        """What `name`'s delta is read from, as stamps: its file, or for a composition
+        its recipe and its members' files."""
+        comp = self._composition(name)
+        return self.store.stamp(name) if comp is None else self.compositions.source_stamp(comp)
+
+    def _composition(self, name: str) -> Composition | None:
+        try:
+            return self.compositions.resolve(name)
+        except CompositionError:
+            return None
+
     def stale(self, name: str) -> bool:
         """`name`'s file changed on disk since its caches were decoded from it."""
         cached = self._stamps.get(name)
-        return cached is not None and cached != self.store.stamp(name)
+        return cached is not None and cached != self._source_stamp(name)
 
     def revalidate(self, name: str) -> None:
         """Drop `name` from every tier if its file changed on disk since it was decoded
@@ -263,9 +284,15 @@ class Engine:
     def _delta(self, name: str) -> Delta:
         delta = self.host.get(name)
         if delta is None:
-            path = self.store.path(name)
-            stamp = self.store.stamp(name)
-            delta = load_delta(path, check=lambda meta: check_meta(meta, self.weights))
+            stamp = self._source_stamp(name)
+            comp = self._composition(name)
+            if comp is None:
+                delta = load_delta(
+                    self.store.path(name), check=lambda meta: check_meta(meta, self.weights)
+                )
+            else:  # its members' deltas (each cached as itself), merged
+                members = [(m, self._delta(m), w) for m, w in comp.members]
+                delta = merge(members, comp.method, comp.density, comp.seed, source=comp.key)
             self._stamps[name] = stamp
             self._touched[name] = tuple(delta.tensors)
             try:

@@ -133,7 +133,7 @@ def build_app(
         ) -> AsyncIterator[Any]:
             """The app's answer: first {"status", "headers"}, then body bytes as sent."""
             name = serve.get_multiplexed_model_id()
-            if name and name != self.base_name:
+            if name and name != self.base_name and not self._composition(name):
                 try:
                     await self.get_variant(name)
                 except VariantUnavailable as e:
@@ -153,6 +153,13 @@ def build_app(
                     yield {"status": message["status"], "headers": passed | self._headers()}
                 elif message.get("body"):
                     yield message["body"]
+
+        def _composition(self, name: str) -> bool:
+            """Compositions are merged per request by the engine, not preloaded."""
+            try:
+                return self.state.compositions.resolve(name) is not None
+            except ValueError:
+                return True  # the app answers the 400
 
         def _headers(self) -> dict[str, str]:
             return {REPLICA_HEADER: str(os.getpid()), LOADS_HEADER: str(self.loads)}

@@ -222,6 +222,7 @@ class ModelCard(BaseModel):
     parent: str | None = None
     max_model_len: int | None = None
     delta: DeltaSummary | None = None
+    composition: dict[str, Any] | None = None  # members, weights, merge method
 
 
 class ModelList(BaseModel):
@@ -289,3 +290,16 @@ class CacheInfo(BaseModel):
     active: str | None
     mode: str
     tiers: list[TierInfo]
+
+
+class CompositionRequest(BaseModel):
+    """POST /admin/compositions: a recipe served under `name`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    members: list[str] = Field(min_length=1, max_length=64)
+    weights: list[float] | None = None
+    method: Literal["sum", "ties", "dare-merge"] = "sum"
+    density: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
+from server.compose import Compositions
 from server.config import Settings
 from server.engine import Engine
 from server.metrics import Metrics
@@ -38,6 +39,7 @@ class AppState:
     replacing: set[str] = field(default_factory=set)  # new requests wait for the new file
     at_door: int = 0  # requests waiting for a replace (bounded by queue_limit)
     key_digests: list[bytes] = field(init=False)  # what inference accepts (empty: open)
+    compositions: Compositions = field(init=False)  # "a+b" and registered recipes
     # The HTTP side's own tokenizer (the worker's is never shared), one caller at a time
     # (a Rust tokenizer is not safe to call from several threads), off the event loop.
     tokenizer: Any = None
@@ -51,6 +53,7 @@ class AppState:
 
     def __post_init__(self) -> None:
         self.key_digests = self.settings.key_digests()  # once, not per request
+        self.compositions = Compositions(self.store, self.settings.max_composition_members)
 
     async def tokenize(self, fn: Callable[[Any], T]) -> T:
         """fn(tokenizer) on a worker thread of the HTTP side, under the tokenizer lock."""

@@ -67,6 +67,7 @@ class DeltaStore:
             stale.unlink(missing_ok=True)  # an upload interrupted by a crash
         self._lock = threading.Lock()
         self._info: dict[str, tuple[tuple[int, int, int], StoredDelta]] = {}
+        self._meta: dict[str, tuple[tuple[int, int, int], DeltaMeta]] = {}
 
     def path(self, name: str) -> Path:
         return self.root / f"{check_name(name)}{SUFFIX}"
@@ -100,6 +101,20 @@ class DeltaStore:
         with self._lock:
             self._info[name] = (stamp, entry)
         return entry
+
+    def meta(self, name: str) -> DeltaMeta:
+        """The metadata alone (no checksum of the file); cached per stamp."""
+        stamp = self.stamp(name)
+        if stamp is None:
+            raise KeyError(name)
+        with self._lock:
+            cached = self._meta.get(name)
+            if cached and cached[0] == stamp:
+                return cached[1]
+        meta = read_meta(self.path(name))
+        with self._lock:
+            self._meta[name] = (stamp, meta)
+        return meta
 
     def new_upload(self) -> Path:
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=_UPLOAD_PREFIX, suffix=".tmp")

@@ -14,6 +14,7 @@ committed; a delete drains them too. File I/O and hashing run off the event loop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import asdict
 from typing import Annotated, Any
 
@@ -22,12 +23,15 @@ from starlette.concurrency import run_in_threadpool
 
 from deltastore.apply import BaseMismatchError
 from deltastore.format import DeltaFormatError
+from deltastore.merge import MergeMethod
 from server import faults
 from server.cache import ByteLRU, CacheFull, EntryInfo
+from server.compose import CompositionError
 from server.deps import AdminDep, ReadyDep, StateDep
 from server.engine import Engine, InUse, WeightsUnavailable
 from server.errors import APIError
-from server.schemas import CacheInfo, DeltaInfo, TierInfo
+from server.routes.openai import check_members
+from server.schemas import CacheInfo, CompositionRequest, DeltaInfo, TierInfo
 from server.state import AppState
 from server.store import NameError_, check_name
 
@@ -111,6 +115,8 @@ async def upload(
         raise APIError(413, f"upload of {declared} bytes exceeds {limit}", "too_large")
     if not replace and name not in state.retiring and state.store.exists(name):  # early out
         raise APIError(409, f"a delta named {name!r} exists (replace=true overwrites)", "exists")
+    if state.compositions.stamp(name) is not None:
+        raise APIError(409, f"{name!r} is a registered composition", "exists")
     upload = state.store.new_upload()
     try:
         await _receive(request, upload, limit)
@@ -231,6 +237,60 @@ async def evict(name: str, state: StateDep, ready: ReadyDep, _: AdminDep) -> Del
             raise APIError(409, f"{name!r} is pinned: unpin it first", "pinned")
         await _on_worker(ready, lambda e: e.evict(name))
         return await _info_async(state, name)
+
+
+# --------------------------------------------------------------------------- compositions
+
+
+@router.post("/compositions", status_code=status.HTTP_201_CREATED)
+async def add_composition(
+    req: CompositionRequest,
+    state: StateDep,
+    ready: ReadyDep,
+    _: AdminDep,
+    replace: Annotated[bool, Query(description="overwrite an existing recipe")] = False,
+) -> dict[str, Any]:
+    """Register a recipe: `model: NAME` then serves its members merged by its method."""
+    _name(state, req.name, must_exist=False)
+    async with state.name_lock(req.name):
+        if state.store.exists(req.name):
+            raise APIError(409, f"a delta is named {req.name!r}", "exists")
+        try:
+            comp = state.compositions.build(
+                req.name, req.members, req.weights, MergeMethod(req.method), req.density, req.seed
+            )
+        except (CompositionError, NameError_) as e:
+            raise APIError(400, str(e), "invalid_composition") from e
+        check_members(state, req.name, comp)
+        try:
+            await run_in_threadpool(state.compositions.register, comp, replace)
+        except FileExistsError as e:
+            raise APIError(409, str(e), "exists") from e
+        return {"name": req.name, **comp.describe()}
+
+
+@router.get("/compositions")
+def list_compositions(state: StateDep, _: AdminDep) -> list[dict[str, Any]]:
+    out = []
+    for name in state.compositions.names():
+        comp = state.compositions.recipe(name)
+        if comp is not None:
+            out.append({"name": name, **comp.describe()})
+    return out
+
+
+@router.delete("/compositions/{name}")
+async def delete_composition(
+    name: str, state: StateDep, ready: ReadyDep, _: AdminDep
+) -> dict[str, str]:
+    _name(state, name, must_exist=False)
+    async with state.name_lock(name):
+        if state.compositions.stamp(name) is None:
+            raise APIError(404, f"no composition named {name!r}", "not_found")
+        await run_in_threadpool(state.compositions.unregister, name)
+        with contextlib.suppress(InUse):  # running requests keep their merge until done
+            await _on_worker(ready, lambda e: e.forget(name))
+    return {"deleted": name}
 
 
 def _entry(tier: ByteLRU[Any], e: EntryInfo) -> dict[str, Any]:

@@ -10,6 +10,7 @@ response, or a stream of chunks).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import uuid
@@ -21,6 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from server.compose import Composition, CompositionError
 from server.deps import KeyDep, ReadyDep, StateDep
 from server.errors import APIError, body
 from server.job import Job, JobError, SamplingParams, TokenLogprob
@@ -73,40 +75,80 @@ def _check_chars(state: AppState, n_chars: int) -> None:
 
 
 def resolve_model(state: AppState, name: str) -> str | None:
-    """The variant a request names (None: the base); 404 when there is none."""
+    """The variant a request names (None: the base), a composition's engine name
+    included; 404 when there is none, 400 for a composition that cannot be served."""
     if name == state.base_name:
         return None
+    try:
+        comp = state.compositions.resolve(name)
+    except CompositionError as e:
+        raise APIError(e.status, str(e), e.code) from None
+    if comp is not None:
+        check_members(state, name, comp)
+        return comp.key
     try:
         check_name(name)
         known = name not in state.retiring and state.store.exists(name)
     except NameError_:
         known = False
     if not known:
-        names = [state.base_name, *state.store.names()]
-        shown = ", ".join(names[:20]) + (" …" if len(names) > 20 else "")
-        raise APIError(404, f"model {name!r} does not exist; available: {shown}", "model_not_found")
+        raise _not_found(state, name)
     return name
 
 
+def _not_found(state: AppState, name: str, what: str = "model") -> APIError:
+    names = [state.base_name, *state.store.names(), *state.compositions.names()]
+    shown = ", ".join(names[:20]) + (" …" if len(names) > 20 else "")
+    return APIError(404, f"{what} {name!r} does not exist; available: {shown}", "model_not_found")
+
+
+def check_members(state: AppState, name: str, comp: Composition) -> None:
+    base = getattr(state.engine, "fingerprint", None)
+    for member, _ in comp.members:
+        if member in state.retiring or not state.store.exists(member):
+            raise _not_found(state, member, f"composition {name!r}: member")
+        try:
+            made_for = state.store.meta(member).base_fingerprint
+        except (KeyError, ValueError):
+            raise _not_found(state, member, f"composition {name!r}: member") from None
+        if base is not None and made_for != base:
+            raise APIError(
+                400,
+                f"composition {name!r}: member {member!r} was made for another base "
+                f"({made_for}, this server's is {base})",
+                "invalid_composition",
+            )
+
+
+def store_names(state: AppState, variant: str) -> list[str]:
+    """The delta files a variant is read from: itself, or a composition's members."""
+    try:
+        comp = state.compositions.resolve(variant)
+    except CompositionError:
+        comp = None
+    return [variant] if comp is None else [m for m, _ in comp.members]
+
+
 async def _door(state: AppState, variant: str | None, model: str, request: Request) -> None:
-    """Right before a request is queued: it waits while its variant is being replaced,
-    and gets 404 if it was deleted since it was resolved."""
+    """Right before a request is queued: it waits while its variant (a composition's
+    members) is being replaced, and gets 404 if it was deleted since it was resolved."""
     if variant is None:
         return
-    if variant in state.replacing:
+    names = store_names(state, variant)
+    if any(n in state.replacing for n in names):
         if state.at_door >= state.settings.queue_limit:  # they count as queued
             raise APIError(429, f"server busy: {variant!r} is being replaced", "queue_full")
         state.at_door += 1
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 600
-            while variant in state.replacing and loop.time() < deadline:
+            while any(n in state.replacing for n in names) and loop.time() < deadline:
                 if await request.is_disconnected():
                     raise APIError(499, "client disconnected", "cancelled")
                 await asyncio.sleep(0.02)
         finally:
             state.at_door -= 1
-    if variant in state.retiring or not state.store.exists(variant):
+    if any(n in state.retiring or not state.store.exists(n) for n in names):
         resolve_model(state, model)  # raises the 404, with the names available
 
 
@@ -206,11 +248,17 @@ async def fingerprint(state: AppState, variant: str | None) -> str | None:
     if variant is None:
         digest = getattr(state.engine, "base_digest", None)
         return f"fp_{digest[:16]}" if digest else None
+    comp = state.compositions.resolve(variant)
     try:
-        info = await run_in_threadpool(state.store.info, variant)  # sha256: cached per stamp
+        if comp is None:
+            info = await run_in_threadpool(state.store.info, variant)  # cached per stamp
+            return f"fp_{info.sha256[:16]}"
+        h = hashlib.sha256(json.dumps(comp.describe(), sort_keys=True).encode())
+        for member, _ in comp.members:  # the members' files, in name order
+            h.update((await run_in_threadpool(state.store.info, member)).sha256.encode())
+        return f"fp_{h.hexdigest()[:16]}"
     except (KeyError, FileNotFoundError):
         return None
-    return f"fp_{info.sha256[:16]}"
 
 
 # --------------------------------------------------------------------------- routes
@@ -224,17 +272,28 @@ def _card(state: AppState, name: str, engine: Any | None) -> ModelCard | None:
     if name in state.retiring:
         return None
     try:
-        created = int(state.store.path(name).stat().st_mtime)
+        comp = state.compositions.resolve(name)
+    except CompositionError:
+        return None
+    try:
+        path = state.store.path(name) if comp is None else state.compositions.path(name)
+        created = int(path.stat().st_mtime) if comp is None or comp.recipe else int(state.started)
     except (FileNotFoundError, NameError_):
         return None
     return ModelCard(
-        id=name, created=created, root=name, parent=state.base_name, max_model_len=limit
+        id=name,
+        created=created,
+        root=name,
+        parent=state.base_name,
+        max_model_len=limit,
+        composition=comp.describe() if comp is not None else None,
     )
 
 
 @router.get("/v1/models")
 def models(state: StateDep) -> ModelList:
-    names = [state.base_name, *state.store.names()]
+    """The base, every variant, and every registered composition (with its members)."""
+    names = [state.base_name, *state.store.names(), *state.compositions.names()]
     cards = [_card(state, n, state.engine) for n in names]
     return ModelList(data=[c for c in cards if c is not None])
 
@@ -242,13 +301,13 @@ def models(state: StateDep) -> ModelList:
 @router.get("/v1/models/{model_id}")
 async def model(model_id: str, state: StateDep) -> ModelCard:
     """One model (the OpenAI client's `models.retrieve`); a variant's card carries its
-    delta: method, rate, q, size, checksum and parent."""
+    delta: method, rate, q, size, checksum and parent; a composition's its members."""
     resolve_model(state, model_id)
     card = _card(state, model_id, state.engine)
     if card is None:
         resolve_model(state, model_id)  # gone since: the 404 with the names available
         raise APIError(404, f"model {model_id!r} does not exist", "model_not_found")
-    if model_id != state.base_name:
+    if model_id != state.base_name and card.composition is None:
         try:
             info = await run_in_threadpool(state.store.info, model_id)
         except (KeyError, FileNotFoundError):

@@ -159,6 +159,10 @@ SURFACE = [
         },
     ),
     ("/v1/completions", {"model": "base", "prompt": "x" * 250, "max_tokens": 20}),  # a 400
+    (
+        "/v1/completions",
+        {"model": "0.5*v1+v3", "prompt": "the cat", "max_tokens": 6, "temperature": 0},
+    ),  # a composition, merged on the replica
     ("/tokenize", {"model": "v0", "prompt": "the cat", "return_token_strs": True}),
     ("/detokenize", {"tokens": [5, 6, 7]}),
 ]
