@@ -9,6 +9,7 @@ Where things live:
 - format.py      the delta file (safetensors, gap-coded positions) and its validation
 - apply.py       apply_delta_ / revert_delta_ over flat resident weights (the hot path)
 - materialize.py base + delta -> HF model directory
+- merge.py       merge deltas of one base: sum, ties, dare-merge (compositions)
 - recommend.py   delta statistics and the method to use
 - adamr.py       AdamR, the optimizer that keeps deltas prunable
 - finetune.py    small SFT runs (AdamW/AdamR) behind the demo variants and benchmarks
