@@ -7,7 +7,7 @@ Methods (one dispatcher, shared by `deltaserve merge` and the server's compositi
 - `ties` (Yadav et al., "TIES-Merging"): trim each member to the largest `density`
   of its kept entries by magnitude (1.0, the default, keeps them all: a pruned delta
   is already sparse), elect each entry's sign as the sign of Σ w_i·Δ_i, and average
-  the members that agree with it, weighted: Σ_agree w_i·Δ_i / Σ_agree w_i.
+  the members whose w_i·Δ_i agree with it: Σ_agree w_i·Δ_i / Σ_agree |w_i|.
 - `dare-merge` (Yu et al., "Language Models are Super Mario"): re-drop each member's
   kept entries, keeping a `density` fraction (0.5 by default) with a generator seeded
   from (seed, member, tensor), rescale the kept ones by 1/density, then sum.
@@ -23,6 +23,7 @@ overflow): the server's compositions are exactly the file `deltaserve merge` wri
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 
 import torch
@@ -37,6 +38,7 @@ class MergeMethod(StrEnum):
     DARE_MERGE = "dare-merge"
 
 
+MAX_WEIGHT = 1e6
 DEFAULT_DENSITY = {MergeMethod.SUM: 1.0, MergeMethod.TIES: 1.0, MergeMethod.DARE_MERGE: 0.5}
 
 
@@ -58,6 +60,10 @@ def merge(
     weights: dict[str, float] = {}
     deltas: dict[str, Delta] = {}
     for name, delta, w in members:  # a member named twice: its weights add up
+        if not math.isfinite(w) or abs(w) > MAX_WEIGHT:
+            raise MergeError(f"the weight of {name!r} must be finite, at most {MAX_WEIGHT:g}")
+        if name in deltas and deltas[name] is not delta:
+            raise MergeError(f"two different deltas are both named {name!r}")
         weights[name] = weights.get(name, 0.0) + float(w)
         deltas[name] = delta
     order = sorted(n for n in weights if weights[n] != 0.0)
@@ -135,11 +141,13 @@ def _merge_tensor(
     values, weights = torch.cat(val_list), torch.cat(w_list)
     union, inverse = torch.unique(positions, sorted=True, return_inverse=True)
     if method is MergeMethod.TIES:
-        weighted = values * weights
+        weighted = values * weights  # a negative weight flips its member's sign
         elected = torch.zeros(union.numel()).index_add_(0, inverse, weighted).sign()
-        agree = (values.sign() == elected[inverse]) & (values != 0)
+        agree = (weighted.sign() == elected[inverse]) & (weighted != 0)
         num = torch.zeros(union.numel()).index_add_(0, inverse, torch.where(agree, weighted, 0))
-        den = torch.zeros(union.numel()).index_add_(0, inverse, torch.where(agree, weights, 0))
+        den = torch.zeros(union.numel()).index_add_(
+            0, inverse, torch.where(agree, weights.abs(), 0)
+        )
         out = torch.where(den != 0, num / torch.where(den != 0, den, 1), 0)
     else:  # sum, and dare-merge after its re-drop
         out = torch.zeros(union.numel()).index_add_(0, inverse, values * weights)

@@ -1,7 +1,8 @@
 """Compositions: a `model` that names several variants, merged per request.
 
     "a+b"              sum (task arithmetic) of a and b
-    "0.7*a+0.3*b"      weighted sum (a weight may be negative: "a+-0.5*b")
+    "0.7*a+0.3*b"      weighted sum (a weight may be negative: "a+-0.5*b"; no '+'
+                       in a weight: 1e3, not 1e+3)
     "support-mix"      a recipe registered with POST /admin/compositions
                        (members, weights, method: sum | ties | dare-merge)
 
@@ -18,6 +19,7 @@ atomically); a name is either a delta or a recipe, never both.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -31,7 +33,9 @@ from deltastore.merge import MergeMethod
 from server.store import DeltaStore, NameError_, check_name
 
 RECIPE_SUFFIX = ".composition.json"
-_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_NUMBER = r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE]-?\d+)?"  # no '+': it joins terms
+MAX_WEIGHT = 1e6
+MAX_EXPRESSION = 1024  # characters of a composition written in `model`
 _TERM = re.compile(rf"(?:(?P<w>{_NUMBER})\*)?(?P<name>[^*+\s]+)")
 
 
@@ -66,7 +70,14 @@ def is_expression(model: str) -> bool:
 
 
 def _weight(w: float) -> str:
-    return f"{w:g}"
+    """Exact (repr round-trips) and without '+', so a key parses back to itself."""
+    return repr(w).replace("e+", "e")
+
+
+def check_weight(name: str, w: float) -> float:
+    if not math.isfinite(w) or abs(w) > MAX_WEIGHT:
+        raise CompositionError(f"the weight of {name!r} must be finite, at most {MAX_WEIGHT:g}")
+    return w
 
 
 def canonical(members: dict[str, float]) -> tuple[tuple[tuple[str, float], ...], str]:
@@ -77,6 +88,8 @@ def canonical(members: dict[str, float]) -> tuple[tuple[tuple[str, float], ...],
 
 def parse(expr: str, limit: int) -> Composition:
     """`a+b`, `0.7*a+0.3*b` -> a sum composition; a CompositionError says what is wrong."""
+    if len(expr) > MAX_EXPRESSION:
+        raise CompositionError(f"a composition is at most {MAX_EXPRESSION} characters")
     members: dict[str, float] = {}
     terms = expr.split("+")
     # "a+-0.5*b" splits into "a", "-0.5*b"; a sign alone ("a++b") is an empty term
@@ -93,9 +106,7 @@ def parse(expr: str, limit: int) -> Composition:
         except NameError_ as e:
             raise CompositionError(f"composition {expr!r}: {e}") from None
         w = float(m.group("w")) if m.group("w") is not None else 1.0
-        if w != w or abs(w) == float("inf"):
-            raise CompositionError(f"composition {expr!r}: weight of {name!r} is not finite")
-        members[name] = members.get(name, 0.0) + w
+        members[name] = members.get(name, 0.0) + check_weight(name, w)
     kept, key = canonical(members)
     if not kept:
         raise CompositionError(f"composition {expr!r}: every weight is 0")
@@ -115,6 +126,7 @@ class Compositions:
         self.store, self.limit = store, limit
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[tuple[int, int, int] | None, Composition | None]] = {}
+        self._parsed: dict[str, Composition] = {}  # expressions read before (per step calls)
 
     # ------------------------------------------------------------------ recipes
 
@@ -173,7 +185,7 @@ class Compositions:
         summed: dict[str, float] = {}
         for m, w in zip(members, weights or [1.0] * len(members), strict=True):
             check_name(m)
-            summed[m] = summed.get(m, 0.0) + float(w)
+            summed[m] = summed.get(m, 0.0) + check_weight(m, float(w))
         kept, _ = canonical(summed)
         if not kept:
             raise CompositionError("a composition needs a member with a non-zero weight")
@@ -210,7 +222,13 @@ class Compositions:
         """The composition `model` names (an expression or a recipe); None otherwise.
         Raises CompositionError for an expression that cannot be read."""
         if is_expression(model):
-            return parse(model, self.limit)
+            parsed = self._parsed.get(model)
+            if parsed is None:
+                parsed = parse(model, self.limit)
+                if len(self._parsed) >= 4096:  # bounded: clients may write many
+                    self._parsed.clear()
+                self._parsed[model] = parsed
+            return parsed
         return self.recipe(model) if self.stamp(model) is not None else None
 
     def source_stamp(self, comp: Composition) -> tuple[Any, ...]:

@@ -281,17 +281,26 @@ class Engine:
             return True
         return any(e.in_use for t in self.tiers for e in t.list() if e.name == name)
 
-    def _delta(self, name: str) -> Delta:
+    def _delta(self, name: str, plain: bool = False) -> Delta:
+        """`name`'s decoded delta; a composition's is its members' merged. `plain`:
+        a delta file, never a composition (a member)."""
         delta = self.host.get(name)
         if delta is None:
-            stamp = self._source_stamp(name)
-            comp = self._composition(name)
+            comp = None if plain else self._composition(name)
+            stamp: Any
             if comp is None:
+                stamp = self.store.stamp(name)
                 delta = load_delta(
                     self.store.path(name), check=lambda meta: check_meta(meta, self.weights)
                 )
             else:  # its members' deltas (each cached as itself), merged
-                members = [(m, self._delta(m), w) for m, w in comp.members]
+                for m, _ in comp.members:
+                    self.revalidate(m)  # a member changed on disk: its new file
+                members = [(m, self._delta(m, plain=True), w) for m, w in comp.members]
+                recipe = self.compositions.stamp(comp.recipe) if comp.recipe else None
+                # the stamps of the member versions merged: if one was an older version
+                # still in use, the composition is stale again and merged once more later
+                stamp = (recipe, *(self._stamps.get(m) for m, _ in comp.members))
                 delta = merge(members, comp.method, comp.density, comp.seed, source=comp.key)
             self._stamps[name] = stamp
             self._touched[name] = tuple(delta.tensors)

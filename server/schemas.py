@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -299,7 +299,7 @@ class CompositionRequest(BaseModel):
 
     name: str
     members: list[str] = Field(min_length=1, max_length=64)
-    weights: list[float] | None = None
+    weights: list[Annotated[float, Field(allow_inf_nan=False)]] | None = None
     method: Literal["sum", "ties", "dare-merge"] = "sum"
     density: float | None = Field(None, gt=0.0, le=1.0)
     seed: int = Field(0, ge=0, le=2**63 - 1)

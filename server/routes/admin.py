@@ -14,7 +14,6 @@ committed; a delete drains them too. File I/O and hashing run off the event loop
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import asdict
 from typing import Annotated, Any
 
@@ -30,7 +29,7 @@ from server.compose import CompositionError
 from server.deps import AdminDep, ReadyDep, StateDep
 from server.engine import Engine, InUse, WeightsUnavailable
 from server.errors import APIError
-from server.routes.openai import check_members
+from server.routes.openai import check_members, store_names
 from server.schemas import CacheInfo, CompositionRequest, DeltaInfo, TierInfo
 from server.state import AppState
 from server.store import NameError_, check_name
@@ -86,10 +85,18 @@ async def _on_worker(ready: Any, fn: Any) -> Any:
 
 
 async def _drain(state: AppState, ready: Any, name: str) -> None:
-    """Wait until no request for `name` is queued or running (409 after a while)."""
+    """Wait until no request for `name` (or a composition of it) is queued or running
+    (409 after a while)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + DRAIN_TIMEOUT_S
-    while ready[1].in_flight(name):
+
+    def busy() -> bool:  # requests for it, or for a composition it is a member of
+        if ready[1].in_flight(name):
+            return True
+        keys = ready[1].variants_in_flight() - {name}
+        return any(name in store_names(state, key) for key in keys)
+
+    while busy():
         if loop.time() > deadline:
             raise APIError(409, f"{name!r} still has requests in flight", "in_use")
         await asyncio.sleep(0.02)
@@ -127,6 +134,8 @@ async def upload(
             reason = str(e).replace(f"{upload}: ", "").replace(str(upload), "upload")
             raise APIError(400, f"invalid delta {name!r}: {reason}", "invalid_delta") from e
         async with state.name_lock(name):
+            if state.compositions.stamp(name) is not None:  # registered since the check
+                raise APIError(409, f"{name!r} is a registered composition", "exists")
             exists = state.store.exists(name)
             if exists and not replace:
                 raise APIError(
@@ -252,6 +261,8 @@ async def add_composition(
 ) -> dict[str, Any]:
     """Register a recipe: `model: NAME` then serves its members merged by its method."""
     _name(state, req.name, must_exist=False)
+    if req.name == state.base_name:
+        raise APIError(409, f"{req.name!r} is the base", "exists")
     async with state.name_lock(req.name):
         if state.store.exists(req.name):
             raise APIError(409, f"a delta is named {req.name!r}", "exists")
@@ -288,8 +299,11 @@ async def delete_composition(
         if state.compositions.stamp(name) is None:
             raise APIError(404, f"no composition named {name!r}", "not_found")
         await run_in_threadpool(state.compositions.unregister, name)
-        with contextlib.suppress(InUse):  # running requests keep their merge until done
+        try:
             await _on_worker(ready, lambda e: e.forget(name))
+        except APIError as e:  # in use: running requests keep their merge until done
+            if e.code != "in_use":
+                raise
     return {"deleted": name}
 
 

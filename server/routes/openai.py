@@ -276,8 +276,12 @@ def _card(state: AppState, name: str, engine: Any | None) -> ModelCard | None:
     except CompositionError:
         return None
     try:
-        path = state.store.path(name) if comp is None else state.compositions.path(name)
-        created = int(path.stat().st_mtime) if comp is None or comp.recipe else int(state.started)
+        if comp is None:
+            created = int(state.store.path(name).stat().st_mtime)
+        elif comp.recipe:
+            created = int(state.compositions.path(name).stat().st_mtime)
+        else:  # an expression: made on demand
+            created = int(state.started)
     except (FileNotFoundError, NameError_):
         return None
     return ModelCard(

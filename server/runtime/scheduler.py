@@ -157,6 +157,14 @@ class Scheduler:
             admitting = self._admitting is not None and self._admitting.variant == variant
             return queued + admitting + sum(1 for s in self._running if s.variant == variant)
 
+    def variants_in_flight(self) -> set[str]:
+        """The variants (compositions included) with queued or running requests."""
+        with self._cond:
+            names = {j.variant for j in self._waiting} | {s.variant for s in self._running}
+            if self._admitting is not None:
+                names.add(self._admitting.variant)
+        return {v for v in names if v is not None}
+
     # ------------------------------------------------------------------ the loop
 
     def _loop(self) -> None:

@@ -73,3 +73,13 @@ def test_bad_merges_are_refused():
         merge([("a", _delta({0: 1.0}), 0.0)])
     with pytest.raises(MergeError, match="density"):
         merge([("a", _delta({0: 1.0}), 1.0)], MergeMethod.TIES, density=0.0)
+
+
+def test_ties_with_a_negative_weight_flips_that_member():
+    a, b = _delta({0: 1.0}), _delta({0: 1.0})
+    m = merge([("a", a, 1.0), ("b", b, -2.0)], MergeMethod.TIES)
+    assert _dense(m).reshape(-1)[0] == pytest.approx(-1.0)  # b alone agrees: -2*1 / 2
+    with pytest.raises(MergeError, match="finite"):
+        merge([("a", a, float("inf"))])
+    with pytest.raises(MergeError, match="two different deltas"):
+        merge([("a", a, 1.0), ("a", b, 1.0)])

@@ -37,7 +37,7 @@ def test_parse_gives_one_canonical_name():
     assert parse("v1+v0", 4).key == parse("v0+v1", 4).key == "v0+v1"
     assert parse("0.3*b+0.7*a", 4).key == "0.7*a+0.3*b"
     assert parse("a+0*b", 4).key == "a"  # a weight of 0 leaves the member out
-    assert parse("a+a", 4).key == "2*a"
+    assert parse("a+a", 4).key == "2.0*a"
     assert parse("a+-0.5*b", 4).members == (("a", 1.0), ("b", -0.5))
     for bad in ("a+", "+a", "a**b", "0.5*", "a+b+c", "../x+a", "0*a", "inf*a+b"):
         with pytest.raises(CompositionError):
@@ -120,3 +120,27 @@ def test_bad_compositions_are_clear(live, variant_files):
     )
     assert r.status_code == 409
     assert live.admin.delete("/admin/compositions/nope").status_code == 404
+
+
+def test_review_edge_cases(live, variant_files):
+    """Keys parse back to themselves; long or odd input is refused fast; an expression
+    has a model card; a recipe in use can be deleted; the base name is not a recipe."""
+    import time
+
+    for expr in ("123456.7*v0+v1", "0.1234567*v0+v1", "1e-7*v0+v1"):
+        comp = parse(expr, 4)
+        assert parse(comp.key, 4) == comp
+    t0 = time.perf_counter()
+    for bad in ("1" * 100_000 + "x+v0", "nan*v0+v1", "1e9*v0+v1", "1" * 900 + "*v0+v1"):
+        with pytest.raises(CompositionError):
+            parse(bad, 4)
+    assert time.perf_counter() - t0 < 1.0
+    card = live.client.get("/v1/models/v0+v1")
+    assert card.status_code == 200 and card.json()["composition"]["method"] == "sum"
+    base = {"name": live.state.base_name, "members": ["v0", "v1"]}
+    assert live.admin.post("/admin/compositions", json=base).status_code == 409
+    body = '{"name": "mix", "members": ["v0", "v1"], "weights": [1, Infinity]}'
+    r = live.admin.post(
+        "/admin/compositions", content=body, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400
