@@ -125,7 +125,10 @@ def test_existing_output_needs_force(tmp_path, tiny_dirs, capsys):
     assert _run(*args, "--force") == 0
 
 
-@pytest.mark.parametrize("cmd", [[], ["compress"], ["inspect"], ["recommend"], ["materialize"]])
+@pytest.mark.parametrize(
+    "cmd",
+    [[], ["compress"], ["inspect"], ["recommend"], ["materialize"], ["merge"], ["eval"], ["serve"]],
+)
 def test_help(cmd):
     res = subprocess.run(
         [sys.executable, "-m", "server.cli", *cmd, "--help"], capture_output=True, text=True
