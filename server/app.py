@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 def _load_and_serve(state: AppState) -> None:
     """Load the base, then run the scheduler on this same thread (see scheduler.py)."""
     try:
-        base_dir = state.settings.base or ensure_embedded_base(progress=False)
+        base_dir = state.settings.base or ensure_embedded_base(progress=True)
         state.base_dir = base_dir
         state.base_name = base_dir.name
         source = open_model(base_dir)
@@ -58,7 +59,25 @@ def _load_and_serve(state: AppState) -> None:
         state.load_error = f"{type(e).__name__}: {e}"
         log.exception("loading the base failed")
         return
+    if state.settings.demo and state.settings.base is None:  # the embedded base's demos
+        threading.Thread(
+            target=_install_demos, args=(state, base_dir), name="deltaserve-demos", daemon=True
+        ).start()
     scheduler.serve_forever()
+
+
+def _install_demos(state: AppState, base_dir: Path) -> None:
+    """Make the demo variants (first run only: cached after) while the base serves;
+    each appears in /v1/models once it is in the store."""
+    from server.demo import install_demos
+
+    state.demos = "building"
+    try:
+        install_demos(base_dir, state.store)
+        state.demos = "ready"
+    except Exception as e:
+        state.demos = f"failed: {type(e).__name__}: {e}"
+        log.exception("making the demo variants failed")
 
 
 def make_scheduler(engine: Engine, settings: Settings, metrics: Metrics) -> SchedulerAPI:

@@ -113,13 +113,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-    if settings.base is None:
-        base_dir = ensure_embedded_base()
-        if settings.demo:
-            install_demos(base_dir, DeltaStore(settings.store))
-        settings = settings.model_copy(update={"base": base_dir})
-    if args.ray or sock is None:
+    if args.ray or sock is None:  # each replica loads the base: fetch it once first
+        if settings.base is None:
+            base_dir = ensure_embedded_base()
+            if settings.demo:
+                install_demos(base_dir, DeltaStore(settings.store))
+            settings = settings.model_copy(update={"base": base_dir})
         return serve_on_ray(settings, args)
+    # the port answers at once: /health is live, /ready says what is loading; the
+    # embedded base is fetched and the demos are made in the background
     server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="info"))
     server.run(sockets=[sock])
     return 0

@@ -35,6 +35,7 @@ class AppState:
     load_error: str | None = None
     started: float = field(default_factory=time.time)
     ready_at: float | None = None
+    demos: str | None = None  # the demo variants: building, ready, or failed: why
     retiring: set[str] = field(default_factory=set)  # deleted, draining in-flight requests
     replacing: set[str] = field(default_factory=set)  # new requests wait for the new file
     at_door: int = 0  # requests waiting for a replace (bounded by queue_limit)

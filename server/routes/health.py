@@ -17,12 +17,17 @@ def health() -> dict[str, str]:
 
 @router.get("/ready")
 def ready(state: StateDep, _: ReadyDep) -> dict[str, object]:
-    return {
+    """Ready once the base serves (503 until then, saying what is loading); the demo
+    variants, when they are still being made, are listed as such."""
+    out: dict[str, object] = {
         "status": "ready",
         "base": state.base_name,
         "variants": len(state.store.names()),
         "seconds_to_ready": round((state.ready_at or 0) - state.started, 3),
     }
+    if state.demos is not None:
+        out["demos"] = state.demos
+    return out
 
 
 @router.get("/metrics", dependencies=[KeyDep])

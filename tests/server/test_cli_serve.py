@@ -108,3 +108,47 @@ def test_a_busy_port_exits_non_zero_before_loading(tiny_dirs, tmp_path):
     assert res.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in res.stderr
     assert "ready:" not in res.stdout + res.stderr and "Loading" not in res.stderr
+
+
+def test_the_base_serves_while_the_demos_are_made(tiny_dirs, variant_files, tmp_path, monkeypatch):
+    """First run: the port and the base answer at once; the demo variants are made in
+    the background and appear when they are in the store (/ready says so meanwhile)."""
+    import shutil
+    import threading
+
+    import server.app
+    import server.demo
+    from server.app import ThreadedServer
+
+    release = threading.Event()
+
+    def fake_install(base_dir, store, progress=True):
+        release.wait(60)
+        shutil.copy(variant_files["v0"], store.path("arith"))
+        return ["arith"]
+
+    monkeypatch.setattr(server.app, "ensure_embedded_base", lambda progress=True: tiny_dirs["base"])
+    monkeypatch.setattr(server.demo, "install_demos", fake_install)
+    settings = Settings(store=tmp_path / "store", port=0, device="cpu", demo=True)
+    srv = ThreadedServer(settings)
+    try:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            deadline = time.time() + 30
+            while client.get("/ready").json().get("demos") != "building":
+                assert time.time() < deadline
+                time.sleep(0.05)
+            body = {"model": "base", "prompt": "the cat", "max_tokens": 3}
+            assert client.post("/v1/completions", json=body).status_code == 200
+            assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["base"]
+            release.set()
+            while client.get("/ready").json().get("demos") != "ready":
+                assert time.time() < deadline
+                time.sleep(0.05)
+            ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+            assert ids == ["base", "arith"]
+            body["model"] = "arith"
+            assert client.post("/v1/completions", json=body).status_code == 200
+    finally:
+        release.set()
+        srv.stop()
