@@ -31,11 +31,11 @@ from pathlib import Path
 from deltastore.embedded import ensure_embedded_base
 from deltastore.format import load_delta
 from deltastore.merge import MergeMethod, merge
+from deltastore.tasks import topic
 from server.app import ThreadedServer
 from server.config import Settings
 from server.demo import DEMOS, Demo, demo_delta
 from server.evaluate import Client, load_rows, score_served
-from server.tasks import topic
 
 EVAL = Path(__file__).parent / "eval"
 RESULTS = Path(__file__).parent / "results" / "compose.json"

@@ -4,7 +4,7 @@
                                   [--methods dare,darex-q/unlabelled,...] [--report]
 
 Fine-tunes the embedded base (SmolLM2-135M-Instruct) on three generated tasks with
-fixed splits (server/tasks.py: arith, extract, topic), with AdamW and with AdamR
+fixed splits (deltastore/tasks.py: arith, extract, topic), with AdamW and with AdamR
 (DAREx-L2), plus one LoRA (PEFT); compresses each with `deltastore.compress` (the
 code behind `deltaserve compress`) at every rate and method; and scores every delta
 by exact match on the task's test split, applied to the resident base through the
@@ -40,7 +40,7 @@ from deltastore.paths import cache_dir
 from deltastore.qsearch import QGrid, QSearch
 from deltastore.recommend import choose, delta_stats, recommend
 from deltastore.sources import FinetuneSource, ModelSource, fingerprint, open_finetune, open_model
-from server.tasks import splits
+from deltastore.tasks import splits
 
 ADAMR_REG = 2.0  # strong enough to halve |delta| in 30 steps (0.1 changed it by 4%)
 FINETUNES: dict[str, tuple[str, FinetuneConfig]] = {

@@ -27,7 +27,7 @@ from deltastore.methods import Method
 from deltastore.paths import cache_dir
 from deltastore.qsearch import QSearch
 from deltastore.sources import fingerprint, open_finetune, open_model
-from server.tasks import arithmetic
+from deltastore.tasks import arithmetic
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ from deltastore.format import Delta, load_delta, save_delta
 from deltastore.methods import Method
 from deltastore.paths import cache_dir
 from deltastore.sources import fingerprint, open_finetune, open_model
-from server.tasks import arithmetic
+from deltastore.tasks import arithmetic
 
 
 def sync(device: torch.device) -> None:

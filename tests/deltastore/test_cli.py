@@ -176,3 +176,37 @@ def test_materialize_force_replaces_only_a_model_directory(tmp_path, tiny_dirs, 
     assert _run("materialize", tiny_dirs["base"], delta, "-o", notes, "--force") == 2
     assert "not a model directory" in capsys.readouterr().err
     assert (notes / "todo.txt").read_text() == "mine"
+
+
+def test_finetune_then_compress_with_its_calibration_text(tmp_path, tiny_dirs, capsys):
+    out = tmp_path / "ft"
+    args = ["finetune", tiny_dirs["base"], "--task", "arith", "-o", out, "--steps", "2"]
+    assert _run(*args, "--examples", "16", "--batch-size", "4") == 0
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    calib = (out / "calib.txt").read_text().splitlines()
+    assert calib and all("What is" in line for line in calib)
+    delta = tmp_path / "ft.delta.safetensors"
+    rc = _run(
+        "compress",
+        tiny_dirs["base"],
+        out,
+        "-o",
+        delta,
+        "--method",
+        "darex-q",
+        "--rate",
+        "0.9",
+        "--q-search",
+        "unlabelled",
+        "--calib",
+        out / "calib.txt",
+    )
+    assert rc == 0 and delta.is_file()
+    assert _run(*args) == 2  # exists
+    assert "--force" in capsys.readouterr().err
+    rows = tmp_path / "mine.jsonl"
+    rows.write_text('{"prompt": "2+2=", "answer": "4"}\n{"prompt": "3+3=", "answer": "6"}\n')
+    mine = ["finetune", tiny_dirs["base"], "--task", rows, "-o", tmp_path / "mine"]
+    assert _run(*mine, "--steps", "1", "--batch-size", "2") == 0
+    assert _run("finetune", tiny_dirs["base"], "--task", "nope", "-o", tmp_path / "x") == 2
+    assert "not a built-in task" in capsys.readouterr().err

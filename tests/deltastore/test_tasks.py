@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from server.tasks import TASKS, splits, topic
+from deltastore.tasks import TASKS, splits, topic
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
