@@ -33,7 +33,7 @@ RUN groupadd --system --gid 10001 deltaserve \
 WORKDIR /opt/deltaserve
 
 # A C compiler for engine v2's sparse delta kernel: built once, at first use, for the
-# CPU it runs on (server/runtime/sparse.py), into the cache volume. Without one the
+# CPU it runs on (server/engine/sparse.py), into the cache volume. Without one the
 # engine falls back to torch ops (correct, slower). bookworm's gcc, not pinned: it
 # follows the distribution's point releases.
 # hadolint ignore=DL3008

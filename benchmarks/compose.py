@@ -28,14 +28,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from deltastore.demo import DEMOS, Demo, demo_delta
 from deltastore.embedded import ensure_embedded_base
 from deltastore.format import load_delta
 from deltastore.merge import MergeMethod, merge
 from deltastore.tasks import topic
 from server.app import ThreadedServer
+from server.clients.evaluate import Client, load_rows, score_served
 from server.config import Settings
-from server.demo import DEMOS, Demo, demo_delta
-from server.evaluate import Client, load_rows, score_served
 
 EVAL = Path(__file__).parent / "eval"
 RESULTS = Path(__file__).parent / "results" / "compose.json"

@@ -50,7 +50,7 @@ from deltastore.format import save_delta
 from deltastore.methods import Method
 from deltastore.paths import cache_dir
 from deltastore.sources import open_finetune, open_model
-from server.loadtest import Workload, parse_mix, run
+from server.clients.loadtest import Workload, parse_mix, run
 
 PORT = 8951
 

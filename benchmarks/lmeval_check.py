@@ -30,13 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deltastore.demo import DEMOS, demo_delta
 from deltastore.embedded import ensure_embedded_base
 from deltastore.format import load_delta
 from deltastore.materialize import materialize
 from deltastore.sources import open_model
 from server.app import ThreadedServer
 from server.config import Settings
-from server.demo import DEMOS, demo_delta
 
 TASKS = Path(__file__).parent / "lmeval"
 TASK_NAMES = ("deltaserve_arith_mc", "deltaserve_arith_gen")

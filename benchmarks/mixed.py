@@ -30,13 +30,13 @@ from benchmarks.serve import synthetic_variant
 from deltastore.embedded import ensure_embedded_base
 from deltastore.paths import cache_dir
 from deltastore.sources import open_model
+from deltastore.store import DeltaStore
 from server.config import Settings
-from server.engine import Engine
-from server.job import Job, SamplingParams
+from server.engine.core import Engine
+from server.engine.job import Job, SamplingParams
+from server.engine.scheduler import Scheduler
+from server.engine.sparse import CSR, KernelChoice, Segment, StepDeltas, VariantLayout, use_kernels
 from server.metrics import Metrics
-from server.runtime.scheduler import Scheduler
-from server.runtime.sparse import CSR, KernelChoice, Segment, StepDeltas, VariantLayout, use_kernels
-from server.store import DeltaStore
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -69,7 +69,7 @@ def run_once(engine: Engine, settings: Settings, d: int, rows: int, max_tokens: 
         jobs.append(job)
         sched.submit(job)
     # the steps run on this thread, the one that loaded the model: torch compute from
-    # another thread runs ~40% slower with this build's OpenMP (server/scheduler.py)
+    # another thread runs ~40% slower with this build's OpenMP (server/engine/v1.py)
     step_times = []
     while any(j.finish_reason is None for j in jobs):
         t = time.perf_counter()

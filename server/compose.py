@@ -30,7 +30,7 @@ from typing import Any
 
 from deltastore.format import fsync_path
 from deltastore.merge import MergeMethod
-from server.store import DeltaStore, NameError_, check_name
+from deltastore.store import DeltaStore, NameError_, check_name
 
 RECIPE_SUFFIX = ".composition.json"
 _NUMBER = r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE]-?\d+)?"  # no '+': it joins terms

@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from server.config import secret_digest
-from server.engine import Engine
+from server.engine.core import Engine
+from server.engine.v1 import SchedulerAPI
 from server.errors import APIError
-from server.scheduler import SchedulerAPI
 from server.state import AppState
 
 

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.job import MAX_LOGPROBS
+from server.engine.job import MAX_LOGPROBS
 
 # Known OpenAI options this server does not implement, with the value that means
 # "not used": anything else is a 400 that names the option.

@@ -13,12 +13,12 @@ from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
+from deltastore.store import DeltaStore
 from server.compose import Compositions
 from server.config import Settings
-from server.engine import Engine
+from server.engine.core import Engine
+from server.engine.v1 import SchedulerAPI
 from server.metrics import Metrics
-from server.scheduler import SchedulerAPI
-from server.store import DeltaStore
 
 T = TypeVar("T")
 

@@ -20,19 +20,19 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, status
 from starlette.concurrency import run_in_threadpool
 
+from deltastore import faults
 from deltastore.apply import BaseMismatchError
 from deltastore.format import DeltaFormatError
 from deltastore.merge import MergeMethod
-from server import faults
-from server.cache import ByteLRU, CacheFull, EntryInfo
+from deltastore.store import NameError_, check_name
 from server.compose import CompositionError
 from server.deps import AdminDep, ReadyDep, StateDep
-from server.engine import Engine, InUse, WeightsUnavailable
+from server.engine.cache import ByteLRU, CacheFull, EntryInfo
+from server.engine.core import Engine, InUse, WeightsUnavailable
 from server.errors import APIError
 from server.routes.openai import check_members, store_names
 from server.schemas import CacheInfo, CompositionRequest, DeltaInfo, TierInfo
 from server.state import AppState
-from server.store import NameError_, check_name
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 DRAIN_TIMEOUT_S = 600.0

@@ -22,11 +22,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from deltastore.store import NameError_, check_name
 from server.compose import Composition, CompositionError
 from server.deps import KeyDep, ReadyDep, StateDep
+from server.engine.job import Job, JobError, SamplingParams, TokenLogprob
+from server.engine.v1 import QueueFull
 from server.errors import APIError, body
-from server.job import Job, JobError, SamplingParams, TokenLogprob
-from server.scheduler import QueueFull
 from server.schemas import (
     MAX_PROMPTS,
     SEED_MAX,
@@ -54,7 +55,6 @@ from server.schemas import (
     _Sampling,
 )
 from server.state import AppState
-from server.store import NameError_, check_name
 
 router = APIRouter(tags=["openai"], dependencies=[KeyDep])
 COMPLETION_DEFAULT = 16  # OpenAI's default for /v1/completions

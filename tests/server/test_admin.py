@@ -25,7 +25,7 @@ from deltastore.format import (
     read_meta,
     save_delta,
 )
-from server.engine import digest
+from server.engine.core import digest
 from tests.conftest import make_model, save
 from tests.server.conftest import TOKEN, LiveServer, make_settings
 

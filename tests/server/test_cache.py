@@ -1,6 +1,6 @@
 import pytest
 
-from server.cache import ByteLRU, CacheFull
+from server.engine.cache import ByteLRU, CacheFull
 
 
 def test_lru_eviction_order_and_byte_budget():

@@ -116,8 +116,8 @@ def test_the_base_serves_while_the_demos_are_made(tiny_dirs, variant_files, tmp_
     import shutil
     import threading
 
+    import deltastore.demo
     import server.app
-    import server.demo
     from server.app import ThreadedServer
 
     release = threading.Event()
@@ -128,7 +128,7 @@ def test_the_base_serves_while_the_demos_are_made(tiny_dirs, variant_files, tmp_
         return ["arith"]
 
     monkeypatch.setattr(server.app, "ensure_embedded_base", lambda progress=True: tiny_dirs["base"])
-    monkeypatch.setattr(server.demo, "install_demos", fake_install)
+    monkeypatch.setattr(deltastore.demo, "install_demos", fake_install)
     settings = Settings(store=tmp_path / "store", port=0, device="cpu", demo=True)
     srv = ThreadedServer(settings)
     try:

@@ -3,7 +3,7 @@ store holds exactly the committed deltas, each the bytes it was committed with, 
 temporary file is left, the base on disk is unchanged and every answer is exact.
 
 One `deltaserve serve` process per crash (a real process, so the kill is real), on
-127.0.0.1; each crash is armed through server/faults.py at the step it names.
+127.0.0.1; each crash is armed through deltastore/faults.py at the step it names.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.faults import ENV
+from deltastore.faults import ENV
 from tests.server.conftest import MAX_TOKENS, PROMPTS, TOKEN
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

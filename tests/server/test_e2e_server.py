@@ -83,11 +83,11 @@ def test_mixed_steps_on_the_real_base_match_materialized_finetunes(
     afterwards."""
     from deltastore.format import load_delta
     from deltastore.materialize import materialize
-    from server.engine import Engine
-    from server.job import Job, SamplingParams
+    from deltastore.store import DeltaStore
+    from server.engine.core import Engine
+    from server.engine.job import Job, SamplingParams
+    from server.engine.scheduler import Scheduler
     from server.metrics import Metrics
-    from server.runtime.scheduler import Scheduler
-    from server.store import DeltaStore
 
     store = tmp_path / "store"
     store.mkdir()

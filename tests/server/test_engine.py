@@ -8,8 +8,8 @@ import shutil
 import torch
 
 from deltastore.sources import open_model
-from server.engine import Engine, Mode
-from server.store import DeltaStore
+from deltastore.store import DeltaStore
+from server.engine.core import Engine, Mode
 from tests.server.conftest import make_settings
 
 

@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-import server.engine as engine_mod
+import server.engine.core as engine_mod
 from deltastore.apply import FlatWeights, apply_delta_, bind
 from deltastore.format import load_delta
 from server.config import Settings
-from server.engine import Engine, Mode, WeightsUnavailable, digest
+from server.engine.core import Engine, Mode, WeightsUnavailable, digest
 from tests.server.conftest import TOKEN, LiveServer, make_settings
 from tests.server.test_engine import _engine
 
@@ -160,7 +160,7 @@ def test_one_failing_request_never_fails_its_neighbours(
 ):
     """The sampler of one request raises (injected on its seed): that request alone
     gets an error with a request id; the requests batched with it are exact."""
-    from server.sampling import Sampler
+    from server.engine.sampling import Sampler
 
     real = Sampler.pick
 

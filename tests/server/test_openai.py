@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deltastore.sources import open_model
-from server.engine import digest
+from server.engine.core import digest
 from tests.server.conftest import MAX_TOKENS, PROMPTS
 
 

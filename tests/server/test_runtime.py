@@ -1,4 +1,4 @@
-"""Engine v2 (server/runtime/): the KV cache's slots, and mixed-variant steps driven
+"""Engine v2 (server/engine/): the KV cache's slots, and mixed-variant steps driven
 through the scheduler on its worker thread, checked against every fine-tune
 materialized and run by plain transformers."""
 
@@ -22,13 +22,13 @@ from deltastore.format import load_delta, save_delta
 from deltastore.materialize import materialize
 from deltastore.methods import Method
 from deltastore.sources import open_finetune, open_model
-from server.engine import Engine
-from server.job import INTERNAL, Job, SamplingParams
+from deltastore.store import DeltaStore
+from server.engine.core import Engine
+from server.engine.job import INTERNAL, Job, SamplingParams
+from server.engine.kv_cache import CLEAN_CHUNK, KVCache
+from server.engine.scheduler import Scheduler
+from server.engine.sparse import KernelUnavailable, load_kernels
 from server.metrics import Metrics
-from server.runtime.kv_cache import CLEAN_CHUNK, KVCache
-from server.runtime.scheduler import Scheduler
-from server.runtime.sparse import KernelUnavailable, load_kernels
-from server.store import DeltaStore
 from tests.conftest import perturbed, save
 from tests.server.conftest import MAX_TOKENS, N_VARIANTS, PROMPTS, make_settings, reference_text
 

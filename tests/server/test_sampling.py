@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from server.job import SamplingParams
-from server.sampling import Sampler, prompt_logprobs, token_logprob
+from server.engine.job import SamplingParams
+from server.engine.sampling import Sampler, prompt_logprobs, token_logprob
 
 
 def _logits(seed: int = 0) -> torch.Tensor:

@@ -8,10 +8,10 @@ import time
 import pytest
 
 from server.config import Settings
-from server.engine import Mode, Swap
-from server.job import Job, SamplingParams
+from server.engine.core import Mode, Swap
+from server.engine.job import Job, SamplingParams
+from server.engine.v1 import QueueFull, Scheduler
 from server.metrics import Metrics
-from server.scheduler import QueueFull, Scheduler
 
 
 class FakeEngine:
@@ -41,7 +41,7 @@ def sched(monkeypatch):
         for j in jobs:
             j.finish_reason = "length"
 
-    monkeypatch.setattr("server.scheduler.generate", fake_generate)
+    monkeypatch.setattr("server.engine.v1.generate", fake_generate)
     settings = Settings(base=None, max_batch_size=2, time_slice_s=0.03, queue_limit=50, demo=False)
     s = Scheduler(engine, settings, Metrics())  # type: ignore[arg-type]
     yield s, engine

@@ -1,4 +1,4 @@
-"""Engine v2's sparse delta products (server/runtime/sparse.py): the C kernel and the
+"""Engine v2's sparse delta products (server/engine/sparse.py): the C kernel and the
 torch ops both equal a dense reference, over overlapping signed segments of mixed
 variants; the layout refuses what it cannot serve.
 
@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from deltastore.format import Delta, DeltaMeta, TensorDelta
-from server.runtime.sparse import (
+from server.engine.sparse import (
     CSR,
     MAX_COLS,
     KernelUnavailable,

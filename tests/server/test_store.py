@@ -1,6 +1,6 @@
 import pytest
 
-from server.store import DeltaStore, NameError_, check_name
+from deltastore.store import DeltaStore, NameError_, check_name
 
 
 @pytest.mark.parametrize("name", ["bot", "support-bot", "v1.2", "A_b-3"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from server.job import SamplingParams, TokenLogprob
+from server.engine.job import SamplingParams, TokenLogprob
 
 # Below this a temperature is greedy (as vLLM): dividing logits by it would overflow.
 GREEDY_BELOW = 1e-5

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from server.job import Job
-from server.sampling import Sampler, prompt_logprobs, token_logprob
+from server.engine.job import Job
+from server.engine.sampling import Sampler, prompt_logprobs, token_logprob
 
 
 class Sequence:

@@ -14,7 +14,7 @@ Every step (one forward pass) the worker thread:
 
 The public methods (`submit`, `control`, `in_flight`, `start`, `serve_forever`,
 `stop`) are those of the first scheduler, so the HTTP layer is the same for both.
-All torch work of the server runs on this one thread (see server/scheduler.py).
+All torch work of the server runs on this one thread (see server/engine/v1.py).
 """
 
 from __future__ import annotations
@@ -30,18 +30,18 @@ from typing import Any, TypeVar
 
 import torch
 
-from server.cache import CacheFull
 from server.config import Settings
-from server.engine import Engine, WeightsUnavailable
-from server.generate import _eos_ids
-from server.job import INTERNAL, UNAVAILABLE, Job, JobError
+from server.engine.cache import CacheFull
+from server.engine.core import Engine, WeightsUnavailable
+from server.engine.generate import _eos_ids
+from server.engine.job import INTERNAL, UNAVAILABLE, Job, JobError
+from server.engine.kv_cache import KVCache
+from server.engine.model_runner import ModelRunner, Prefill, StepInput
+from server.engine.policy import MergePolicy
+from server.engine.sequence import Sequence
+from server.engine.sparse import KernelChoice, Segment, StepDeltas, VariantLayout, use_kernels
+from server.engine.v1 import QueueFull, run_controls
 from server.metrics import Metrics
-from server.runtime.kv_cache import KVCache
-from server.runtime.model_runner import ModelRunner, Prefill, StepInput
-from server.runtime.policy import MergePolicy
-from server.runtime.sequence import Sequence
-from server.runtime.sparse import KernelChoice, Segment, StepDeltas, VariantLayout, use_kernels
-from server.scheduler import QueueFull, run_controls
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
-from deltastore.cli import show_progress
+from deltastore.progress import show_progress
 
 DEFAULT_DURATION_S = 60.0
 MAX_IN_FLIGHT = 1024  # open loop: cap on outstanding requests

@@ -18,8 +18,8 @@ from deltastore.methods import Method
 from deltastore.paths import cache_dir
 from deltastore.qsearch import QSearch
 from deltastore.sources import open_finetune, open_model
+from deltastore.store import DeltaStore
 from deltastore.tasks import arithmetic, extraction
-from server.store import DeltaStore
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from concurrent.futures import Future
 from typing import Any, Protocol, TypeVar
 
 from server.config import Settings
-from server.engine import Engine, WeightsUnavailable
-from server.generate import generate
-from server.job import INTERNAL, UNAVAILABLE, Job
+from server.engine.core import Engine, WeightsUnavailable
+from server.engine.generate import generate
+from server.engine.job import INTERNAL, UNAVAILABLE, Job
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)

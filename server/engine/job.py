@@ -1,6 +1,6 @@
 """A request as the engines see it: its sampling parameters, its events, its result.
 
-Both engines (v1 in server/generate.py, v2 in server/runtime/) run `Job`s and report
+Both engines (v1 in server/engine/generate.py, v2 in server/engine/) run `Job`s and report
 through `Job.emit`; the HTTP layer renders them (server/routes/openai.py)."""
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from deltastore import faults
 from deltastore.apply import (
     BoundDelta,
     FlatWeights,
@@ -51,11 +52,10 @@ from deltastore.apply import (
 from deltastore.format import Delta, load_delta
 from deltastore.merge import merge
 from deltastore.sources import ModelSource, fingerprint
-from server import faults
-from server.cache import ByteLRU, CacheFull
+from deltastore.store import DeltaStore
 from server.compose import Composition, CompositionError, Compositions
 from server.config import Settings
-from server.store import DeltaStore
+from server.engine.cache import ByteLRU, CacheFull
 
 log = logging.getLogger(__name__)
 AGE_EVERY = 1000  # activations between halvings of the use counts
@@ -148,7 +148,7 @@ class Engine:
         self.materialized: ByteLRU[dict[str, torch.Tensor]] = ByteLRU(
             "materialized", settings.materialized_cache_bytes
         )
-        # engine v2: deltas laid out for mixed-variant steps (server/runtime/sparse.py)
+        # engine v2: deltas laid out for mixed-variant steps (server/engine/sparse.py)
         self.layouts: ByteLRU[Any] = ByteLRU("mixed", settings.mixed_cache_bytes)
         self.matrix_names: list[str] = []  # set by the v2 scheduler's runner
         self.fused_matrices: dict[str, list[tuple[str, int]]] = {}  # the runner's fused slots
@@ -412,7 +412,7 @@ class Engine:
 
     def layout(self, name: str) -> Any:
         """`name`'s delta laid out for mixed steps (built from the host tier on a miss)."""
-        from server.runtime.sparse import layout_variant  # engine v2 only
+        from server.engine.sparse import layout_variant  # engine v2 only
 
         layout = self.layouts.get(name)
         if layout is None:

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from server.runtime.kv_cache import KVCache
-from server.runtime.sparse import StepDeltas
+from server.engine.kv_cache import KVCache
+from server.engine.sparse import StepDeltas
 
 SUPPORTED = {"llama", "mistral", "qwen2"}  # same decoder layout; no sliding window used
 # a layer's products, in order; the members of a group run as one GEMM when their

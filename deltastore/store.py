@@ -16,8 +16,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from deltastore import faults
 from deltastore.format import DeltaMeta, fsync_path, read_meta
-from server import faults
 
 SUFFIX = ".delta.safetensors"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

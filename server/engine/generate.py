@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from server.job import INTERNAL, Job
-from server.runtime.sequence import Sequence
+from server.engine.job import INTERNAL, Job
+from server.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 

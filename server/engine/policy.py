@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from deltastore.apply import BoundDelta, BoundGroup, apply_delta_, revert_delta_
-from server.runtime.sparse import CSR, Segment, StepDeltas, VariantLayout
+from server.engine.sparse import CSR, Segment, StepDeltas, VariantLayout
 
 
 class MergeMode(StrEnum):
