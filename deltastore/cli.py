@@ -246,6 +246,8 @@ def format_search(record: dict[str, Any]) -> str:
     for x, v in zip(record["grid"], record["values"], strict=True):
         mark = "  <- chosen" if x == record["best"] else ""
         lines.append(f"  {x:>12.6g}  {v:>14.6g}{mark}")
+    if "evaluations" in record:
+        lines.append(f"  {record['evaluations']} evaluations in {record['seconds']:.1f} s")
     if record["mode"] == "analytical":
         qs = list(record["layer_q"].values())
         lines.append(

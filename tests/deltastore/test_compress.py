@@ -116,7 +116,7 @@ def test_analytical_q_is_per_layer(pair, tiny_dirs):
         assert math.isclose(delta.tensors[name].scale, 1 / q)
 
 
-def test_coarse_to_fine_finds_the_minimum_and_stops_early():
+def test_coarse_to_fine_finds_the_minimum_and_stops_early_only_when_asked():
     calls = []
 
     def f(q):
@@ -124,11 +124,45 @@ def test_coarse_to_fine_finds_the_minimum_and_stops_early():
         return (q - 0.237) ** 2
 
     trace = SearchTrace("q", "sq", minimise=True)
-    best = coarse_to_fine(f, 0.01, 1.0, 0.05, trace, progress=False)
+    best = coarse_to_fine(f, 0.01, 1.0, 0.05, trace, progress=False, patience=3)
     assert abs(best - 0.237) <= 0.005 + 1e-9
     # coarse: 0.01 .. 0.26 improve, then 3 misses -> stop long before 1.0
     assert max(calls) < 0.5
     assert len(set(calls)) == len(calls)  # nothing evaluated twice
+    calls.clear()
+    full = SearchTrace("q", "sq", minimise=True)
+    assert coarse_to_fine(f, 0.01, 1.0, 0.05, full, progress=False) == best
+    assert max(calls) >= 0.96  # the default covers the whole range
+    assert full.as_dict()["evaluations"] == len(calls) and full.seconds > 0
+
+
+def test_the_search_cannot_stop_in_a_local_dip():
+    """The large-delta case: the objective dips at 2(1-p), rises for several steps,
+    and has its global minimum near 30(1-p). A walk that stops after 3
+    non-improvements keeps 2(1-p); the whole-range search finds 30(1-p)."""
+    rate = 0.999
+
+    def f(q):
+        x = math.log2(q / 0.001)
+        return min(18.0 + 2 * abs(x - 1), 10.0 + 4 * abs(x - math.log2(30)))
+
+    early = SearchTrace("q", "mse", minimise=True)
+    coarse_to_fine(
+        lambda x: f(0.001 * 2**x),
+        0.0,
+        math.log2(1000),
+        0.5,
+        early,
+        progress=False,
+        fine=(4, 3),
+        shown=lambda x: 0.001 * 2**x,
+        patience=3,
+    )
+    assert early.best[0] < 0.005  # the local dip
+    trace = SearchTrace("q", "mse", minimise=True)
+    q = search_q(f, rate, 1.0, 0.05, QGrid.LOG, trace, progress=False)
+    assert abs(math.log2(q / 0.03)) <= 0.125
+    assert len(trace.points) <= 30  # the whole log range: about 26 evaluations
 
 
 def test_log_grid_resolves_small_multiples_of_one_minus_p():
@@ -153,8 +187,7 @@ def test_log_grid_resolves_small_multiples_of_one_minus_p():
 @pytest.mark.parametrize("grid", [QGrid.LOG, QGrid.LINEAR])
 def test_downward_search_finds_a_peak_behind_a_flat_start(grid):
     """Like a labelled search over a magnitude mask: accuracy is 0 for small q (a
-    huge rescale), peaks near q = 0.35. Walking up from 1-p stops in the flat part;
-    walking down from q_max finds the peak."""
+    huge rescale), peaks near q = 0.35. Both directions find the peak."""
 
     def accuracy(q):
         return max(0.0, 1.0 - 0.5 * abs(math.log2(q / 0.35)))  # 0.24 at q = 1
@@ -164,8 +197,7 @@ def test_downward_search_finds_a_peak_behind_a_flat_start(grid):
     q_up = search_q(accuracy, 0.99, 1.0, 0.05, grid, up, progress=False)
     q_down = search_q(accuracy, 0.99, 1.0, 0.05, grid, down, progress=False, downward=True)
     assert accuracy(q_down) > 0.9
-    if grid is QGrid.LOG:  # fine steps near 1-p: the upward walk stalls in the flat part
-        assert accuracy(q_up) == 0.0
+    assert accuracy(q_up) > 0.9  # the whole range: the flat start cannot stop it
     assert down.points[0][0] == 1.0 and up.points[0][0] == 0.01
     assert all(0.01 - 1e-12 <= q <= 1.0 for q, _ in down.points)
 
