@@ -229,7 +229,7 @@ class Compositions:
                     self._parsed.clear()
                 self._parsed[model] = parsed
             return parsed
-        return self.recipe(model) if self.stamp(model) is not None else None
+        return self.recipe(model)  # None when no recipe file has that name
 
     def source_stamp(self, comp: Composition) -> tuple[Any, ...]:
         """What the composition's merged delta was made from: its recipe file and its

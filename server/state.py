@@ -67,27 +67,32 @@ class AppState:
 
     async def token_texts(self, ids: list[int]) -> list[str]:
         """Each token's own text (logprobs, token_strs): decoded once, then cached."""
-        missing = [t for t in dict.fromkeys(ids) if t not in self._token_text]
-        if missing:
 
-            def decode(tok: Any) -> list[str]:
-                return [tok.decode([t]) for t in missing]
+        def decode(tok: Any, missing: list[int]) -> list[str]:
+            return [tok.decode([t]) for t in missing]
 
-            self._token_text.update(zip(missing, await self.tokenize(decode), strict=True))
-        return [self._token_text[t] for t in ids]
+        return await self._per_token(self._token_text, ids, decode)
 
     async def token_bytes(self, ids: list[int]) -> list[list[int]]:
         """Each token's own bytes (chat logprobs' `bytes`): a byte-level BPE token's
         raw bytes, so pieces of one multi-byte character add up to it."""
-        missing = [t for t in dict.fromkeys(ids) if t not in self._token_bytes]
+
+        def raw(tok: Any, missing: list[int]) -> list[list[int]]:
+            pieces = tok.convert_ids_to_tokens(missing)
+            return [_piece_bytes(tok, t, p) for t, p in zip(missing, pieces, strict=True)]
+
+        return await self._per_token(self._token_bytes, ids, raw)
+
+    async def _per_token(
+        self, cache: dict[int, T], ids: list[int], fn: Callable[[Any, list[int]], list[T]]
+    ) -> list[T]:
+        """fn(tokenizer, ids) for the ids not yet in `cache` (one call, off the loop)."""
+        missing = [t for t in dict.fromkeys(ids) if t not in cache]
         if missing:
-
-            def raw(tok: Any) -> list[list[int]]:
-                pieces = tok.convert_ids_to_tokens(missing)
-                return [_piece_bytes(tok, t, p) for t, p in zip(missing, pieces, strict=True)]
-
-            self._token_bytes.update(zip(missing, await self.tokenize(raw), strict=True))
-        return [self._token_bytes[t] for t in ids]
+            cache.update(
+                zip(missing, await self.tokenize(lambda tok: fn(tok, missing)), strict=True)
+            )
+        return [cache[t] for t in ids]
 
     def name_lock(self, name: str) -> asyncio.Lock:
         lock = self._name_locks.get(name)

@@ -453,90 +453,51 @@ def exercise_openai_client(url: str) -> None:
         "ignore_eos": False,
         "min_tokens": 1,
     }
-    c = client.completions.create(
-        model="v1",
-        prompt=["the cat", "a mat"],
-        max_tokens=6,
-        temperature=0.8,
-        top_p=0.9,
-        n=2,
-        seed=5,
-        logprobs=2,
-        echo=True,
-        presence_penalty=0.3,
-        frequency_penalty=0.2,
-        stop=["zzz"],
-        extra_body=extra,
-    )
+    completion = {
+        "model": "v1",
+        "prompt": ["the cat", "a mat"],
+        "max_tokens": 6,
+        "temperature": 0.8,
+        "top_p": 0.9,
+        "n": 2,
+        "seed": 5,
+        "logprobs": 2,
+        "echo": True,
+        "presence_penalty": 0.3,
+        "frequency_penalty": 0.2,
+        "stop": ["zzz"],
+        "extra_body": extra,
+    }
+    c = client.completions.create(**completion)
     assert len(c.choices) == 4 and c.system_fingerprint and c.usage.completion_tokens > 0
     assert all(ch.logprobs and ch.logprobs.token_logprobs[0] is None for ch in c.choices)
-    again = client.completions.create(
-        model="v1",
-        prompt=["the cat", "a mat"],
-        max_tokens=6,
-        temperature=0.8,
-        top_p=0.9,
-        n=2,
-        seed=5,
-        logprobs=2,
-        echo=True,
-        presence_penalty=0.3,
-        frequency_penalty=0.2,
-        stop=["zzz"],
-        extra_body=extra,
-    )
+    again = client.completions.create(**completion)
     assert [ch.text for ch in again.choices] == [ch.text for ch in c.choices]
     streamed: dict[int, str] = {}
-    for chunk in client.completions.create(
-        model="v1",
-        prompt=["the cat", "a mat"],
-        max_tokens=6,
-        temperature=0.8,
-        top_p=0.9,
-        n=2,
-        seed=5,
-        logprobs=2,
-        echo=True,
-        presence_penalty=0.3,
-        frequency_penalty=0.2,
-        stop=["zzz"],
-        extra_body=extra,
-        stream=True,
-    ):
+    for chunk in client.completions.create(**completion, stream=True):
         for ch in chunk.choices:
             streamed[ch.index] = streamed.get(ch.index, "") + ch.text
     assert [streamed[i] for i in range(4)] == [ch.text for ch in c.choices]
 
-    chat = client.chat.completions.create(
-        model="v2",
-        messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-        max_completion_tokens=5,
-        temperature=0.7,
-        seed=9,
-        n=2,
-        logprobs=True,
-        top_logprobs=3,
-        presence_penalty=0.1,
-        frequency_penalty=0.1,
-        extra_body=extra,
-    )
+    chat_options = {
+        "model": "v2",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "max_completion_tokens": 5,
+        "temperature": 0.7,
+        "seed": 9,
+        "n": 2,
+        "logprobs": True,
+        "top_logprobs": 3,
+        "presence_penalty": 0.1,
+        "frequency_penalty": 0.1,
+        "extra_body": extra,
+    }
+    chat = client.chat.completions.create(**chat_options)
     assert len(chat.choices) == 2 and chat.system_fingerprint
     assert all(len(e.top_logprobs) == 3 for ch in chat.choices for e in ch.logprobs.content)
     joined: dict[int, str] = {}
     for chunk in client.chat.completions.create(
-        model="v2",
-        messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-        max_completion_tokens=5,
-        temperature=0.7,
-        seed=9,
-        n=2,
-        logprobs=True,
-        top_logprobs=3,
-        presence_penalty=0.1,
-        frequency_penalty=0.1,
-        extra_body=extra,
-        stream=True,
-        stream_options={"include_usage": True},
+        **chat_options, stream=True, stream_options={"include_usage": True}
     ):
         for ch in chunk.choices:
             joined[ch.index] = joined.get(ch.index, "") + (ch.delta.content or "")
