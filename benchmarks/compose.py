@@ -1,8 +1,8 @@
 """Compositions of fine-tunes of the embedded base: what each task keeps under
 sum / ties / dare-merge, and what serving compositions costs.
 
-Three fine-tunes on different tasks (the demos `arith` and `json-extract`, and
-`topic` made the same way: 30 AdamW steps, DAREx-q at p = 0.99, q searched on text),
+Three fine-tunes on different tasks (`arith`, `json-extract` and `topic`,
+benchmarks/task_deltas.py: 30 AdamW steps, DAREx-q at p = 0.99, q searched on text),
 each pair composed by every method (weights 1). For each task, the accuracy (greedy
 exact match through the chat template, 50 held-out test rows from
 benchmarks/eval/) of the base, the fine-tune alone, and every composition that
@@ -28,11 +28,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from deltastore.demo import DEMOS, Demo, demo_delta
+from benchmarks.task_deltas import task_deltas
 from deltastore.embedded import ensure_embedded_base
 from deltastore.format import load_delta
 from deltastore.merge import MergeMethod, merge
-from deltastore.tasks import topic
 from server.app import ThreadedServer
 from server.clients.evaluate import Client, load_rows, score_served
 from server.config import Settings
@@ -43,9 +42,7 @@ TOKEN = "compose-benchmark"
 
 
 def deltas(base_dir: Path) -> dict[str, Path]:
-    out = {d.name: demo_delta(d, base_dir) for d in DEMOS}
-    out["topic"] = demo_delta(Demo("topic", topic, "a sentence -> its topic"), base_dir)
-    return out
+    return task_deltas(base_dir)
 
 
 def loadtest(url: str, models: str, requests: int, out: Path) -> dict[str, float]:

@@ -1,8 +1,9 @@
 """lm-evaluation-harness against deltaserve, unchanged: the same scores as the same
 weights loaded in-process.
 
-For the base and each demo variant, runs the repo's task (benchmarks/lmeval: a YAML
-task over a local JSONL file, loglikelihood and generate_until) twice with lm-eval:
+For the base and the arith and json-extract task deltas (benchmarks/task_deltas.py),
+runs the repo's task (benchmarks/lmeval: a YAML task over a local JSONL file,
+loglikelihood and generate_until) twice with lm-eval:
 
 - `--model local-completions` against a deltaserve server (only `model` and
   `base_url` given: lm-eval finds /tokenizer_info and tokenizes through /tokenize);
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deltastore.demo import DEMOS, demo_delta
+from benchmarks.task_deltas import task_deltas
 from deltastore.embedded import ensure_embedded_base
 from deltastore.format import load_delta
 from deltastore.materialize import materialize
@@ -129,10 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     store.mkdir()
     models: dict[str, Path] = {base_dir.name: base_dir}
     base = open_model(base_dir)
-    for demo in DEMOS:
-        path = demo_delta(demo, base_dir)
-        (store / path.name).write_bytes(path.read_bytes())
-        models[demo.name] = materialize(base, load_delta(path), work / demo.name)
+    for name, path in task_deltas(base_dir, ("arith", "json-extract")).items():
+        (store / f"{name}.delta.safetensors").write_bytes(path.read_bytes())
+        models[name] = materialize(base, load_delta(path), work / name)
     settings = Settings(
         base=base_dir, store=store, device="cpu", dtype="float32", port=0, demo=False
     )

@@ -173,6 +173,12 @@ def add_commands(sub: Any) -> None:
         help="adamr decays toward the base: its deltas prune better",
     )
     f.add_argument("--lora-r", type=int, default=0, help="> 0: a LoRA adapter of this rank")
+    f.add_argument("--bf16", action="store_true", help="bf16 matmuls (autocast; weights stay fp32)")
+    f.add_argument(
+        "--freeze-embeddings",
+        action="store_true",
+        help="leave the token embedding (and a tied head) as the base's",
+    )
     f.add_argument("--examples", type=int, default=512, help="training rows (built-in tasks)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
@@ -345,6 +351,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         seed=args.seed,
         lora_r=args.lora_r,
+        bf16=args.bf16,
+        train_embeddings=not args.freeze_embeddings,
     )
     if args.force and args.output.exists():
         shutil.rmtree(args.output)

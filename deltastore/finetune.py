@@ -2,9 +2,13 @@
 fine-tunes behind the demo variants and the benchmarks, made with AdamW or AdamR,
 in full or as a LoRA adapter (PEFT, every Linear of the blocks; `lora_r > 0`).
 
-Loss is on the answer tokens only; prompts go through the tokenizer's chat template
-when it has one. A full fine-tune is an ordinary HF model directory; a LoRA one is a
-PEFT adapter directory (`deltaserve compress` reads both).
+Loss is on the answer tokens only, and the head is applied only where an answer token
+is predicted (on the embedded base that saves about a fifth of a step). Prompts go
+through the tokenizer's chat template when it has one. `bf16` runs the matmuls in bf16
+under autocast (weights and optimizer state stay fp32); `train_embeddings=False`
+freezes the token embedding (tied to the head on small models). The demos use both:
+about 2x faster per step on a CPU with AMX. A full fine-tune is an ordinary HF model
+directory; a LoRA one is a PEFT adapter directory (`deltaserve compress` reads both).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class FinetuneConfig:
     chat: bool = True
     lora_r: int = 0  # > 0: train a LoRA adapter of this rank instead of every weight
     lora_alpha: int = 32
+    bf16: bool = False  # autocast matmuls to bf16 (weights and optimizer stay fp32)
+    train_embeddings: bool = True  # False: the token embedding (and a tied head) is frozen
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -79,6 +85,18 @@ def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def _answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens (the same value as the model's own
+    loss), with the head applied only at the positions that predict one."""
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+
+
 def finetune(
     base_dir: Path,
     examples: list[Example],
@@ -103,18 +121,22 @@ def finetune(
 
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear")
         model = get_peft_model(model, lora)
+    core = model.get_base_model() if cfg.lora_r else model  # LoRA layers are injected in it
+    if not cfg.train_embeddings:
+        core.get_input_embeddings().weight.requires_grad_(False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt: torch.optim.Optimizer = (
         AdamR(params, lr=cfg.lr, reg=cfg.reg)
         if cfg.optimizer == "adamr"
-        else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, foreach=True)
     )
     encoded = [_encode(tokenizer, ex, cfg) for ex in examples]
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, unit="step")
     for _ in bar:
         batch = _batch(rng.sample(encoded, min(cfg.batch_size, len(encoded))), pad)
-        loss = model(**batch).loss
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = _answer_loss(core, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,6 +1,12 @@
-"""CI runs exactly the README's test command."""
+"""The README runs as written: CI runs its test command, and its walkthroughs run verbatim."""
 
+import json
+import os
+import shlex
+import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -11,12 +17,16 @@ def test_ci_runs_the_readme_test_command():
     assert ci in (ROOT / "README.md").read_text()
 
 
+def _raw_block(section: str) -> str:
+    """The text of the first code block after a README heading (or phrase)."""
+    text = (ROOT / "README.md").read_text().split(section, 1)[1]
+    return text.split("```", 2)[1].split("\n", 1)[1]
+
+
 def _block(section: str) -> list[str]:
     """The first code block after a README heading, as commands (continuations joined)."""
-    text = (ROOT / "README.md").read_text().split(section, 1)[1]
-    block = text.split("```", 2)[1].split("\n", 1)[1]
     commands, current = [], ""
-    for line in block.splitlines():
+    for line in _raw_block(section).splitlines():
         current += line.rstrip("\\").rstrip() + " " if line.rstrip().endswith("\\") else line
         if not line.rstrip().endswith("\\"):
             if current.strip() and not current.lstrip().startswith("#"):
@@ -25,19 +35,71 @@ def _block(section: str) -> list[str]:
     return commands
 
 
-def test_the_compress_walkthrough_runs_as_written(tmp_path, tiny_dirs, monkeypatch):
+@pytest.fixture(scope="module")
+def walkthrough(tmp_path_factory, tiny_dirs) -> Path:
     """The README's fine-tune / compress / inspect / recommend / materialize commands,
-    verbatim, on the tiny model in a fresh working directory."""
-    import shlex
-
+    run verbatim on the tiny model in a fresh working directory (returned)."""
     from server.cli import main
 
     commands = _block("## Compress, inspect, recommend, materialize")
     assert commands[0].startswith("BASE=") and len(commands) >= 6
-    monkeypatch.chdir(tmp_path)
-    for command in commands[1:]:
-        argv = shlex.split(command.replace("$BASE", str(tiny_dirs["base"])), comments=True)
-        assert argv[0] == ".venv/bin/deltaserve", command
-        assert main(argv[1:]) == 0, command
-    assert (tmp_path / "support-bot.delta.safetensors").is_file()
-    assert (tmp_path / "support-bot-hf" / "model.safetensors").is_file()
+    work = tmp_path_factory.mktemp("readme")
+    here = os.getcwd()
+    os.chdir(work)
+    try:
+        for command in commands[1:]:
+            argv = shlex.split(command.replace("$BASE", str(tiny_dirs["base"])), comments=True)
+            assert argv[0] == ".venv/bin/deltaserve", command
+            assert main(argv[1:]) == 0, command
+    finally:
+        os.chdir(here)
+    return work
+
+
+def test_the_compress_walkthrough_runs_as_written(walkthrough):
+    assert (walkthrough / "support-bot.delta.safetensors").is_file()
+    assert (walkthrough / "support-bot-hf" / "model.safetensors").is_file()
+
+
+def test_the_admin_walkthrough_runs_as_written(walkthrough, tiny_dirs, tmp_path):
+    """The README's upload / query / list / pin / cache / delete commands, verbatim
+    through curl and bash, against a live server on the tiny base that holds the token
+    the README exports; only the address is the test server's."""
+    from server.app import ThreadedServer
+    from tests.server.conftest import make_settings
+
+    script = _raw_block("never logged.")
+    first, rest = script.split("\n", 1)
+    assert first.startswith("export DELTASERVE_ADMIN_TOKEN=")
+    token = first.split("=", 1)[1]
+    curls = [line for line in rest.splitlines() if line.startswith("curl ")]
+    assert len(curls) >= 5
+    store = tmp_path / "store"
+    store.mkdir()
+    srv = ThreadedServer(make_settings(tiny_dirs["base"], store, admin_token=token))
+    try:
+        srv.wait_ready()
+        res = subprocess.run(
+            ["bash", "-e", "-c", script.replace("http://127.0.0.1:8000", srv.url)],
+            cwd=walkthrough,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stderr
+        replies, out, pos = [], res.stdout, 0
+        decoder = json.JSONDecoder()
+        while out[pos:].strip():
+            pos += len(out[pos:]) - len(out[pos:].lstrip())
+            body, pos = decoder.raw_decode(out, pos)
+            replies.append(body)
+        assert len(replies) == len(curls), out  # one JSON body per command
+        for command, body in zip(curls, replies, strict=True):
+            assert "error" not in body, (command, body)
+        completion = next(b for b in replies if "choices" in b)
+        assert completion["model"] == "support-bot" and completion["choices"][0]["text"]
+        assert "support-bot" in json.dumps(replies[2])  # the listing
+        assert "-X DELETE" in curls[-1]
+        assert not (store / "support-bot.delta.safetensors").exists()
+    finally:
+        srv.stop()

@@ -61,3 +61,52 @@ def test_bad_configs():
         FinetuneConfig(lora_r=4, optimizer="adamr")
     with pytest.raises(ValueError, match="steps"):
         FinetuneConfig(steps=0)
+
+
+def test_answer_loss_is_the_models_own_loss(tiny_dirs):
+    """The head applied only where an answer token is predicted gives the same loss
+    (and gradient) as the model's full-sequence loss."""
+    from deltastore.finetune import _answer_loss, _batch, _encode
+
+    source = open_model(tiny_dirs["base"])
+    tokenizer, model = source.load_tokenizer(), source.load_model(torch.float32)
+    cfg = FinetuneConfig(max_len=32)
+    batch = _batch([_encode(tokenizer, e, cfg) for e in EXAMPLES[:5]], tokenizer.eos_token_id)
+    ours = _answer_loss(model, batch)
+    theirs = model(**batch).loss
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    (g_ours,) = torch.autograd.grad(ours, model.model.layers[0].mlp.up_proj.weight)
+    (g_theirs,) = torch.autograd.grad(theirs, model.model.layers[0].mlp.up_proj.weight)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_with_frozen_embeddings_trains_the_blocks_only(tiny_dirs, tmp_path):
+    """The demos' fast recipe: bf16 matmuls, the (tied) embedding left as the base."""
+    cfg = FinetuneConfig(
+        steps=6, batch_size=4, lr=1e-3, max_len=32, bf16=True, train_embeddings=False
+    )
+    out = finetune(tiny_dirs["base"], EXAMPLES, tmp_path / "fast", cfg, progress=False)
+    _, deltas = _mean_abs(tiny_dirs["base"], out)
+    embed = [n for n in deltas if n.endswith("embed_tokens.weight")]
+    assert embed and all(float(deltas[n].abs().max()) == 0 for n in embed)
+    blocks = [d for n, d in deltas.items() if ".layers." in n]
+    assert any(float(d.abs().max()) > 0 for d in blocks)
+
+
+def test_a_demo_recipe_names_its_cache_file(tmp_path, monkeypatch):
+    """A changed recipe is made again, never served from a stale cache entry."""
+    from dataclasses import replace
+
+    from deltastore.demo import DEMOS
+
+    monkeypatch.setenv("DELTASERVE_CACHE", str(tmp_path))
+    demo = DEMOS[0]
+    same = replace(demo, config=replace(demo.config))
+    assert same.cache_path() == demo.cache_path()
+    assert demo.cache_path().parent == tmp_path / "demo"
+    for changed in (
+        replace(demo, config=replace(demo.config, steps=demo.config.steps + 1)),
+        replace(demo, task="topic"),
+        replace(demo, calib_tokens=demo.calib_tokens * 2),
+    ):
+        assert changed.cache_path() != demo.cache_path()
