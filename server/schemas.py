@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from server.engine.job import MAX_LOGPROBS
 
@@ -199,6 +199,44 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
+
+
+class ChatDelta(BaseModel):
+    """A chat stream's increment: the role in a choice's first chunk, then its text;
+    fields not set are left out (`{}` in a choice's last chunk), as OpenAI sends."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _set_fields_only(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: str | None = None
+    logprobs: ChatLogprobs | None = None
+
+
+class StreamChunk(BaseModel):
+    """One event of a stream (completions: `text_completion` choices carrying text;
+    chat: `chat.completion.chunk` choices carrying a delta). `usage` is only in the
+    last chunk, and only when `stream_options.include_usage` asks for it."""
+
+    id: str
+    object: Literal["text_completion", "chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[CompletionChoice | ChatStreamChoice]
+    usage: Usage | None = None
+
+    def sse(self) -> str:
+        """The server-sent event: `data: JSON` and a blank line."""
+        data = self.model_dump_json(exclude={"usage"} if self.usage is None else None)
+        return f"data: {data}\n\n"
 
 
 class DeltaSummary(BaseModel):

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -36,8 +36,10 @@ from server.schemas import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatDelta,
     ChatLogprobs,
     ChatMessage,
+    ChatStreamChoice,
     ChatTokenLogprob,
     CompletionChoice,
     CompletionLogprobs,
@@ -48,6 +50,7 @@ from server.schemas import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    StreamChunk,
     TokenizeRequest,
     TokenizeResponse,
     TopLogprob,
@@ -702,18 +705,21 @@ class _Head:
     fingerprint: str | None
     chat: bool
 
-    def chunk(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> str:
-        payload: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": self.fingerprint,
-            "choices": choices,
-        }
-        if usage is not None:
-            payload["usage"] = usage.model_dump()
-        return f"data: {json.dumps(payload)}\n\n"
+    def chunk(
+        self, choices: list[CompletionChoice | ChatStreamChoice], usage: Usage | None = None
+    ) -> str:
+        obj: Literal["chat.completion.chunk", "text_completion"] = (
+            "chat.completion.chunk" if self.chat else "text_completion"
+        )
+        return StreamChunk(
+            id=self.id,
+            object=obj,
+            created=self.created,
+            model=self.model,
+            system_fingerprint=self.fingerprint,
+            choices=choices,
+            usage=usage,
+        ).sse()
 
 
 async def _stream(
@@ -735,26 +741,32 @@ async def _stream(
     offset = [0] * len(jobs)  # text offset (completions logprobs)
     finished = False
 
-    async def logprobs(i: int, end: int) -> Any:
+    async def logprobs(i: int, end: int) -> CompletionLogprobs | ChatLogprobs | None:
         if render.logprobs is None:
             return None
         job = jobs[i]
         entries, sent[i] = job.logprobs[sent[i] : end], end
         if render.chat:
-            return {"content": [e.model_dump() for e in await texts.chat(entries)]}
+            return ChatLogprobs(content=await texts.chat(entries))
         lp = await texts.completion([(e.token, e) for e in entries], offset[i])
         offset[i] += sum(len(t) for t in lp.tokens)
-        return lp.model_dump()
+        return lp
 
     def choice(
-        i: int, text: str | None, finish: str | None, lp: Any, first: bool = False
-    ) -> dict[str, Any]:
+        i: int,
+        text: str | None,
+        finish: str | None,
+        lp: CompletionLogprobs | ChatLogprobs | None,
+        first: bool = False,
+    ) -> CompletionChoice | ChatStreamChoice:
         if render.chat:
-            delta: dict[str, str] = {"role": "assistant", "content": ""} if first else {}
+            assert not isinstance(lp, CompletionLogprobs)
+            delta = ChatDelta(role="assistant", content="") if first else ChatDelta()
             if text:
-                delta["content"] = text
-            return {"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}
-        return {"index": i, "text": text or "", "finish_reason": finish, "logprobs": lp}
+                delta.content = text
+            return ChatStreamChoice(index=i, delta=delta, finish_reason=finish, logprobs=lp)
+        assert not isinstance(lp, ChatLogprobs)
+        return CompletionChoice(index=i, text=text or "", finish_reason=finish, logprobs=lp)
 
     async def echo(i: int) -> str:
         """Completions with echo: the prompt's text (and logprobs: complete before the
@@ -763,9 +775,8 @@ async def _stream(
         text = await texts.echo(render, i // req.n, job)
         lp = None
         if render.logprobs is not None:
-            echoed = await texts.completion(_entries(job, True, generated=False), 0)
-            offset[i] = sum(len(t) for t in echoed.tokens)
-            lp = echoed.model_dump()
+            lp = await texts.completion(_entries(job, True, generated=False), 0)
+            offset[i] = sum(len(t) for t in lp.tokens)
         return head.chunk([choice(i, text, None, lp)])
 
     try:
