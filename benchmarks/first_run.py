@@ -118,7 +118,8 @@ def run(keep_base: bool, test_rows: int, timeout: float) -> dict:
         proc.terminate()
         proc.wait(30)
         log.close()
-        out["log_tail"] = (root / "serve.log").read_text().splitlines()[-8:]
+        lines = (root / "serve.log").read_text().replace("\r", "\n").splitlines()
+        out["log"] = [s for s in lines if any(f" {x} " in s for x in ("INFO", "WARNING", "ERROR"))]
         shutil.rmtree(root, ignore_errors=True)
     return out
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = json.loads(args.out.read_text()) if args.out.is_file() else []
     runs.append(result)
     args.out.write_text(json.dumps(runs, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "log_tail"}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "log"}, indent=1))
     return 0
 
 
