@@ -12,10 +12,14 @@ after 30 steps, no better after 60), so arithmetic is not a demo."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import shutil
+import subprocess
+import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -103,11 +107,36 @@ def demo_delta(demo: Demo, base_dir: Path, progress: bool = True) -> Path:
     return out
 
 
-def install_demos(base_dir: Path, store: DeltaStore, progress: bool = True) -> list[str]:
+def demo_delta_in_child(demo: Demo, base_dir: Path, progress: bool = True) -> Path:
+    """`demo_delta` in a child process (`python -m deltastore.demo`), for a server: in
+    a process whose other thread has already run torch, compute runs at about 60% speed
+    with this torch build's OpenMP pool (BENCHMARKS.md), and the fine-tune's memory
+    (optimizer state: 1 GB for the embedded base) is given back when the child ends.
+    The child's progress bars go to the server's stderr."""
+    if demo.cache_path().is_file():
+        return demo_delta(demo, base_dir, progress)
+    cmd = [sys.executable, "-m", "deltastore.demo", "--base", str(base_dir), demo.name]
+    if not progress:
+        cmd.append("--no-progress")
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, check=False)
+    if done.returncode != 0 or not demo.cache_path().is_file():
+        raise RuntimeError(
+            f"making demo {demo.name!r} failed (exit status {done.returncode}; its "
+            "error is in the log above)"
+        )
+    return demo.cache_path()
+
+
+def install_demos(
+    base_dir: Path,
+    store: DeltaStore,
+    progress: bool = True,
+    make: Callable[[Demo, Path, bool], Path] = demo_delta,
+) -> list[str]:
     """Make the demo deltas if needed and copy them into the store (never overwriting)."""
     installed = []
     for demo in DEMOS:
-        path = demo_delta(demo, base_dir, progress)
+        path = make(demo, base_dir, progress)
         if not store.exists(demo.name):
             upload = store.new_upload()
             shutil.copyfile(path, upload)
@@ -115,3 +144,32 @@ def install_demos(base_dir: Path, store: DeltaStore, progress: bool = True) -> l
             installed.append(demo.name)
             log.info("demo variant %r (%s) installed in %s", demo.name, demo.about, store.root)
     return installed
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = [d.name for d in DEMOS]
+    ap = argparse.ArgumentParser(
+        prog="python -m deltastore.demo",
+        description="Make the demo variants' delta files (fine-tune + compress; what "
+        "`deltaserve serve` does on a first run), cached under the cache dir, and print "
+        "their paths.",
+    )
+    ap.add_argument("names", nargs="*", help=f"demos to make (default all: {', '.join(names)})")
+    ap.add_argument("--base", type=Path, help="base model directory (default: the embedded base)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    unknown = sorted(set(args.names) - set(names))
+    if unknown:
+        ap.error(f"unknown demo {', '.join(unknown)} (known: {', '.join(names)})")
+    if args.base is None:
+        from deltastore.embedded import ensure_embedded_base
+
+        args.base = ensure_embedded_base(progress=not args.no_progress)
+    for demo in DEMOS:
+        if not args.names or demo.name in args.names:
+            print(demo_delta(demo, args.base, progress=not args.no_progress))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -66,9 +66,13 @@ def format_prompt(tokenizer: Any, prompt: str, chat: bool) -> str:
 def _encode(tokenizer: Any, ex: Example, cfg: FinetuneConfig) -> tuple[list[int], list[int]]:
     prompt = tokenizer(format_prompt(tokenizer, ex.prompt, cfg.chat), add_special_tokens=False)
     answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (prompt["input_ids"] + answer)[: cfg.max_len]
-    labels = ([-100] * len(prompt["input_ids"]) + answer)[: cfg.max_len]
-    return ids, labels
+    room = cfg.max_len - len(answer)  # a long prompt loses its start, never the answer
+    if room < 1:
+        raise ValueError(
+            f"an answer of {len(answer)} tokens does not fit max_len {cfg.max_len}: {ex.answer!r}"
+        )
+    context = prompt["input_ids"][-room:]
+    return context + answer, [-100] * len(context) + answer
 
 
 def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:

@@ -110,3 +110,45 @@ def test_a_demo_recipe_names_its_cache_file(tmp_path, monkeypatch):
         replace(demo, calib_tokens=demo.calib_tokens * 2),
     ):
         assert changed.cache_path() != demo.cache_path()
+
+
+def test_the_demos_are_made_in_child_processes_and_installed(tiny_dirs, tmp_path, monkeypatch):
+    """The server's first-run path on the tiny base: each demo fine-tuned and compressed
+    by `python -m deltastore.demo` in a child, cached, then committed to the store;
+    a second install finds them cached and overwrites nothing."""
+    from deltastore.demo import DEMOS, demo_delta_in_child, install_demos
+    from deltastore.format import load_delta
+    from deltastore.store import DeltaStore
+
+    monkeypatch.setenv("DELTASERVE_CACHE", str(tmp_path / "cache"))
+    store = DeltaStore(tmp_path / "store")
+    names = install_demos(tiny_dirs["base"], store, progress=False, make=demo_delta_in_child)
+    assert names == [d.name for d in DEMOS]
+    for demo in DEMOS:
+        assert demo.cache_path().is_file()
+        delta = load_delta(store.path(demo.name))
+        assert delta.meta.source == f"demo:{demo.name}" and delta.meta.rate == 0.99
+        assert any(t.values.numel() for t in delta.tensors.values())
+    assert install_demos(tiny_dirs["base"], store, progress=False, make=demo_delta_in_child) == []
+
+
+def test_a_failing_demo_child_is_a_clear_error(tiny_dirs, tmp_path, monkeypatch):
+    from deltastore.demo import DEMOS, demo_delta_in_child
+
+    monkeypatch.setenv("DELTASERVE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(RuntimeError, match="making demo 'json-extract' failed"):
+        demo_delta_in_child(DEMOS[0], tmp_path / "no-such-base", progress=False)
+
+
+def test_a_long_prompt_loses_its_start_never_the_answer(tiny_dirs):
+    from deltastore.finetune import _encode
+
+    tokenizer = open_model(tiny_dirs["base"]).load_tokenizer()
+    cfg = FinetuneConfig(max_len=24, chat=False)
+    ids, labels = _encode(tokenizer, Example("x" * 100 + " question:", "42"), cfg)
+    answer = tokenizer("42", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert len(ids) == len(labels) == 24
+    assert ids[-len(answer) :] == answer and labels[-len(answer) :] == answer
+    assert set(labels[: -len(answer)]) == {-100}
+    with pytest.raises(ValueError, match="does not fit max_len"):
+        _encode(tokenizer, Example("q", "9" * 40), cfg)
