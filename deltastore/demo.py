@@ -17,9 +17,7 @@ import hashlib
 import json
 import logging
 import shutil
-import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -107,36 +105,11 @@ def demo_delta(demo: Demo, base_dir: Path, progress: bool = True) -> Path:
     return out
 
 
-def demo_delta_in_child(demo: Demo, base_dir: Path, progress: bool = True) -> Path:
-    """`demo_delta` in a child process (`python -m deltastore.demo`), for a server: in
-    a process whose other thread has already run torch, compute runs at about 60% speed
-    with this torch build's OpenMP pool (BENCHMARKS.md), and the fine-tune's memory
-    (optimizer state: 1 GB for the embedded base) is given back when the child ends.
-    The child's progress bars go to the server's stderr."""
-    if demo.cache_path().is_file():
-        return demo_delta(demo, base_dir, progress)
-    cmd = [sys.executable, "-m", "deltastore.demo", "--base", str(base_dir), demo.name]
-    if not progress:
-        cmd.append("--no-progress")
-    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, check=False)
-    if done.returncode != 0 or not demo.cache_path().is_file():
-        raise RuntimeError(
-            f"making demo {demo.name!r} failed (exit status {done.returncode}; its "
-            "error is in the log above)"
-        )
-    return demo.cache_path()
-
-
-def install_demos(
-    base_dir: Path,
-    store: DeltaStore,
-    progress: bool = True,
-    make: Callable[[Demo, Path, bool], Path] = demo_delta,
-) -> list[str]:
+def install_demos(base_dir: Path, store: DeltaStore, progress: bool = True) -> list[str]:
     """Make the demo deltas if needed and copy them into the store (never overwriting)."""
     installed = []
     for demo in DEMOS:
-        path = make(demo, base_dir, progress)
+        path = demo_delta(demo, base_dir, progress)
         if not store.exists(demo.name):
             upload = store.new_upload()
             shutil.copyfile(path, upload)

@@ -69,11 +69,11 @@ def _load_and_serve(state: AppState) -> None:
 def _install_demos(state: AppState, base_dir: Path) -> None:
     """Make the demo variants (first run only: cached after) while the base serves;
     each appears in /v1/models once it is in the store."""
-    from deltastore.demo import demo_delta_in_child, install_demos
+    from deltastore.demo import install_demos
 
     state.demos = "building"
     try:
-        install_demos(base_dir, state.store, make=demo_delta_in_child)
+        install_demos(base_dir, state.store)
         state.demos = "ready"
     except Exception as e:
         state.demos = f"failed: {type(e).__name__}: {e}"

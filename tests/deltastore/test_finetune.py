@@ -112,32 +112,28 @@ def test_a_demo_recipe_names_its_cache_file(tmp_path, monkeypatch):
         assert changed.cache_path() != demo.cache_path()
 
 
-def test_the_demos_are_made_in_child_processes_and_installed(tiny_dirs, tmp_path, monkeypatch):
-    """The server's first-run path on the tiny base: each demo fine-tuned and compressed
-    by `python -m deltastore.demo` in a child, cached, then committed to the store;
+def test_the_demos_are_made_cached_and_installed(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """The first-run path on the tiny base, through `python -m deltastore.demo`: each
+    demo fine-tuned by its recipe and compressed, cached, then committed to the store;
     a second install finds them cached and overwrites nothing."""
-    from deltastore.demo import DEMOS, demo_delta_in_child, install_demos
+    from deltastore.demo import DEMOS, install_demos, main
     from deltastore.format import load_delta
     from deltastore.store import DeltaStore
 
     monkeypatch.setenv("DELTASERVE_CACHE", str(tmp_path / "cache"))
+    assert main(["--base", str(tiny_dirs["base"]), "--no-progress"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(d.cache_path()) for d in DEMOS]
     store = DeltaStore(tmp_path / "store")
-    names = install_demos(tiny_dirs["base"], store, progress=False, make=demo_delta_in_child)
-    assert names == [d.name for d in DEMOS]
+    assert install_demos(tiny_dirs["base"], store, progress=False) == [d.name for d in DEMOS]
     for demo in DEMOS:
-        assert demo.cache_path().is_file()
         delta = load_delta(store.path(demo.name))
         assert delta.meta.source == f"demo:{demo.name}" and delta.meta.rate == 0.99
         assert any(t.values.numel() for t in delta.tensors.values())
-    assert install_demos(tiny_dirs["base"], store, progress=False, make=demo_delta_in_child) == []
-
-
-def test_a_failing_demo_child_is_a_clear_error(tiny_dirs, tmp_path, monkeypatch):
-    from deltastore.demo import DEMOS, demo_delta_in_child
-
-    monkeypatch.setenv("DELTASERVE_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(RuntimeError, match="making demo 'json-extract' failed"):
-        demo_delta_in_child(DEMOS[0], tmp_path / "no-such-base", progress=False)
+    assert install_demos(tiny_dirs["base"], store, progress=False) == []
+    with pytest.raises(SystemExit):
+        main(["no-such-demo", "--base", str(tiny_dirs["base"])])
+    assert "unknown demo no-such-demo" in capsys.readouterr().err
 
 
 def test_a_long_prompt_loses_its_start_never_the_answer(tiny_dirs):

@@ -122,7 +122,7 @@ def test_the_base_serves_while_the_demos_are_made(tiny_dirs, variant_files, tmp_
 
     release = threading.Event()
 
-    def fake_install(base_dir, store, progress=True, make=None):
+    def fake_install(base_dir, store, progress=True):
         release.wait(60)
         shutil.copy(variant_files["v0"], store.path("arith"))
         return ["arith"]
