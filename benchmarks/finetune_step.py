@@ -17,14 +17,16 @@ import platform
 import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from deltastore.embedded import ensure_embedded_base
-from deltastore.finetune import FinetuneConfig, _answer_loss, _batch, _encode
+from deltastore.finetune import FinetuneConfig, _answer_loss, _batch, encode_all
 from deltastore.sources import open_model
 from deltastore.tasks import splits
 
+RESULTS = Path(__file__).parent / "results" / "finetune_step.json"
 VARIANTS = {
     "model loss, fp32 (before)": dict(answer_only=False, bf16=False, freeze=False),
     "answer-only head, fp32": dict(answer_only=True, bf16=False, freeze=False),
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = source.load_tokenizer()
     train = splits(args.task)[0]
     rng = random.Random(0)
-    rows = [_encode(tokenizer, e, FinetuneConfig()) for e in train]
+    rows = encode_all(tokenizer, train, FinetuneConfig())
     batches = [_batch(rng.sample(rows, 8), tokenizer.eos_token_id) for _ in range(args.steps + 1)]
     out = {"task": args.task, "threads": torch.get_num_threads(), "machine": platform.machine()}
     first = None
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         out[name] = round(median, 3)
         print(f"{name:52s} {median:6.2f} s/step  {first / median:4.2f}x", flush=True)
     print(json.dumps(out))
+    runs = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+    RESULTS.write_text(json.dumps([*runs, out], indent=1) + "\n")
     return 0
 
 

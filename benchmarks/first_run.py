@@ -116,7 +116,11 @@ def run(keep_base: bool, test_rows: int, timeout: float) -> dict:
                 }
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         log.close()
         lines = (root / "serve.log").read_text().replace("\r", "\n").splitlines()
         out["log"] = [s for s in lines if any(f" {x} " in s for x in ("INFO", "WARNING", "ERROR"))]

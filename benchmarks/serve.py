@@ -2,7 +2,8 @@
 
     python -m benchmarks.serve [--repeats 5] [--max-tokens 64]
 
-On the embedded base (fp32 on CPU, bf16 on CUDA) with the two demo variants:
+On the embedded base (fp32 on CPU, bf16 on CUDA) with two task variants
+(`arith`, `json-extract` from benchmarks/task_deltas.py, the demos of the time):
 1. time to ready: `deltaserve serve` started as a user starts it (a subprocess,
    demo variants already made), from process start to /ready answering 200;
 2. swap per switch between the two variants, in the engine: cached (materialized:
@@ -35,7 +36,7 @@ import httpx
 import torch
 
 from benchmarks.swap import bytes_moved, copy_bandwidth
-from deltastore.demo import DEMOS, demo_delta
+from benchmarks.task_deltas import task_deltas
 from deltastore.embedded import ensure_embedded_base
 from deltastore.finetune import format_prompt
 from deltastore.format import Delta, DeltaMeta, TensorDelta, load_delta, save_delta
@@ -46,14 +47,15 @@ from deltastore.store import DeltaStore
 from server.config import Settings
 from server.engine.core import Engine
 
+NAMES = ("arith", "json-extract")  # the two demos when these figures were measured
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
 def _store_with_demos(root: Path, base_dir: Path) -> Path:
     store = root / "store"
     store.mkdir()
-    for demo in DEMOS:
-        shutil.copy(demo_delta(demo, base_dir), store / f"{demo.name}.delta.safetensors")
+    for name, path in task_deltas(base_dir, NAMES).items():
+        shutil.copy(path, store / f"{name}.delta.safetensors")
     return store
 
 
@@ -98,7 +100,7 @@ def time_to_ready(store: Path, repeats: int) -> list[float]:
 
 
 def swap_times(base_dir: Path, store: Path, repeats: int) -> dict[str, float]:
-    names = [d.name for d in DEMOS]
+    names = list(NAMES)
     out: dict[str, float] = {}
     for label, budget in (("materialized", 2 << 30), ("inplace", 0)):
         engine = Engine(

@@ -167,6 +167,13 @@ def add_commands(sub: Any) -> None:
     f.add_argument("--lr", type=float, default=5e-5, help="learning rate (default 5e-5)")
     f.add_argument("--batch-size", type=int, default=8)
     f.add_argument(
+        "--max-len",
+        type=int,
+        default=96,
+        help="tokens per example (default 96): a longer prompt loses its start; a row "
+        "whose answer alone is longer is left out, with a warning",
+    )
+    f.add_argument(
         "--optimizer",
         choices=["adamw", "adamr"],
         default="adamw",
@@ -347,6 +354,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(
         steps=args.steps,
         batch_size=args.batch_size,
+        max_len=args.max_len,
         lr=args.lr,
         optimizer=args.optimizer,
         seed=args.seed,

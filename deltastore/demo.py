@@ -4,8 +4,9 @@ held-out text), cached under the cache dir, and copied into the store when it la
 them.
 
 The recipe is sized for a first run on 2 CPU cores (about 25 s per demo): a few
-AdamW steps at a high learning rate, bf16 matmuls, the embedding frozen, and a q
-search on 128 calibration tokens. Both score >= 0.98 on their held-out test split
+AdamW steps at a high learning rate, bf16 matmuls (fast on a CPU with native bf16,
+AVX512-BF16 or AMX; slower elsewhere), the embedding frozen, and a q search on 128
+calibration tokens. Both score >= 0.98 on their held-out test split
 (BENCHMARKS.md, "First run"). The tasks are ones a 135M base can learn in that
 budget: it cannot learn two-digit addition in minutes of CPU fine-tuning (about 0.7
 after 30 steps, no better after 60), so arithmetic is not a demo."""
@@ -27,7 +28,7 @@ from deltastore.format import FORMAT_VERSION, load_delta, read_meta, save_delta
 from deltastore.methods import Method
 from deltastore.paths import cache_dir
 from deltastore.qsearch import QSearch
-from deltastore.sources import open_finetune, open_model
+from deltastore.sources import fingerprint, open_finetune, open_model
 from deltastore.store import DeltaStore
 from deltastore.tasks import splits
 
@@ -49,8 +50,11 @@ class Demo:
     config: FinetuneConfig
     calib_tokens: int = 128
 
-    def cache_path(self) -> Path:
-        recipe = [self.task, asdict(self.config), RATE, self.calib_tokens]
+    def cache_path(self, base_dir: Path) -> Path:
+        """Keyed by the recipe and the base's fingerprint: a demo made for one base is
+        never installed for another."""
+        base = fingerprint(open_model(base_dir))
+        recipe = [base, self.task, asdict(self.config), RATE, self.calib_tokens]
         key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
         return cache_dir() / "demo" / f"{self.name}-{key}.delta.safetensors"
 
@@ -73,7 +77,7 @@ DEMOS = (
 
 def demo_delta(demo: Demo, base_dir: Path, progress: bool = True) -> Path:
     """The demo's delta file, made (fine-tune + compress) on first use."""
-    out = demo.cache_path()
+    out = demo.cache_path(base_dir)
     if out.is_file():
         if read_meta(out).format_version < FORMAT_VERSION:  # cached by an older release
             save_delta(out, load_delta(out))  # the same delta, with the newer checksums
@@ -109,6 +113,8 @@ def install_demos(base_dir: Path, store: DeltaStore, progress: bool = True) -> l
     """Make the demo deltas if needed and copy them into the store (never overwriting)."""
     installed = []
     for demo in DEMOS:
+        if store.exists(demo.name):  # the user's own, or an earlier release's: kept
+            continue
         path = demo_delta(demo, base_dir, progress)
         if not store.exists(demo.name):
             upload = store.new_upload()

@@ -3,7 +3,8 @@ fine-tunes behind the demo variants and the benchmarks, made with AdamW or AdamR
 in full or as a LoRA adapter (PEFT, every Linear of the blocks; `lora_r > 0`).
 
 Loss is on the answer tokens only, and the head is applied only where an answer token
-is predicted (on the embedded base that saves about a fifth of a step). Prompts go
+is predicted, for model types whose logits are the head's output (on the embedded
+base that saves about a tenth of a step). Prompts go
 through the tokenizer's chat template when it has one. `bf16` runs the matmuls in bf16
 under autocast (weights and optimizer state stay fp32); `train_embeddings=False`
 freezes the token embedding (tied to the head on small models). The demos use both:
@@ -13,6 +14,7 @@ directory; a LoRA one is a PEFT adapter directory (`deltaserve compress` reads b
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from deltastore.calib import Example
 from deltastore.sources import open_model
 
 _DONE = ".deltaserve-complete"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,16 +66,35 @@ def format_prompt(tokenizer: Any, prompt: str, chat: bool) -> str:
     return prompt
 
 
-def _encode(tokenizer: Any, ex: Example, cfg: FinetuneConfig) -> tuple[list[int], list[int]]:
+def _encode(tokenizer: Any, ex: Example, cfg: FinetuneConfig) -> tuple[list[int], list[int]] | None:
+    """Token ids and labels (-100 on the prompt); a long prompt loses its start, never
+    the answer. None when the answer alone does not fit `max_len`."""
     prompt = tokenizer(format_prompt(tokenizer, ex.prompt, cfg.chat), add_special_tokens=False)
     answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    room = cfg.max_len - len(answer)  # a long prompt loses its start, never the answer
+    room = cfg.max_len - len(answer)
     if room < 1:
-        raise ValueError(
-            f"an answer of {len(answer)} tokens does not fit max_len {cfg.max_len}: {ex.answer!r}"
-        )
+        return None
     context = prompt["input_ids"][-room:]
     return context + answer, [-100] * len(context) + answer
+
+
+def encode_all(
+    tokenizer: Any, examples: list[Example], cfg: FinetuneConfig
+) -> list[tuple[list[int], list[int]]]:
+    """Every example that fits; those whose answer alone exceeds `max_len` are left out
+    with a warning, and none fitting is an error."""
+    encoded = [_encode(tokenizer, ex, cfg) for ex in examples]
+    kept = [e for e in encoded if e is not None]
+    if not kept:
+        raise ValueError(f"no example's answer fits max_len {cfg.max_len} tokens")
+    if len(kept) < len(encoded):
+        log.warning(
+            "%d of %d examples left out: their answer alone is longer than max_len %d tokens",
+            len(encoded) - len(kept),
+            len(encoded),
+            cfg.max_len,
+        )
+    return kept
 
 
 def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
@@ -89,9 +111,17 @@ def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+# Model types whose logits are exactly the head's output (no softcapping or scaling),
+# so the head can be applied at the answer positions alone.
+_PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3"}
+
+
 def _answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy of the answer tokens (the same value as the model's own
-    loss), with the head applied only at the positions that predict one."""
+    loss). For a model type with plain logits the head is applied only at the
+    positions that predict an answer token; any other model computes its own loss."""
+    if getattr(model.config, "model_type", None) not in _PLAIN_HEAD:
+        return model(**batch).loss
     hidden = model.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     ).last_hidden_state
@@ -135,7 +165,7 @@ def finetune(
         if cfg.optimizer == "adamr"
         else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, foreach=True)
     )
-    encoded = [_encode(tokenizer, ex, cfg) for ex in examples]
+    encoded = encode_all(tokenizer, examples, cfg)
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, unit="step")
     for _ in bar:
         batch = _batch(rng.sample(encoded, min(cfg.batch_size, len(encoded))), pad)

@@ -66,12 +66,12 @@ def test_bad_configs():
 def test_answer_loss_is_the_models_own_loss(tiny_dirs):
     """The head applied only where an answer token is predicted gives the same loss
     (and gradient) as the model's full-sequence loss."""
-    from deltastore.finetune import _answer_loss, _batch, _encode
+    from deltastore.finetune import _answer_loss, _batch, encode_all
 
     source = open_model(tiny_dirs["base"])
     tokenizer, model = source.load_tokenizer(), source.load_model(torch.float32)
     cfg = FinetuneConfig(max_len=32)
-    batch = _batch([_encode(tokenizer, e, cfg) for e in EXAMPLES[:5]], tokenizer.eos_token_id)
+    batch = _batch(encode_all(tokenizer, EXAMPLES[:5], cfg), tokenizer.eos_token_id)
     ours = _answer_loss(model, batch)
     theirs = model(**batch).loss
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
@@ -93,23 +93,24 @@ def test_bf16_with_frozen_embeddings_trains_the_blocks_only(tiny_dirs, tmp_path)
     assert any(float(d.abs().max()) > 0 for d in blocks)
 
 
-def test_a_demo_recipe_names_its_cache_file(tmp_path, monkeypatch):
+def test_a_demo_recipe_names_its_cache_file(tiny_dirs, tmp_path, monkeypatch):
     """A changed recipe is made again, never served from a stale cache entry."""
     from dataclasses import replace
 
     from deltastore.demo import DEMOS
 
     monkeypatch.setenv("DELTASERVE_CACHE", str(tmp_path))
-    demo = DEMOS[0]
+    demo, base = DEMOS[0], tiny_dirs["base"]
     same = replace(demo, config=replace(demo.config))
-    assert same.cache_path() == demo.cache_path()
-    assert demo.cache_path().parent == tmp_path / "demo"
+    assert same.cache_path(base) == demo.cache_path(base)
+    assert demo.cache_path(base).parent == tmp_path / "demo"
     for changed in (
         replace(demo, config=replace(demo.config, steps=demo.config.steps + 1)),
         replace(demo, task="topic"),
         replace(demo, calib_tokens=demo.calib_tokens * 2),
     ):
-        assert changed.cache_path() != demo.cache_path()
+        assert changed.cache_path(base) != demo.cache_path(base)
+    assert demo.cache_path(tiny_dirs["ft"]) != demo.cache_path(base)  # another base
 
 
 def test_the_demos_are_made_cached_and_installed(tiny_dirs, tmp_path, monkeypatch, capsys):
@@ -123,7 +124,7 @@ def test_the_demos_are_made_cached_and_installed(tiny_dirs, tmp_path, monkeypatc
     monkeypatch.setenv("DELTASERVE_CACHE", str(tmp_path / "cache"))
     assert main(["--base", str(tiny_dirs["base"]), "--no-progress"]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [str(d.cache_path()) for d in DEMOS]
+    assert printed == [str(d.cache_path(tiny_dirs["base"])) for d in DEMOS]
     store = DeltaStore(tmp_path / "store")
     assert install_demos(tiny_dirs["base"], store, progress=False) == [d.name for d in DEMOS]
     for demo in DEMOS:
@@ -137,14 +138,19 @@ def test_the_demos_are_made_cached_and_installed(tiny_dirs, tmp_path, monkeypatc
 
 
 def test_a_long_prompt_loses_its_start_never_the_answer(tiny_dirs):
-    from deltastore.finetune import _encode
+    from deltastore.finetune import _encode, encode_all
 
     tokenizer = open_model(tiny_dirs["base"]).load_tokenizer()
     cfg = FinetuneConfig(max_len=24, chat=False)
-    ids, labels = _encode(tokenizer, Example("x" * 100 + " question:", "42"), cfg)
+    encoded = _encode(tokenizer, Example("x" * 100 + " question:", "42"), cfg)
+    assert encoded is not None
+    ids, labels = encoded
     answer = tokenizer("42", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert len(ids) == len(labels) == 24
     assert ids[-len(answer) :] == answer and labels[-len(answer) :] == answer
     assert set(labels[: -len(answer)]) == {-100}
-    with pytest.raises(ValueError, match="does not fit max_len"):
-        _encode(tokenizer, Example("q", "9" * 40), cfg)
+    too_long = Example("q", "9" * 40)
+    assert _encode(tokenizer, too_long, cfg) is None
+    assert len(encode_all(tokenizer, [too_long, Example("q", "1")], cfg)) == 1  # left out
+    with pytest.raises(ValueError, match="fits max_len"):
+        encode_all(tokenizer, [too_long], cfg)
