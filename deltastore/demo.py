@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -82,30 +83,34 @@ def demo_delta(demo: Demo, base_dir: Path, progress: bool = True) -> Path:
         if read_meta(out).format_version < FORMAT_VERSION:  # cached by an older release
             save_delta(out, load_delta(out))  # the same delta, with the newer checksums
         return out
-    work = cache_dir() / "demo" / "work"
-    train, val, _ = splits(demo.task)  # the test split is what BENCHMARKS.md scores
-    ft_dir = finetune(
-        base_dir,
-        train,
-        work / out.name.removesuffix(".delta.safetensors"),
-        demo.config,
-        progress=progress,
-        desc=f"fine-tune demo '{demo.name}'",
-    )
-    calib = work / f"{demo.name}.calib.txt"
-    calib.write_text("\n".join(f"{e.prompt} {e.answer}" for e in val))
-    base = open_model(base_dir)
-    opts = CompressOptions(
-        method=Method.DAREX_Q,
-        rate=RATE,
-        q_search=QSearch.UNLABELLED,
-        calib=calib,
-        calib_tokens=demo.calib_tokens,
-        progress=progress,
-        source_name=f"demo:{demo.name}",
-    )
-    save_delta(out, compress(base, open_finetune(base, ft_dir), opts))  # atomic
-    shutil.rmtree(ft_dir)  # 540 MB; the delta is what is served
+    root = cache_dir() / "demo" / "work"
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=root, prefix=f"{demo.name}-"))  # one per build
+    try:
+        train, val, _ = splits(demo.task)  # the test split is what BENCHMARKS.md scores
+        ft_dir = finetune(
+            base_dir,
+            train,
+            work / "finetune",
+            demo.config,
+            progress=progress,
+            desc=f"fine-tune demo '{demo.name}'",
+        )
+        calib = work / "calib.txt"
+        calib.write_text("\n".join(f"{e.prompt} {e.answer}" for e in val))
+        base = open_model(base_dir)
+        opts = CompressOptions(
+            method=Method.DAREX_Q,
+            rate=RATE,
+            q_search=QSearch.UNLABELLED,
+            calib=calib,
+            calib_tokens=demo.calib_tokens,
+            progress=progress,
+            source_name=f"demo:{demo.name}",
+        )
+        save_delta(out, compress(base, open_finetune(base, ft_dir), opts))  # atomic
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the 540 MB fine-tune: the delta is served
     return out
 
 

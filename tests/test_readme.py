@@ -101,7 +101,8 @@ def test_the_admin_walkthrough_runs_as_written(walkthrough, tiny_dirs, tmp_path)
         for command, body in zip(curls, replies, strict=True):
             assert "error" not in body, (command, body)
         completion = next(b for b in replies if "choices" in b)
-        assert completion["model"] == "support-bot" and completion["choices"][0]["text"]
+        assert completion["model"] == "support-bot"
+        assert completion["choices"][0]["message"]["role"] == "assistant"
         assert "support-bot" in json.dumps(replies[2])  # the listing
         assert "-X DELETE" in curls[-1]
         assert not (store / "support-bot.delta.safetensors").exists()
