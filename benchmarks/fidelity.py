@@ -35,9 +35,9 @@ from deltastore.compress import CompressOptions, compress
 from deltastore.embedded import ensure_embedded_base
 from deltastore.finetune import FinetuneConfig, finetune, format_prompt
 from deltastore.format import TensorDelta, load_delta, save_delta
-from deltastore.methods import Method
+from deltastore.methods import MIX_TOP, Method
 from deltastore.paths import cache_dir
-from deltastore.qsearch import QGrid, QSearch
+from deltastore.qsearch import QGrid, QGroups, QSearch
 from deltastore.recommend import choose, delta_stats, recommend
 from deltastore.sources import FinetuneSource, ModelSource, fingerprint, open_finetune, open_model
 from deltastore.tasks import splits
@@ -51,10 +51,14 @@ FINETUNES: dict[str, tuple[str, FinetuneConfig]] = {
     "extract-adamr": ("extract", FinetuneConfig(optimizer="adamr", reg=ADAMR_REG)),
     "topic-adamw": ("topic", FinetuneConfig()),
     "topic-adamr": ("topic", FinetuneConfig(optimizer="adamr", reg=ADAMR_REG)),
+    # Large deltas (mean |delta| 5e-4 to 5e-3), the hard case of DARE/DAREx: a higher
+    # learning rate for five times the steps (at lr 3e-4 a 30-step fine-tune kept the
+    # answer format but scored 0: it had not learnt the task yet). bf16 autocast halves
+    # the time; weights and optimizer state stay fp32.
+    "arith-large": ("arith", FinetuneConfig(steps=150, lr=3e-4, bf16=True)),
+    "extract-large": ("extract", FinetuneConfig(steps=150, lr=3e-4, bf16=True)),
+    "topic-large": ("topic", FinetuneConfig(steps=150, lr=3e-4, bf16=True)),
 }
-# Larger full-fine-tune deltas were tried and dropped: at lr 3e-4 (mean |delta| 1.5e-3)
-# and 1e-3 (4.8e-3) the 30-step fine-tune keeps the answer format but scores 0 exact
-# match, so there is no gain to keep. The LoRA fine-tune is the largest delta here.
 RATES = (0.5, 0.9, 0.95, 0.99, 0.999)
 SCORE_BATCH = 8  # every test score in the results file was taken at this batch size
 
@@ -66,6 +70,8 @@ class Variant:
     method: Method
     q_search: QSearch | None = None
     q_grid: QGrid = QGrid.LINEAR
+    q_groups: QGroups = QGroups.NONE
+    mix_top: float = MIX_TOP
 
     def options(self, rate: float, calib: Path, val: Path) -> CompressOptions:
         return CompressOptions(
@@ -73,6 +79,8 @@ class Variant:
             rate=rate,
             q_search=self.q_search,
             q_grid=self.q_grid,
+            q_groups=self.q_groups,
+            mix_top=self.mix_top,
             calib=calib,
             val=val,
             progress=False,
@@ -92,6 +100,20 @@ VARIANTS: dict[str, Variant] = {
     "darex-q/labelled/log-grid": Variant(Method.DAREX_Q, QSearch.LABELLED, QGrid.LOG),
     "magnitude+q/unlabelled": Variant(Method.MAGNITUDE, QSearch.UNLABELLED, QGrid.LOG),
     "magnitude+q/labelled": Variant(Method.MAGNITUDE, QSearch.LABELLED, QGrid.LOG),
+    # the large-delta study (issue: extreme rates on large deltas)
+    "darex-q/unlabelled/multiples": Variant(Method.DAREX_Q, QSearch.UNLABELLED, QGrid.MULTIPLES),
+    "wanda+q/unlabelled": Variant(Method.WANDA, QSearch.UNLABELLED, QGrid.LOG),
+    "darex-q/unlabelled/module-q": Variant(
+        Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, QGroups.MODULE
+    ),
+    "darex-q/unlabelled/depth-q": Variant(
+        Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, QGroups.DEPTH
+    ),
+    "mix/unlabelled": Variant(Method.MIX, QSearch.UNLABELLED, QGrid.LOG),
+    "mix25/unlabelled": Variant(Method.MIX, QSearch.UNLABELLED, QGrid.LOG, mix_top=0.25),
+    "mix75/unlabelled": Variant(Method.MIX, QSearch.UNLABELLED, QGrid.LOG, mix_top=0.75),
+    "mix/labelled": Variant(Method.MIX, QSearch.LABELLED, QGrid.LOG),
+    "mix/unlabelled/module-q": Variant(Method.MIX, QSearch.UNLABELLED, QGrid.LOG, QGroups.MODULE),
 }
 PAPER = ["dare", "darex-q/labelled", "darex-q/unlabelled", "darex-q/analytical"]
 PAPER += ["magnitude", "wanda", "structural"]
@@ -273,7 +295,7 @@ def report(results: dict[str, Any], plot: Path | None) -> str:
             c = cells.get(("dare", str(r)))
             sizes.append("-" if c is None else f"{c['file_bytes'] / 1e6:.1f} MB")
         lines.append("| file (dare) | " + " | ".join(sizes) + " |")
-    lines += ["", *summary(results, fts)]
+    lines += ["", *summary(results, fts), "", *targets(results, fts)]
     if plot is not None:
         _plot(results, fts, plot)
     return "\n".join(lines)
@@ -331,6 +353,48 @@ def summary(results: dict[str, Any], fts: list[str]) -> list[str]:
             f"| {kept(ft, _recommended(ft, info, False), 0.999)} / {kept(ft, 'dare', 0.999)} "
             f"| {'; '.join(picks)} "
             f"| {'-' if best is None else f'{best[0]} {best[1]:.3f}'} |"
+        )
+    return out
+
+
+PAPER_RECIPE = "darex-q/unlabelled/multiples"  # one global q on k(1-p), k = 1..30
+BIG = 1e-3  # the issue's line between ordinary and large deltas
+
+
+def targets(results: dict[str, Any], fts: list[str]) -> list[str]:
+    """recommend's default (no labels) on every fine-tune against the targets:
+    >= 95% of the gain at p = 0.99; at p = 0.999 >= 90% where mean |delta| <= 1e-3,
+    else >= 70% and above both DARE and the paper's recipe on the same mask."""
+    out = [
+        "| fine-tune | mean abs Δ | default (no labels) | p = 0.99: kept (≥ 95%) "
+        "| p = 0.999: kept (target) | dare | paper's recipe |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for ft in fts:
+        info = results[f"finetune|{ft}"]
+        base = results[f"base|{info['task']}"]["accuracy"]
+        pick = _recommended(ft, info, False)
+
+        def gain(v: str, r: float, ft: str = ft, info: Any = info, base: float = base) -> float:
+            c = results.get(f"{ft}|{v}|{r}")
+            return math.nan if c is None else _gain_kept(c["accuracy"], base, info["accuracy"])
+
+        def pct(g: float) -> str:
+            return "-" if math.isnan(g) else f"{100 * g:.0f}%"
+
+        g99, g999 = gain(pick, 0.99), gain(pick, 0.999)
+        dare, paper = gain("dare", 0.999), gain(PAPER_RECIPE, 0.999)
+        ok99 = "" if math.isnan(g99) else (" ✓" if g99 >= 0.95 else " ✗")
+        if info["mean_abs_delta"] <= BIG:
+            want, ok = "≥ 90%", (not math.isnan(g999)) and g999 >= 0.90
+        else:
+            want = "≥ 70%, > dare, > paper"
+            ok = (not math.isnan(g999)) and g999 >= 0.70
+            ok = ok and all(math.isnan(x) or g999 > x for x in (dare, paper))
+        mark = "" if math.isnan(g999) else (" ✓" if ok else " ✗")
+        out.append(
+            f"| {ft} | {info['mean_abs_delta']:.1e} | {pick} | {pct(g99)}{ok99} "
+            f"| {pct(g999)} ({want}){mark} | {pct(dare)} | {pct(paper)} |"
         )
     return out
 

@@ -16,9 +16,9 @@ from deltastore.compress import CompressOptions, compress
 from deltastore.format import Delta, DeltaMeta, load_delta, save_delta
 from deltastore.materialize import materialize
 from deltastore.merge import MergeMethod, merge
-from deltastore.methods import Method, parse_method
+from deltastore.methods import MIX_TOP, Method, parse_method
 from deltastore.progress import show_progress
-from deltastore.qsearch import QSearch, parse_q_grid, parse_q_search
+from deltastore.qsearch import QGroups, QSearch, parse_q_grid, parse_q_groups, parse_q_search
 from deltastore.recommend import delta_stats, natural_key, recommend
 from deltastore.sources import (
     LoraFinetune,
@@ -94,6 +94,19 @@ def add_commands(sub: Any) -> None:
         "--q-step", type=float, default=0.05, help="linear grid's coarse q step (default 0.05)"
     )
     c.add_argument("--q-max", type=float, default=1.0, help="upper end of the q grid (default 1)")
+    c.add_argument(
+        "--q-groups",
+        type=_arg(parse_q_groups),
+        default=QGroups.NONE,
+        help="after the global q search, refine one q per group: none (default), module "
+        "(q_proj, ..., down_proj) or depth (quarters of the layers)",
+    )
+    c.add_argument(
+        "--mix-top",
+        type=float,
+        default=MIX_TOP,
+        help=f"mix: share of the kept entries chosen by magnitude (default {MIX_TOP})",
+    )
     c.add_argument(
         "--dense",
         action="append",
@@ -238,6 +251,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         q_step=args.q_step,
         q_max=args.q_max,
         q_grid=args.q_grid,
+        q_groups=args.q_groups,
+        mix_top=args.mix_top,
         eta_search=args.eta_search,
         val_limit=args.val_limit,
         search_dtype=args.search_dtype,
@@ -261,6 +276,13 @@ def format_search(record: dict[str, Any]) -> str:
         lines.append(f"  {x:>12.6g}  {v:>14.6g}{mark}")
     if "evaluations" in record:
         lines.append(f"  {record['evaluations']} evaluations in {record['seconds']:.1f} s")
+    if "groups" in record:
+        g = record["groups"]
+        lines.append(
+            f"  then one q per {g['by']} group: {obj} {record['best_value']:.6g} -> "
+            f"{g['best_value']:.6g} in {g['evaluations']} evaluations ({g['seconds']:.1f} s)"
+        )
+        lines += [f"  {name:>24}  q = {q:.6g}" for name, q in g["q"].items()]
     if record["mode"] == "analytical":
         qs = list(record["layer_q"].values())
         lines.append(
@@ -272,9 +294,10 @@ def format_search(record: dict[str, Any]) -> str:
 
 def format_summary(path: Path, meta: DeltaMeta, kept: int) -> str:
     size = path.stat().st_size
-    q = f"{meta.q:.4g}" if meta.q is not None else "per-layer"
+    q = f"{meta.q:.4g}" if meta.q is not None else "per-tensor"
     lines = [
-        f"{path}: {meta.method} p={meta.rate} q={q} seed={meta.seed}",
+        f"{path}: {meta.method}{'' if meta.mix_top is None else f' (top {meta.mix_top:g})'} "
+        f"p={meta.rate} q={q} seed={meta.seed}",
         f"  base        {meta.base_fingerprint}",
         f"  tensors     {len(meta.tensors)} ({meta.policy.get('dense_tensors', 0)} dense)",
         f"  kept        {kept:,} entries",

@@ -35,23 +35,30 @@ from deltastore.calib import (
 )
 from deltastore.format import Delta, DeltaMeta, TensorDelta, storage_values
 from deltastore.methods import (
+    MIX_TOP,
     Method,
+    check_mix_top,
     check_q,
     check_rate,
     default_q,
     select,
+    select_mix,
     tensor_generator,
 )
 from deltastore.qsearch import (
     QGrid,
+    QGroups,
     QSearch,
     RowStats,
     ScaledDeltaModel,
     SearchTrace,
+    fix_values,
     global_scales,
+    refine_groups,
     row_stats,
     search_eta,
     search_q,
+    tensor_groups,
 )
 from deltastore.sources import FinetuneSource, ModelSource, fingerprint
 
@@ -86,6 +93,8 @@ class CompressOptions:
     q_step: float = 0.05  # the linear grid's coarse step
     q_max: float = 1.0
     q_grid: QGrid = QGrid.LOG  # BENCHMARKS.md "Fidelity": as good or better, half the evals
+    q_groups: QGroups = QGroups.NONE  # after the global q: one q per group, refined
+    mix_top: float = MIX_TOP
     eta_search: QSearch = QSearch.UNLABELLED
     val_limit: int = 64
     search_dtype: str = "float32"  # bfloat16 halves the q search's memory (7B on 24 GB)
@@ -98,6 +107,12 @@ class CompressOptions:
             check_q(self.q)
         if self.method is Method.DARE and (self.q is not None or self.q_search is not None):
             raise ValueError("dare rescales by exactly 1/(1-p); for another q use darex-q")
+        check_mix_top(self.mix_top)
+        if self.q_groups is not QGroups.NONE and self.q_search not in (
+            QSearch.LABELLED,
+            QSearch.UNLABELLED,
+        ):
+            raise ValueError("--q-groups refines a labelled or unlabelled q search")
         if self.method is Method.DAREX_Q and self.q is None and self.q_search is None:
             raise ValueError("darex-q needs --q Q or --q-search labelled|unlabelled|analytical")
         if self.q is not None and self.q_search is not None:
@@ -117,6 +132,13 @@ class CompressOptions:
                 re.compile(pattern)
             except re.error as e:
                 raise ValueError(f"--dense pattern {pattern!r}: {e}") from e
+
+    @property
+    def q_min(self) -> float:
+        """The smallest q searched: the random part's keep rate (DARE's q for darex-q)."""
+        if self.method is Method.MIX:
+            return default_q(Method.MIX, self.rate, self.mix_top)
+        return 1.0 - self.rate
 
     @property
     def needs_val(self) -> bool:
@@ -161,11 +183,30 @@ def _calibrate(ft: FinetuneSource, opts: CompressOptions, tokenizer: Any) -> Cal
     return cal
 
 
-def _prune(
-    ft: FinetuneSource, opts: CompressOptions, cal: Calibration
-) -> tuple[list[TensorDelta], dict[str, RowStats], dict[str, Any]]:
-    q0 = opts.q if opts.q is not None else default_q(opts.method, opts.rate)
+@dataclass
+class Pruned:
+    tensors: list[TensorDelta]
+    rows: dict[str, RowStats]  # the analytical q's statistics
+    policy: dict[str, Any]
+    # mix: which kept entries are the magnitude part; their tensors hold raw fp32
+    # values until `bake` folds them for the chosen scale
+    fixed: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def bake(self, scales: dict[str, float]) -> list[TensorDelta]:
+        """The tensors as stored, under per-tensor scales (missing: the current one)."""
+        out = []
+        for t in self.tensors:
+            s = scales.get(t.name, t.scale) if not t.dense else t.scale
+            mask = self.fixed.get(t.name)
+            values = t.values if mask is None else storage_values(fix_values(t.values, mask, s))
+            out.append(TensorDelta(t.name, t.shape, t.positions, values, s, t.dense))
+        return out
+
+
+def _prune(ft: FinetuneSource, opts: CompressOptions, cal: Calibration) -> Pruned:
+    q0 = opts.q if opts.q is not None else default_q(opts.method, opts.rate, opts.mix_top)
     tensors, rows, dense_names = [], {}, []
+    fixed: dict[str, torch.Tensor] = {}
     names = ft.base.names()
     for name, delta in tqdm(ft.deltas(), total=len(names), desc="prune", disable=not opts.progress):
         if not torch.isfinite(delta).all():
@@ -177,8 +218,13 @@ def _prune(
             dense_names.append(name)
             continue
         norms = cal.stats.norms.get(name) if cal.stats else None
-        positions = select(opts.method, delta, opts.rate, tensor_generator(opts.seed, name), norms)
-        values = storage_values(delta.reshape(-1)[positions])
+        gen = tensor_generator(opts.seed, name)
+        if opts.method is Method.MIX:
+            positions, fixed[name] = select_mix(delta, opts.rate, gen, opts.mix_top)
+            values = delta.reshape(-1)[positions].to(torch.float32)
+        else:
+            positions = select(opts.method, delta, opts.rate, gen, norms)
+            values = storage_values(delta.reshape(-1)[positions])
         tensors.append(TensorDelta(name, tuple(delta.shape), positions, values, 1.0 / q0))
         if opts.q_search is QSearch.ANALYTICAL and cal.stats and name in cal.stats.means:
             rows[name] = row_stats(delta, cal.stats.means[name])
@@ -190,21 +236,17 @@ def _prune(
         "pruned_tensors": len(tensors) - len(dense_names),
         "unchanged_tensors": len(names) - len(tensors),
     }
-    return tensors, rows, policy
+    return Pruned(tensors, rows, policy, fixed)
 
 
 def _search(
-    base: ModelSource,
-    tokenizer: Any,
-    tensors: list[TensorDelta],
-    rows: dict[str, RowStats],
-    opts: CompressOptions,
-    cal: Calibration,
+    base: ModelSource, tokenizer: Any, pruned: Pruned, opts: CompressOptions, cal: Calibration
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Returns per-tensor q and the search record for the metadata."""
     assert opts.q_search is not None
+    tensors, rows = pruned.tensors, pruned.rows
     model = base.load_model(getattr(torch, opts.search_dtype))
-    trial = ScaledDeltaModel(model, tensors)
+    trial = ScaledDeltaModel(model, tensors, pruned.fixed)
 
     def score(scales: dict[str, float], how: QSearch) -> float:
         with trial.scaled(scales) as m:
@@ -234,6 +276,7 @@ def _search(
         trace,
         opts.progress,
         downward,
+        opts.q_min,
     )
     record = {
         "mode": how.value,
@@ -241,7 +284,28 @@ def _search(
         "direction": "down" if downward else "up",
         **trace.as_dict(),
     }
-    return dict.fromkeys(sparse, best), record
+    if opts.q_groups is QGroups.NONE:
+        return dict.fromkeys(sparse, best), record
+    groups = tensor_groups(sparse, opts.q_groups)
+    g_trace = SearchTrace("evaluation", trace.objective, trace.minimise)
+    group_q = refine_groups(
+        lambda qs: score({n: 1.0 / q for n, q in qs.items()}, how),
+        groups,
+        best,
+        opts.q_min,
+        max(opts.q_min, opts.q_max),
+        g_trace,
+        opts.progress,
+    )
+    record["groups"] = {
+        "by": opts.q_groups.value,
+        "q": group_q,
+        "values": [v for _, v in g_trace.points],
+        "best_value": g_trace.best[1],
+        "evaluations": len(g_trace.points) - 1,  # the first is the global q again
+        "seconds": round(g_trace.seconds, 2),
+    }
+    return {n: group_q[g] for g, names in groups.items() for n in names}, record
 
 
 def _objective_name(how: QSearch) -> str:
@@ -252,19 +316,20 @@ def compress(base: ModelSource, ft: FinetuneSource, opts: CompressOptions) -> De
     """Compress `ft` against `base` into a decoded `Delta` (save it with save_delta)."""
     tokenizer = base.load_tokenizer() if (opts.needs_calib or opts.needs_val) else None
     cal = _calibrate(ft, opts, tokenizer)
-    tensors, rows, policy = _prune(ft, opts, cal)
-    if not tensors:
+    pruned = _prune(ft, opts, cal)
+    if not pruned.tensors:
         raise ValueError("the fine-tune is identical to the base: nothing to compress")
-    q: float | None = opts.q if opts.q is not None else default_q(opts.method, opts.rate)
+    q: float | None = (
+        opts.q if opts.q is not None else default_q(opts.method, opts.rate, opts.mix_top)
+    )
     record = None
+    scales: dict[str, float] = {}
     if opts.q_search is not None:
-        qs, record = _search(base, tokenizer, tensors, rows, opts, cal)
-        tensors = [
-            t if t.dense else TensorDelta(t.name, t.shape, t.positions, t.values, 1.0 / qs[t.name])
-            for t in tensors
-        ]
+        qs, record = _search(base, tokenizer, pruned, opts, cal)
+        scales = {n: 1.0 / v for n, v in qs.items()}
         distinct = set(qs.values())
         q = distinct.pop() if len(distinct) == 1 else None
+    tensors = pruned.bake(scales)
     meta = DeltaMeta(
         base_fingerprint=fingerprint(base),
         base_numel=sum(math.prod(base.shape(n)) for n in base.names()),
@@ -273,8 +338,9 @@ def compress(base: ModelSource, ft: FinetuneSource, opts: CompressOptions) -> De
         q=q,
         q_search=record,
         seed=opts.seed,
-        policy=policy,
+        policy=pruned.policy,
         source=opts.source_name or ft.path.name,
         tool_version=tool_version(),
+        mix_top=opts.mix_top if opts.method is Method.MIX else None,
     )
     return Delta(meta, {t.name: t for t in tensors})

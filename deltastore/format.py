@@ -127,6 +127,7 @@ class DeltaMeta(BaseModel):
     rate: float = Field(ge=0.0, lt=1.0)
     q: float | None = None
     q_search: dict[str, Any] | None = None
+    mix_top: float | None = None  # method mix: share of the kept entries chosen by magnitude
     seed: int | None = None
     policy: dict[str, Any] = Field(default_factory=dict)
     source: str = ""

@@ -9,6 +9,12 @@ mergekit's L1-norm matching.
 - magnitude:  top (1-p) of |delta| per tensor, q = 1 (no rescale) unless given.
 - wanda:      top (1-p) per output row of |delta_ij| * ||X_j||_2, q = 1 unless given.
 - structural: whole input columns dropped with prob p, q = 1-p unless given.
+- mix:        the largest |delta| entries (a fraction `top` of the 1-p kept) stay
+              as they are, and a Bernoulli sample of the rest fills the budget and
+              is rescaled by 1/q, q = its keep probability unless given or searched.
+              Large deltas carry much of their effect in few large entries, which a
+              random drop at p = 0.999 almost surely loses; the sample keeps the
+              bulk's mean. (An attempt beyond the DAREx paper: BENCHMARKS.md, "Fidelity".)
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class Method(StrEnum):
     MAGNITUDE = "magnitude"
     WANDA = "wanda"
     STRUCTURAL = "structural"
+    MIX = "mix"
 
 
 def parse_choice(kind: type[E], value: str, what: str) -> E:
@@ -56,10 +63,28 @@ def check_q(q: float) -> float:
     return q
 
 
-def default_q(method: Method, rate: float) -> float:
+MIX_TOP = 0.5  # mix: the share of the kept entries chosen by magnitude
+
+
+def check_mix_top(top: float) -> float:
+    if not 0.0 < top < 1.0:
+        raise ValueError(f"mix top share must be in (0, 1), got {top}")
+    return top
+
+
+def mix_sample_rate(rate: float, top: float = MIX_TOP) -> float:
+    """The keep probability of the mix's random part, for a tensor of n entries with
+    round(top (1-p) n) kept by magnitude: ((1-p) - top (1-p)) / (1 - top (1-p))."""
+    kept = 1.0 - rate
+    return (kept - top * kept) / (1.0 - top * kept)
+
+
+def default_q(method: Method, rate: float, mix_top: float = MIX_TOP) -> float:
     """The q a method uses when none is given (darex-q without --q means DARE's)."""
     if method in (Method.MAGNITUDE, Method.WANDA):
         return 1.0
+    if method is Method.MIX:
+        return mix_sample_rate(rate, mix_top)
     return 1.0 - rate
 
 
@@ -76,13 +101,17 @@ def select(
     rate: float,
     generator: torch.Generator,
     input_norms: torch.Tensor | None = None,
+    mix_top: float = MIX_TOP,
 ) -> torch.Tensor:
-    """Kept flat positions of `delta` (any shape), int64 (k,), strictly increasing."""
+    """Kept flat positions of `delta` (any shape), int64 (k,), strictly increasing.
+    For mix, see `select_mix` (which also says which entries are the top ones)."""
     check_rate(rate)
     numel = delta.numel()
     if rate == 0.0:
         return torch.arange(numel, dtype=torch.int64)
     match method:
+        case Method.MIX:
+            return select_mix(delta, rate, generator, mix_top)[0]
         case Method.DARE | Method.DAREX_Q:
             return _bernoulli(numel, rate, generator)
         case Method.MAGNITUDE:
@@ -92,6 +121,27 @@ def select(
         case Method.STRUCTURAL:
             return _structural(delta, rate, generator)
     raise ValueError(f"unhandled method {method!r}")
+
+
+def select_mix(
+    delta: torch.Tensor, rate: float, generator: torch.Generator, top: float = MIX_TOP
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept positions, strictly increasing; bool (k,): True where kept by magnitude).
+    The top round(top (1-p) n) entries by |delta|, and each other entry with the
+    probability `mix_sample_rate(p, top)`."""
+    check_rate(rate)
+    check_mix_top(top)
+    numel = delta.numel()
+    flat = delta.reshape(-1)
+    n_top = min(numel, round(top * (1.0 - rate) * numel))
+    top_pos = _top_k(flat.abs(), n_top)
+    # the draw covers every entry (the mask does not depend on the values beyond the
+    # top set); entries of the top set are kept anyway
+    drawn = torch.rand(numel, generator=generator, dtype=torch.float32) < mix_sample_rate(rate, top)
+    is_top = torch.zeros(numel, dtype=torch.bool)
+    is_top[top_pos] = True
+    keep = (drawn | is_top).nonzero().reshape(-1)
+    return keep, is_top[keep]
 
 
 def _bernoulli(numel: int, rate: float, generator: torch.Generator) -> torch.Tensor:

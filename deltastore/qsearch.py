@@ -22,6 +22,7 @@ the candidate scales and reverting it exactly afterwards.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -139,6 +140,7 @@ def coarse_to_fine(
 class QGrid(StrEnum):
     LOG = "log"
     LINEAR = "linear"
+    MULTIPLES = "multiples"  # the DAREx paper's recipe: k (1-p), k = 1..30, no refinement
 
 
 def parse_q_grid(value: str) -> QGrid:
@@ -146,6 +148,7 @@ def parse_q_grid(value: str) -> QGrid:
 
 
 LOG_STEP = 0.5  # coarse step in log2(q/(1-p)); the fine pass is 1/4 of it, 3 each side
+MULTIPLES = 30  # the multiples grid's last multiple of 1-p
 
 
 def search_q(
@@ -157,16 +160,32 @@ def search_q(
     trace: SearchTrace,
     progress: bool = True,
     downward: bool = False,
+    q_min: float | None = None,
 ) -> float:
-    """The global q in [1-p, q_max] that optimises f, on the linear grid (coarse
-    `step`) or the log grid; every evaluated q is recorded in `trace`.
+    """The global q in [q_min, q_max] that optimises f, on the linear grid (coarse
+    `step`), the log grid, or the multiples grid; every evaluated q is recorded in
+    `trace`. q_min defaults to 1-p (DARE's q; the mix's is its sample's keep rate).
 
-    The coarse pass covers the whole range, from 1-p (DARE's q) up, or with
-    `downward` from q_max down (an importance mask's natural scale is q = 1); the
-    direction only orders the evaluations."""
-    lo = round(1.0 - rate, 6)
+    The coarse pass covers the whole range, from q_min up, or with `downward` from
+    q_max down (an importance mask's natural scale is q = 1); the direction only
+    orders the evaluations."""
+    lo = round(1.0 - rate if q_min is None else q_min, 6)
     hi = max(lo, q_max)
     top = math.log2(hi / lo)
+    if grid is QGrid.MULTIPLES:
+        ks = range(1, MULTIPLES + 1)
+        qs = [q for q in (round(k * lo, 6) for k in ks) if q <= hi] or [lo]
+        idx = coarse_to_fine(
+            lambda i: f(qs[int(i)]),
+            0.0,
+            len(qs) - 1,
+            1.0,
+            trace,
+            progress,
+            fine=(1, 0),
+            shown=lambda i: qs[int(i)],
+        )
+        return qs[int(idx)]
 
     def q_of(x: float) -> float:
         if grid is QGrid.LINEAR:
@@ -188,16 +207,38 @@ def search_q(
 
 
 class ScaledDeltaModel:
-    """The base model with a pruned delta that can be applied under trial scales."""
+    """The base model with a pruned delta that can be applied under trial scales.
 
-    def __init__(self, model: nn.Module, tensors: list[TensorDelta]):
+    `fixed`: per tensor, a bool over its kept entries that the scale must not touch
+    (the mix's magnitude part). Such a tensor's values are the raw delta here; each
+    trial folds them with `fix_values`, as the file stores them."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tensors: list[TensorDelta],
+        fixed: dict[str, torch.Tensor] | None = None,
+    ):
         self.model = model
         self.weights = FlatWeights.from_module(model)
         self.tensors = tensors
+        self.fixed = fixed or {}
+
+    def _trial(self, scales: dict[str, float]) -> list[TensorDelta]:
+        out = []
+        for t in self.tensors:
+            mask = self.fixed.get(t.name)
+            if mask is not None:
+                s = scales.get(t.name, t.scale)
+                v = fix_values(t.values.to(torch.float32), mask, s)
+                t = TensorDelta(t.name, t.shape, t.positions, v, s)
+            out.append(t)
+        return out
 
     @contextmanager
     def scaled(self, scales: dict[str, float]) -> Iterator[nn.Module]:
-        undo = apply_delta_(self.weights, bind(self.tensors, self.weights, scales))
+        tensors = self._trial(scales) if self.fixed else self.tensors
+        undo = apply_delta_(self.weights, bind(tensors, self.weights, scales))
         try:
             yield self.model
         finally:
@@ -206,6 +247,100 @@ class ScaledDeltaModel:
 
 def global_scales(tensors: list[TensorDelta], q: float) -> dict[str, float]:
     return {t.name: 1.0 / q for t in tensors if not t.dense}
+
+
+def fix_values(delta: torch.Tensor, fixed: torch.Tensor, scale: float) -> torch.Tensor:
+    """Values to store with `scale` so that the `fixed` entries come out as `delta`
+    (divided by the scale) and the others as delta * scale. fp32."""
+    return torch.where(fixed, delta / scale, delta)
+
+
+# --------------------------------------------------------------------------- per-group q
+
+
+class QGroups(StrEnum):
+    NONE = "none"
+    MODULE = "module"  # one q per module type (q_proj, ..., down_proj, embed_tokens)
+    DEPTH = "depth"  # one q per quarter of the layers (and one for the rest)
+
+
+def parse_q_groups(value: str) -> QGroups:
+    return parse_choice(QGroups, value, "q groups")
+
+
+_LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.*)$")
+DEPTH_GROUPS = 4
+
+
+def tensor_groups(names: list[str], how: QGroups) -> dict[str, list[str]]:
+    """Group name -> tensor names (in the given order)."""
+    layers = [int(m.group(1)) for n in names if (m := _LAYER.match(n))]
+    per = max(1, math.ceil((max(layers) + 1) / DEPTH_GROUPS)) if layers else 1
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        m = _LAYER.match(n)
+        if how is QGroups.NONE:
+            key = "all"
+        elif how is QGroups.MODULE:
+            key = m.group(2) if m else n.rsplit(".", 2)[-2] if n.count(".") else n
+            key = key.removesuffix(".weight")
+        else:
+            if m:
+                first = int(m.group(1)) // per * per
+                key = f"layers {first}-{first + per - 1}"
+            else:
+                key = "outside the layers"
+        groups.setdefault(key, []).append(n)
+    return groups
+
+
+GROUP_FACTORS = (0.5, 2**-0.5, 2**0.5, 2.0)  # each group's q is tried at these multiples
+
+
+def refine_groups(
+    f: Callable[[dict[str, float]], float],
+    groups: dict[str, list[str]],
+    q: float,
+    lo: float,
+    hi: float,
+    trace: SearchTrace,
+    progress: bool = True,
+    sweeps: int = 2,
+) -> dict[str, float]:
+    """Coordinate descent from one global q: each group in turn tries its q times each
+    of GROUP_FACTORS (within [lo, hi]) with the other groups held, and keeps the best;
+    a sweep that improves nothing ends it. f maps per-tensor q to the objective.
+    Returns the q of every group; `trace` records (evaluation index, value)."""
+    t0 = time.perf_counter()
+    group_q = dict.fromkeys(groups, q)
+
+    def per_tensor(gq: dict[str, float]) -> dict[str, float]:
+        return {n: gq[g] for g, names in groups.items() for n in names}
+
+    def better(a: float, b: float) -> bool:
+        return a < b if trace.minimise else a > b
+
+    best = f(per_tensor(group_q))
+    trace.points.append((0, best))
+    bar = tqdm(desc="search q per group", disable=not progress, unit="eval", leave=False)
+    for _ in range(sweeps):
+        improved = False
+        for g in groups:
+            current = group_q[g]
+            for factor in GROUP_FACTORS:
+                cand = round(min(hi, max(lo, current * factor)), 6)
+                if cand == current:
+                    continue
+                value = f(per_tensor({**group_q, g: cand}))
+                trace.points.append((len(trace.points), value))
+                bar.update()
+                if better(value, best):
+                    best, group_q[g], improved = value, cand, True
+        if not improved:
+            break
+    bar.close()
+    trace.seconds += time.perf_counter() - t0
+    return group_q
 
 
 # --------------------------------------------------------------------------- analytical

@@ -210,3 +210,23 @@ def test_finetune_then_compress_with_its_calibration_text(tmp_path, tiny_dirs, c
     assert _run(*mine, "--steps", "1", "--batch-size", "2") == 0
     assert _run("finetune", tiny_dirs["base"], "--task", "nope", "-o", tmp_path / "x") == 2
     assert "not a built-in task" in capsys.readouterr().err
+
+
+def test_compress_mix_with_a_q_per_depth_group(tmp_path, tiny_dirs, capsys):
+    out = tmp_path / "mix.delta.safetensors"
+    args = ["compress", tiny_dirs["base"], tiny_dirs["ft"], "-o", out, "--rate", "0.9"]
+    args += ["--method", "mix", "--mix-top", "0.3", "--q-search", "unlabelled"]
+    args += ["--q-groups", "depth", "--calib", tiny_dirs["calib"], "--calib-tokens", "128"]
+    assert _run(*args, "--seq-len", "64") == 0
+    text = capsys.readouterr().out
+    assert "then one q per depth group" in text and "layers 0-0" in text
+    assert "mix (top 0.3)" in text
+    assert _run("inspect", out, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "mix" and info["mix_top"] == 0.3
+    assert info["q_search"]["groups"]["by"] == "depth"
+    bad = ["compress", tiny_dirs["base"], tiny_dirs["ft"], "-o", tmp_path / "x.safetensors"]
+    assert _run(*bad, "--rate", "0.9", "--method", "dare", "--q-groups", "module") == 2
+    assert "q-groups refines" in capsys.readouterr().err
+    assert _run(*bad, "--rate", "0.9", "--method", "mix", "--mix-top", "1") == 2
+    assert "top share" in capsys.readouterr().err

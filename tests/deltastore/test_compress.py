@@ -4,12 +4,14 @@ import pytest
 import torch
 
 from deltastore.apply import FlatWeights, apply_delta_, bind
+from deltastore.calib import collect, load_calibration, logit_mse
 from deltastore.compress import CompressOptions, compress
 from deltastore.format import load_delta, save_delta
 from deltastore.materialize import materialize
-from deltastore.methods import Method
+from deltastore.methods import Method, mix_sample_rate
 from deltastore.qsearch import (
     QGrid,
+    QGroups,
     QSearch,
     RowStats,
     SearchTrace,
@@ -17,7 +19,9 @@ from deltastore.qsearch import (
     layer_q,
     phi,
     q_grid,
+    refine_groups,
     search_q,
+    tensor_groups,
 )
 from deltastore.sources import fingerprint, open_finetune, open_model
 
@@ -288,3 +292,142 @@ def test_identical_finetune_is_an_error(tiny_dirs):
             open_finetune(base, tiny_dirs["base"]),
             _opts(tiny_dirs, method=Method.DARE, rate=0.5),
         )
+
+
+def _dense_delta(ft, name):
+    return dict(ft.deltas())[name].reshape(-1)
+
+
+@pytest.mark.parametrize("search", [None, QSearch.UNLABELLED])
+def test_mix_stores_its_top_entries_exactly_whatever_q(pair, tiny_dirs, search):
+    base, ft = pair
+    opts = _opts(tiny_dirs, method=Method.MIX, rate=0.9, q_search=search, q_grid=QGrid.LOG)
+    delta = compress(base, ft, opts)
+    q = delta.meta.q
+    assert delta.meta.mix_top == 0.5
+    if search is None:
+        assert q == pytest.approx(mix_sample_rate(0.9, 0.5))
+    else:
+        assert delta.meta.q_search["grid"][0] == pytest.approx(mix_sample_rate(0.9, 0.5), abs=1e-6)
+    name = "model.layers.0.mlp.down_proj.weight"
+    t = delta.tensors[name]
+    full = _dense_delta(ft, name)
+    applied = t.to_dense().reshape(-1)[t.positions]
+    raw = full[t.positions]
+    n_top = round(0.5 * 0.1 * full.numel())
+    top = torch.topk(full.abs(), n_top).indices
+    is_top = torch.isin(t.positions, top)
+    assert int(is_top.sum()) == n_top
+    tol = dict(rtol=2**-7, atol=0)  # bf16 storage
+    torch.testing.assert_close(applied[is_top], raw[is_top], **tol)
+    torch.testing.assert_close(applied[~is_top], raw[~is_top] / q, **tol)
+
+
+def test_mix_search_scores_the_delta_it_stores(pair, tiny_dirs):
+    """The objective the search reports for its chosen q is the one the stored file
+    gives: the trial and the file fold the top entries the same way."""
+    base, ft = pair
+    opts = _opts(tiny_dirs, method=Method.MIX, rate=0.9, q_search=QSearch.UNLABELLED)
+    delta = compress(base, ft, opts)
+    rec = delta.meta.q_search
+    tokenizer = base.load_tokenizer()
+    ids = load_calibration(tiny_dirs["calib"], tokenizer, 256, 64)
+    ref, _ = collect(ft.load_model(torch.float32), ids)
+    model = base.load_model(torch.float32)
+    weights = FlatWeights.from_module(model)
+    apply_delta_(weights, bind(delta, weights))
+    assert logit_mse(model, ids, ref) == pytest.approx(rec["best_value"], rel=0.02)
+
+
+def test_per_group_q_refines_the_global_one(pair, tiny_dirs):
+    base, ft = pair
+    opts = _opts(
+        tiny_dirs,
+        method=Method.DAREX_Q,
+        rate=0.9,
+        q_search=QSearch.UNLABELLED,
+        q_groups=QGroups.MODULE,
+    )
+    delta = compress(base, ft, opts)
+    rec = delta.meta.q_search
+    groups = rec["groups"]
+    assert groups["by"] == "module"
+    assert set(groups["q"]) == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "embed_tokens",
+    }  # fmt: skip
+    assert groups["best_value"] <= rec["best_value"]  # starts from the global q
+    assert groups["values"][0] == pytest.approx(rec["best_value"])
+    assert groups["evaluations"] == len(groups["values"]) - 1 >= 8
+    for name, t in delta.tensors.items():
+        if not t.dense:
+            key = "embed_tokens" if "embed" in name else name.split("layers.")[1].split(".", 1)[1]
+            assert t.scale == pytest.approx(1 / groups["q"][key.removesuffix(".weight")])
+    if len(set(groups["q"].values())) > 1:
+        assert delta.meta.q is None
+
+
+def test_group_options_are_checked(tiny_dirs):
+    with pytest.raises(ValueError, match="q-groups"):
+        _opts(tiny_dirs, method=Method.DAREX_Q, rate=0.9, q=0.2, q_groups=QGroups.DEPTH)
+    with pytest.raises(ValueError, match="top share"):
+        _opts(tiny_dirs, method=Method.MIX, rate=0.9, mix_top=1.5)
+
+
+def test_tensor_groups_by_module_and_depth():
+    names = [
+        f"model.layers.{i}.{m}.weight"
+        for i in range(10)
+        for m in ("self_attn.q_proj", "mlp.up_proj")
+    ]
+    names.append("model.embed_tokens.weight")
+    by_module = tensor_groups(names, QGroups.MODULE)
+    assert set(by_module) == {"self_attn.q_proj", "mlp.up_proj", "embed_tokens"}
+    assert len(by_module["mlp.up_proj"]) == 10
+    by_depth = tensor_groups(names, QGroups.DEPTH)
+    assert list(by_depth) == [
+        "layers 0-2",
+        "layers 3-5",
+        "layers 6-8",
+        "layers 9-11",
+        "outside the layers",
+    ]
+    assert by_depth["layers 9-11"] == [
+        "model.layers.9.self_attn.q_proj.weight",
+        "model.layers.9.mlp.up_proj.weight",
+    ]
+    assert sum(map(len, by_depth.values())) == len(names)
+
+
+def test_refine_groups_finds_each_groups_optimum():
+    groups = {"a": ["a1", "a2"], "b": ["b1"], "c": ["c1"]}
+    target = {"a": 0.04, "b": 0.01, "c": 0.02}  # from 0.02: a x2, b x0.5, c stays
+
+    def f(per_tensor):
+        return sum(
+            (math.log2(per_tensor[names[0]] / target[g])) ** 2 for g, names in groups.items()
+        )
+
+    trace = SearchTrace("evaluation", "f", minimise=True)
+    got = refine_groups(f, groups, 0.02, 0.005, 1.0, trace, progress=False)
+    assert got == pytest.approx(target)
+    assert trace.best[1] == pytest.approx(0.0)
+    # the lower bound holds: b cannot go below lo
+    got = refine_groups(f, groups, 0.02, 0.015, 1.0, SearchTrace("e", "f", True), progress=False)
+    assert got["b"] == pytest.approx(0.015)
+
+
+def test_multiples_grid_is_the_papers_recipe():
+    seen = []
+
+    def f(q):
+        seen.append(q)
+        return abs(q - 0.0137)
+
+    trace = SearchTrace("q", "f", minimise=True)
+    q = search_q(f, 0.999, 1.0, 0.05, QGrid.MULTIPLES, trace, progress=False)
+    assert seen == pytest.approx([k * 0.001 for k in range(1, 31)])
+    assert q == pytest.approx(0.014)
+    seen.clear()
+    search_q(f, 0.99, 0.2, 0.05, QGrid.MULTIPLES, SearchTrace("q", "f", True), progress=False)
+    assert max(seen) == pytest.approx(0.2)  # capped by q_max

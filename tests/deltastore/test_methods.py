@@ -1,8 +1,18 @@
+import math
+
 import pytest
 import torch
 
 from deltastore.format import TensorDelta
-from deltastore.methods import Method, default_q, parse_method, select, tensor_generator
+from deltastore.methods import (
+    Method,
+    default_q,
+    mix_sample_rate,
+    parse_method,
+    select,
+    select_mix,
+    tensor_generator,
+)
 
 RANDOM = [Method.DARE, Method.DAREX_Q]
 ALL = list(Method)
@@ -112,3 +122,44 @@ def test_structural_drops_whole_columns():
     per_col = cols.bincount(minlength=200)
     assert set(per_col.unique().tolist()) <= {0, 32}
     assert 0 < int((per_col > 0).sum()) < 200
+
+
+def test_mix_keeps_the_top_entries_unscaled_and_samples_the_rest():
+    delta = _delta((128, 256))
+    rate, top = 0.95, 0.4
+    pos, is_top = select_mix(delta, rate, tensor_generator(0, "w"), top)
+    flat = delta.reshape(-1)
+    n_top = round(top * (1 - rate) * flat.numel())
+    assert int(is_top.sum()) == n_top and is_top.shape == pos.shape
+    assert torch.all(pos[1:] > pos[:-1])
+    top_pos = pos[is_top]
+    others = torch.ones_like(flat, dtype=torch.bool)
+    others[top_pos] = False
+    assert flat[top_pos].abs().min() >= flat[others].abs().max()  # the largest ones
+    # the rest is a Bernoulli sample at the rate that fills the budget
+    r = mix_sample_rate(rate, top)
+    n_rest = flat.numel() - n_top
+    got = int((~is_top).sum()) / n_rest
+    assert abs(got - r) <= 5 * (r * (1 - r) / n_rest) ** 0.5
+    assert math.isclose(n_top + r * n_rest, (1 - rate) * flat.numel(), rel_tol=1e-3)
+    assert default_q(Method.MIX, rate, top) == r
+
+
+def test_mix_with_its_default_q_is_unbiased_over_seeds():
+    delta = _delta((32, 48))
+    rate, top = 0.9, 0.5
+    q = mix_sample_rate(rate, top)
+    flat = delta.reshape(-1)
+    total = torch.zeros_like(flat)
+    n = 3000
+    for seed in range(n):
+        pos, is_top = select_mix(delta, rate, tensor_generator(seed, "w"), top)
+        total[pos] += torch.where(is_top, flat[pos], flat[pos] / q)
+    err = (total / n - flat).abs().mean() / flat.abs().mean()
+    assert err < 0.1  # a 1/q rescale on the top entries too would be ~(1/q - 1) off
+
+
+@pytest.mark.parametrize("top", [0.0, 1.0, -0.1])
+def test_mix_top_share_is_checked(top):
+    with pytest.raises(ValueError, match="top share"):
+        select_mix(_delta(), 0.9, tensor_generator(0, "w"), top)
