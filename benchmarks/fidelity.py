@@ -43,6 +43,7 @@ from deltastore.sources import FinetuneSource, ModelSource, fingerprint, open_fi
 from deltastore.tasks import splits
 
 ADAMR_REG = 2.0  # strong enough to halve |delta| in 30 steps (0.1 changed it by 4%)
+_ADAMR: dict[str, Any] = {"optimizer": "adamr", "reg": ADAMR_REG}
 FINETUNES: dict[str, tuple[str, FinetuneConfig]] = {
     "arith-adamw": ("arith", FinetuneConfig()),
     "arith-adamr": ("arith", FinetuneConfig(optimizer="adamr", reg=ADAMR_REG)),
@@ -58,6 +59,10 @@ FINETUNES: dict[str, tuple[str, FinetuneConfig]] = {
     "arith-large": ("arith", FinetuneConfig(steps=150, lr=3e-4, bf16=True)),
     "extract-large": ("extract", FinetuneConfig(steps=150, lr=3e-4, bf16=True)),
     "topic-large": ("topic", FinetuneConfig(steps=150, lr=3e-4, bf16=True)),
+    # the same recipe with AdamR-L2: does the pull toward the base still help at this size?
+    "arith-large-adamr": ("arith", FinetuneConfig(steps=150, lr=3e-4, bf16=True, **_ADAMR)),
+    "extract-large-adamr": ("extract", FinetuneConfig(steps=150, lr=3e-4, bf16=True, **_ADAMR)),
+    "topic-large-adamr": ("topic", FinetuneConfig(steps=150, lr=3e-4, bf16=True, **_ADAMR)),
 }
 RATES = (0.5, 0.9, 0.95, 0.99, 0.999)
 SCORE_BATCH = 8  # every test score in the results file was taken at this batch size

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-TOP_K_LOGITS = 5
+TOP_K_LOGITS = 5  # the logit-MSE objective's slots (the paper's)
+TOP_K_KL = 64  # the KL objective's: the fine-tune's mass outside them is negligible
 
 
 def load_calibration(path: Path, tokenizer: Any, n_tokens: int, seq_len: int) -> torch.Tensor:
@@ -62,12 +64,34 @@ def _batches(ids: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
         yield ids[i : i + batch]
 
 
+class Objective(StrEnum):
+    """What the unlabelled q search keeps close to the fine-tuned model, on the
+    calibration tokens (lower is better for all three)."""
+
+    LOGIT_MSE = "logit-mse"  # the DAREx paper's q_e: MSE of the fine-tune's top-5 logits
+    KL = "kl"  # KL(fine-tune || candidate), on the fine-tune's top-64 tokens
+    HIDDEN = "hidden-mse"  # every layer's hidden state, MSE relative to its power
+
+
+def parse_objective(value: str) -> Objective:
+    try:
+        return Objective(value)
+    except ValueError:
+        raise ValueError(
+            f"unknown q objective {value!r}; choose from {', '.join(o.value for o in Objective)}"
+        ) from None
+
+
 @dataclass(frozen=True)
 class Reference:
-    """The fine-tuned model's top-k logits per calibration token."""
+    """The fine-tuned model's outputs on the calibration tokens."""
 
-    index: torch.Tensor  # (n, L, k) int64
-    value: torch.Tensor  # (n, L, k) fp32
+    index: torch.Tensor  # (n, L, k) int64: the top-k token ids, best first
+    value: torch.Tensor  # (n, L, k) fp32: their logits
+    logz: torch.Tensor  # (n, L) fp32: log-sum-exp of all logits (for log-probabilities)
+    # per layer (embeddings first, the final norm's output last): (n, L, d) bf16;
+    # empty unless the hidden-state objective needs it
+    hidden: tuple[torch.Tensor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,8 +113,11 @@ def _linear_weight_names(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 @torch.no_grad()
-def collect(model: nn.Module, ids: torch.Tensor, batch: int = 4) -> tuple[Reference, InputStats]:
-    """One pass of the (fine-tuned) model over the calibration tokens."""
+def collect(
+    model: nn.Module, ids: torch.Tensor, batch: int = 4, hidden: bool = False
+) -> tuple[Reference, InputStats]:
+    """One pass of the (fine-tuned) model over the calibration tokens; `hidden` also
+    keeps every layer's hidden state (for Objective.HIDDEN)."""
     sq: dict[str, torch.Tensor] = {}
     sm: dict[str, torch.Tensor] = {}
     count = 0
@@ -103,13 +130,18 @@ def collect(model: nn.Module, ids: torch.Tensor, batch: int = 4) -> tuple[Refere
             sm[name] = sm.get(name, 0) + x.sum(0)
 
         handles.append(lin.register_forward_hook(hook))
-    idx, val = [], []
+    idx, val, logz = [], [], []
+    layers: list[list[torch.Tensor]] = []
     try:
         for chunk in _batches(ids, batch):
-            logits = model(input_ids=chunk).logits.to(torch.float32)
-            top = torch.topk(logits, TOP_K_LOGITS, dim=-1)
+            out = model(input_ids=chunk, output_hidden_states=hidden)
+            logits = out.logits.to(torch.float32)
+            top = torch.topk(logits, min(TOP_K_KL, logits.shape[-1]), dim=-1)
             idx.append(top.indices)
             val.append(top.values)
+            logz.append(torch.logsumexp(logits, dim=-1))
+            if hidden:
+                layers.append([h.to(torch.bfloat16) for h in out.hidden_states])
             count += chunk.numel()
     finally:
         for h in handles:
@@ -118,20 +150,57 @@ def collect(model: nn.Module, ids: torch.Tensor, batch: int = 4) -> tuple[Refere
         norms={n: v.sqrt() for n, v in sq.items()},
         means={n: v / count for n, v in sm.items()},
     )
-    return Reference(torch.cat(idx), torch.cat(val)), stats
+    per_layer = tuple(torch.cat(hs) for hs in zip(*layers, strict=True)) if layers else ()
+    return Reference(torch.cat(idx), torch.cat(val), torch.cat(logz), per_layer), stats
 
 
 @torch.no_grad()
-def logit_mse(model: nn.Module, ids: torch.Tensor, ref: Reference, batch: int = 4) -> float:
-    """MSE between the model's logits and the reference at the reference's top-k slots."""
-    total, n = 0.0, 0
+def objectives(
+    model: nn.Module,
+    ids: torch.Tensor,
+    ref: Reference,
+    which: tuple[Objective, ...] = tuple(Objective),
+    batch: int = 4,
+) -> dict[Objective, float]:
+    """The given objectives of `model` against the reference, from one forward pass
+    over the calibration tokens (each a mean over tokens; lower is closer)."""
+    want_hidden = Objective.HIDDEN in which
+    if want_hidden and not ref.hidden:
+        raise ValueError("the hidden-state objective needs a reference collected with hidden")
+    mse = kl = 0.0
+    n_mse = n_tok = 0
+    err = [0.0] * len(ref.hidden)
+    power = [0.0] * len(ref.hidden)
     for i, chunk in enumerate(_batches(ids, batch)):
-        logits = model(input_ids=chunk).logits.to(torch.float32)
         sl = slice(i * batch, i * batch + chunk.shape[0])
-        got = torch.gather(logits, -1, ref.index[sl])
-        total += float(((got - ref.value[sl]) ** 2).sum())
-        n += got.numel()
-    return total / n
+        out = model(input_ids=chunk, output_hidden_states=want_hidden)
+        logits = out.logits.to(torch.float32)
+        got = torch.gather(logits, -1, ref.index[sl])  # (b, L, k)
+        k5 = min(TOP_K_LOGITS, got.shape[-1])
+        mse += float(((got[..., :k5] - ref.value[sl, :, :k5]) ** 2).sum())
+        n_mse += got[..., :k5].numel()
+        if Objective.KL in which:
+            p_ref = (ref.value[sl] - ref.logz[sl, :, None]).exp()  # (b, L, k)
+            log_ref = ref.value[sl] - ref.logz[sl, :, None]
+            log_got = got - torch.logsumexp(logits, dim=-1, keepdim=True)
+            kl += float((p_ref * (log_ref - log_got)).sum())
+        n_tok += chunk.numel()
+        if want_hidden:
+            for j, (h, h_ref) in enumerate(zip(out.hidden_states, ref.hidden, strict=True)):
+                h_ref32 = h_ref[sl].to(torch.float32)
+                err[j] += float(((h.to(torch.float32) - h_ref32) ** 2).sum())
+                power[j] += float((h_ref32**2).sum())
+    values = {Objective.LOGIT_MSE: mse / n_mse, Objective.KL: kl / n_tok}
+    if want_hidden:
+        values[Objective.HIDDEN] = sum(e / p for e, p in zip(err, power, strict=True) if p) / len(
+            err
+        )
+    return {o: values[o] for o in which}
+
+
+def logit_mse(model: nn.Module, ids: torch.Tensor, ref: Reference, batch: int = 4) -> float:
+    """MSE between the model's logits and the reference at the reference's top-5 slots."""
+    return objectives(model, ids, ref, (Objective.LOGIT_MSE,), batch)[Objective.LOGIT_MSE]
 
 
 @torch.no_grad()

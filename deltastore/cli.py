@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from deltastore.apply import BaseMismatchError
+from deltastore.calib import Objective, parse_objective
 from deltastore.compress import CompressOptions, compress
 from deltastore.format import Delta, DeltaMeta, load_delta, save_delta
 from deltastore.materialize import materialize
@@ -94,6 +95,14 @@ def add_commands(sub: Any) -> None:
         "--q-step", type=float, default=0.05, help="linear grid's coarse q step (default 0.05)"
     )
     c.add_argument("--q-max", type=float, default=1.0, help="upper end of the q grid (default 1)")
+    c.add_argument(
+        "--q-objective",
+        type=_arg(parse_objective),
+        default=Objective.LOGIT_MSE,
+        help="what an unlabelled q search minimises on the calibration text: logit-mse "
+        "(default; the fine-tune's top-5 logits), kl (KL divergence from the fine-tune's "
+        "next-token distribution) or hidden-mse (every layer's hidden state)",
+    )
     c.add_argument(
         "--q-groups",
         type=_arg(parse_q_groups),
@@ -252,6 +261,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         q_max=args.q_max,
         q_grid=args.q_grid,
         q_groups=args.q_groups,
+        q_objective=args.q_objective,
         mix_top=args.mix_top,
         eta_search=args.eta_search,
         val_limit=args.val_limit,

@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 from deltastore.calib import (
     Example,
     InputStats,
+    Objective,
     Reference,
     collect,
     exact_match,
     load_calibration,
     load_examples,
-    logit_mse,
+    objectives,
 )
 from deltastore.format import Delta, DeltaMeta, TensorDelta, storage_values
 from deltastore.methods import (
@@ -96,6 +97,7 @@ class CompressOptions:
     q_groups: QGroups = QGroups.NONE  # after the global q: one q per group, refined
     mix_top: float = MIX_TOP
     eta_search: QSearch = QSearch.UNLABELLED
+    q_objective: Objective = Objective.LOGIT_MSE  # what an unlabelled search minimises
     val_limit: int = 64
     search_dtype: str = "float32"  # bfloat16 halves the q search's memory (7B on 24 GB)
     progress: bool = True
@@ -177,7 +179,8 @@ def _calibrate(ft: FinetuneSource, opts: CompressOptions, tokenizer: Any) -> Cal
     cal.ids = load_calibration(opts.calib, tokenizer, opts.calib_tokens, opts.seq_len)
     log.info("calibration: %s tokens through the fine-tuned model", cal.ids.numel())
     model = ft.load_model(getattr(torch, opts.search_dtype))
-    cal.reference, cal.stats = collect(model, cal.ids)
+    hidden = opts.q_objective is Objective.HIDDEN and opts.q_search is not None
+    cal.reference, cal.stats = collect(model, cal.ids, hidden=hidden)
     del model
     gc.collect()
     return cal
@@ -253,19 +256,22 @@ def _search(
             if how is QSearch.LABELLED:
                 return exact_match(m, tokenizer, cal.examples)
             assert cal.ids is not None and cal.reference is not None
-            return logit_mse(m, cal.ids, cal.reference)
+            o = opts.q_objective
+            return objectives(m, cal.ids, cal.reference, (o,))[o]
 
     sparse = [t.name for t in tensors if not t.dense]
     if opts.q_search is QSearch.ANALYTICAL:
         how = opts.eta_search
-        trace = SearchTrace("eta", _objective_name(how), how is not QSearch.LABELLED)
+        trace = SearchTrace(
+            "eta", _objective_name(how, opts.q_objective), how is not QSearch.LABELLED
+        )
         eta, qs = search_eta(
             lambda s: score(s, how), rows, tensors, opts.rate, trace, opts.progress
         )
         record = {"mode": "analytical", "eta": eta, **trace.as_dict(), "layer_q": qs}
         return qs, record
     how = opts.q_search
-    trace = SearchTrace("q", _objective_name(how), how is not QSearch.LABELLED)
+    trace = SearchTrace("q", _objective_name(how, opts.q_objective), how is not QSearch.LABELLED)
     downward = default_q(opts.method, opts.rate) == 1.0  # importance masks start at q = 1
     best = search_q(
         lambda q: score(global_scales(tensors, q), how),
@@ -308,8 +314,8 @@ def _search(
     return {n: group_q[g] for g, names in groups.items() for n in names}, record
 
 
-def _objective_name(how: QSearch) -> str:
-    return "exact_match" if how is QSearch.LABELLED else "logit_mse"
+def _objective_name(how: QSearch, objective: Objective) -> str:
+    return "exact_match" if how is QSearch.LABELLED else objective.value.replace("-", "_")
 
 
 def compress(base: ModelSource, ft: FinetuneSource, opts: CompressOptions) -> Delta:
