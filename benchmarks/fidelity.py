@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltastore.apply import FlatWeights, apply_delta_, bind, revert_delta_
-from deltastore.calib import Example, exact_match
+from deltastore.calib import Example, Objective, exact_match
 from deltastore.compress import CompressOptions, compress
 from deltastore.embedded import ensure_embedded_base
 from deltastore.finetune import FinetuneConfig, finetune, format_prompt
@@ -68,6 +68,9 @@ RATES = (0.5, 0.9, 0.95, 0.99, 0.999)
 SCORE_BATCH = 8  # every test score in the results file was taken at this batch size
 
 
+KL, HIDDEN = Objective.KL, Objective.HIDDEN
+
+
 @dataclass(frozen=True)
 class Variant:
     """One way to compress: a method and, for darex-q, how q is found."""
@@ -77,6 +80,7 @@ class Variant:
     q_grid: QGrid = QGrid.LINEAR
     q_groups: QGroups = QGroups.NONE
     mix_top: float = MIX_TOP
+    q_objective: Objective = Objective.LOGIT_MSE
 
     def options(self, rate: float, calib: Path, val: Path) -> CompressOptions:
         return CompressOptions(
@@ -86,6 +90,7 @@ class Variant:
             q_grid=self.q_grid,
             q_groups=self.q_groups,
             mix_top=self.mix_top,
+            q_objective=self.q_objective,
             calib=calib,
             val=val,
             progress=False,
@@ -119,6 +124,11 @@ VARIANTS: dict[str, Variant] = {
     "mix75/unlabelled": Variant(Method.MIX, QSearch.UNLABELLED, QGrid.LOG, mix_top=0.75),
     "mix/labelled": Variant(Method.MIX, QSearch.LABELLED, QGrid.LOG),
     "mix/unlabelled/module-q": Variant(Method.MIX, QSearch.UNLABELLED, QGrid.LOG, QGroups.MODULE),
+    # other unlabelled objectives (benchmarks/qcurve.py compares them over the q range)
+    "darex-q/kl": Variant(Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, q_objective=KL),
+    "darex-q/hidden": Variant(Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, q_objective=HIDDEN),
+    "mix/kl": Variant(Method.MIX, QSearch.UNLABELLED, QGrid.LOG, q_objective=KL),
+    "magnitude+q/kl": Variant(Method.MAGNITUDE, QSearch.UNLABELLED, QGrid.LOG, q_objective=KL),
 }
 PAPER = ["dare", "darex-q/labelled", "darex-q/unlabelled", "darex-q/analytical"]
 PAPER += ["magnitude", "wanda", "structural"]
@@ -229,8 +239,12 @@ def run(args: argparse.Namespace) -> None:
                 "accuracy": scorer(dense, test),
                 "mean_abs_delta": rec.mean_abs,
                 "relative_delta": rec.relative,
+                "top_energy": rec.top_energy,
             }
             del dense
+            _save(args.out, results)
+        if "top_energy" not in results[key]:  # a statistic added after the first runs
+            results[key]["top_energy"] = recommend(delta_stats(ft, progress=False)).top_energy
             _save(args.out, results)
         cells = [(r, v) for r in args.rates for v in args.methods]
         for rate, variant in tqdm(cells, desc=ft_name, unit="delta"):
@@ -303,15 +317,29 @@ def report(results: dict[str, Any], plot: Path | None) -> str:
     lines += ["", *summary(results, fts), "", *targets(results, fts)]
     if plot is not None:
         _plot(results, fts, plot)
+        large = [ft for ft in fts if results[f"finetune|{ft}"]["mean_abs_delta"] > BIG]
+        if large:
+            _plot_large(results, large, plot.with_name(plot.stem + "-large.png"))
     return "\n".join(lines)
 
 
 def _recommended(ft: str, info: dict[str, Any], labels: bool) -> str:
     """The variant `deltaserve recommend` picks for this fine-tune."""
     low_rank = FINETUNES[ft][1].lora_r > 0
-    method, q_search, _ = choose(info["mean_abs_delta"], labels, low_rank)
+    pick = choose(info["mean_abs_delta"], labels, low_rank, info.get("top_energy", math.nan))
     # compress's default grid is the log one
-    return f"{method}+q/{q_search}" if method == "magnitude" else f"{method}/{q_search}/log-grid"
+    for name, v in VARIANTS.items():
+        if (
+            v.method.value == pick.method
+            and v.q_search is not None
+            and v.q_search.value == pick.q_search
+            and v.q_grid is QGrid.LOG
+            and v.q_groups is QGroups.NONE
+            and v.q_objective.value == pick.q_objective
+            and v.mix_top == MIX_TOP
+        ):
+            return name
+    raise ValueError(f"no study variant runs recommend's pick {pick}")
 
 
 def summary(results: dict[str, Any], fts: list[str]) -> list[str]:
@@ -441,6 +469,43 @@ def _plot(results: dict[str, Any], fts: list[str], path: Path) -> None:
     fig.legend(handles, labels, loc="lower right", fontsize=8)
     fig.supxlabel("pruning rate p (log scale of 1-p); dashed: fine-tune, dotted: base")
     fig.supylabel("exact match (test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _plot_large(results: dict[str, Any], fts: list[str], path: Path) -> None:
+    """Gain kept by every variant run on the large-delta fine-tunes, at p = 0.99 and
+    0.999 (one panel per fine-tune)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = ["0.99", "0.999"]
+    fig, axes = plt.subplots(len(fts), 1, figsize=(11, 2.6 * len(fts)), squeeze=False)
+    for ax, ft in zip(axes.flat, fts, strict=True):
+        info = results[f"finetune|{ft}"]
+        base = results[f"base|{info['task']}"]["accuracy"]
+        variants = [v for v in VARIANTS if any(f"{ft}|{v}|{r}" in results for r in rates)]
+        for j, r in enumerate(rates):
+            xs = [i + (j - 0.5) * 0.4 for i in range(len(variants))]
+            ys = [
+                100 * _gain_kept(results[k]["accuracy"], base, info["accuracy"])
+                if (k := f"{ft}|{v}|{r}") in results
+                else math.nan
+                for v in variants
+            ]
+            ax.bar(xs, ys, width=0.4, label=f"p = {r}")
+        ax.set_xticks(range(len(variants)), variants, rotation=25, ha="right", fontsize=7)
+        ax.axhline(100, color="k", ls="--", lw=0.8)
+        ax.set_ylim(-5, 110)
+        ax.set_ylabel("gain kept (%)", fontsize=8)
+        ax.set_title(
+            f"{ft} (mean |Δ| {info['mean_abs_delta']:.1e}; fine-tune {info['accuracy']:.2f}, "
+            f"base {base:.2f})",
+            fontsize=9,
+        )
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -351,19 +351,26 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             out.pop("tensors")
         print(json.dumps(out, indent=2))
         return 0
-    print(f"recommended: --method {rec.method} --q-search {rec.q_search} --rate {rec.rate}")
+    objective = "" if rec.q_objective == "logit-mse" else f" --q-objective {rec.q_objective}"
+    print(
+        f"recommended: --method {rec.method} --q-search {rec.q_search}{objective} --rate {rec.rate}"
+    )
     print(f"  method: {rec.reason}")
     print(f"  rate:   {rec.rate_reason}")
     print("  (if you control fine-tuning: train with deltastore.AdamR (L2) and use darex-q)")
     print(
         f"delta: mean |delta| {rec.mean_abs:.3e}, std {rec.std:.3e}, max |delta| "
-        f"{rec.max_abs:.3e}, mean |delta| / mean |base| {rec.relative:.2e} "
+        f"{rec.max_abs:.3e}, mean |delta| / mean |base| {rec.relative:.2e}, the largest 1% "
+        f"hold {rec.top_energy:.1%} of its energy"
         f"over {len(rec.tensors)} tensors" + ("" if args.tensors else " (--tensors lists them)")
     )
     if args.tensors:
-        print(f"{'tensor':<50} {'mean|d|':>10} {'std':>10} {'max|d|':>10}")
+        print(f"{'tensor':<50} {'mean|d|':>10} {'std':>10} {'max|d|':>10} {'top 1%':>7}")
         for s in sorted(rec.tensors, key=lambda t: natural_key(t.name)):
-            print(f"{s.name:<50} {s.mean_abs:>10.3e} {s.std:>10.3e} {s.max_abs:>10.3e}")
+            print(
+                f"{s.name:<50} {s.mean_abs:>10.3e} {s.std:>10.3e} {s.max_abs:>10.3e} "
+                f"{s.top_energy:>7.1%}"
+            )
     return 0
 
 

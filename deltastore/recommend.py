@@ -38,6 +38,22 @@ class TensorStats:
     std: float
     max_abs: float
     base_mean_abs: float
+    # share of the tensor's sum of squares held by its largest 1% of |delta| entries:
+    # ~8% for a Gaussian delta, ~3% for a flat (sign-like) one, more for heavy tails
+    top_energy: float = math.nan
+
+
+TOP_SHARE = 0.01  # the top_energy statistic's share of entries (what p = 0.99 keeps)
+
+
+def top_energy(d: torch.Tensor) -> float:
+    """Share of sum(d^2) in the largest TOP_SHARE of |d| (at least one entry)."""
+    sq = d.reshape(-1).to(torch.float32).square()
+    total = float(sq.sum(dtype=torch.float64))
+    if total == 0.0:
+        return 0.0
+    k = max(1, round(TOP_SHARE * sq.numel()))
+    return float(torch.topk(sq, k, sorted=False).values.sum(dtype=torch.float64)) / total
 
 
 @dataclass(frozen=True)
@@ -45,12 +61,14 @@ class Recommendation:
     method: str
     q_search: str
     reason: str
+    q_objective: str
     rate: float
     rate_reason: str
     mean_abs: float
     std: float
     max_abs: float
     relative: float  # mean |delta| / mean |base weight|
+    top_energy: float  # pooled TensorStats.top_energy (weighted by each tensor's energy)
     tensors: list[TensorStats]
 
     def as_dict(self) -> dict[str, object]:
@@ -72,6 +90,7 @@ def delta_stats(ft: FinetuneSource, progress: bool = True) -> list[TensorStats]:
                 float(d64.std(correction=0)),
                 float(d64.abs().max()),
                 base_abs,
+                top_energy(d),
             )
         )
     return out
@@ -81,37 +100,72 @@ def _on(have_labels: bool) -> str:
     return "on labels (q_v)" if have_labels else "on calibration text (q_e)"
 
 
+@dataclass(frozen=True)
+class Choice:
+    """What `deltaserve compress` should run: its --method, --q-search and
+    --q-objective (the last for an unlabelled search only)."""
+
+    method: str
+    q_search: str
+    reason: str
+    q_objective: str = "logit-mse"
+
+
+# The largest 1% of entries of the study's full fine-tunes hold 6.6-9.5% of their
+# energy (a Gaussian's 8.5%), the LoRA delta's 12.8%: above this a delta is
+# heavy-tailed, and an importance mask keeps most of it. BENCHMARKS.md, "Fidelity".
+HEAVY_TAIL = 0.12
+
+
 def choose(
-    mean_abs: float, have_labels: bool = False, low_rank: bool = False
-) -> tuple[str, str, str]:
-    """(method, q search, reason) for a delta of this size and kind."""
+    mean_abs: float,
+    have_labels: bool = False,
+    low_rank: bool = False,
+    top_energy: float = math.nan,
+) -> Choice:
+    """The method for a delta of this size, shape and kind, from the fidelity study's
+    measured table (BENCHMARKS.md, "Fidelity"; each reason names its evidence)."""
     q_search = "labelled" if have_labels else "unlabelled"
     if low_rank:
-        return (
+        return Choice(
             "magnitude",
             q_search,
             "a low-rank (LoRA) delta: its mass sits in its largest entries, so keep "
-            f"those (magnitude) and rescale by a q searched {_on(have_labels)}",
+            f"those (magnitude) and rescale by a q searched {_on(have_labels)}; on the "
+            "study's LoRA delta this kept 106% of the gain at p = 0.99, DAREx-q 86%",
         )
-    if mean_abs >= LARGE_DELTA:
-        return (
+    heavy = not math.isnan(top_energy) and top_energy >= HEAVY_TAIL
+    if mean_abs >= LARGE_DELTA and heavy:
+        return Choice(
             "magnitude",
             q_search,
-            f"mean |delta| = {mean_abs:.2e} >= {LARGE_DELTA:.0e}: a large delta (continued "
-            "pre-training scale), where importance-based pruning beats random drop; the "
-            f"kept entries are rescaled by a q searched {_on(have_labels)}",
+            f"mean |delta| = {mean_abs:.2e} >= {LARGE_DELTA:.0e} and heavy-tailed (its "
+            f"largest 1% hold {top_energy:.0%} of its energy): a continued-pre-training "
+            "scale delta, where importance-based pruning beats random drop (the DAREx "
+            f"paper); the kept entries are rescaled by a q searched {_on(have_labels)}",
         )
-    return (
+    if mean_abs >= LARGE_DELTA:
+        shape = "" if math.isnan(top_energy) else f" (its largest 1% hold {top_energy:.0%})"
+        return Choice(
+            "darex-q",
+            q_search,
+            f"mean |delta| = {mean_abs:.2e} >= {LARGE_DELTA:.0e} but flat{shape}: on the "
+            "study's large full fine-tunes (1.3e-3 to 2.2e-3, top 1% holding 7-10%) "
+            "magnitude + q kept 0% of the gain at p = 0.99 where DAREx-q kept 68-100%; "
+            f"q searched {_on(have_labels)}",
+        )
+    return Choice(
         "darex-q",
         q_search,
-        f"mean |delta| = {mean_abs:.2e} < {LARGE_DELTA:.0e}: an ordinary SFT delta, where "
-        f"DAREx-q holds at high p; q searched {_on(have_labels)}",
+        f"mean |delta| = {mean_abs:.2e} < {LARGE_DELTA:.0e}: an SFT delta, where DAREx-q "
+        f"kept 95-110% of the gain at p = 0.99 in the study; q searched {_on(have_labels)}",
     )
 
 
 # At most this mean |delta|, the fidelity study's SFT deltas (3e-5 to 2.4e-4) kept
 # their whole gain at p = 0.999; a held-out one at 5.5e-4 kept 87% there, 99% at 0.99.
 SMALL_DELTA = 3e-4
+LARGE_SFT = 1e-3  # the study's large full fine-tunes: 1.3e-3 to 2.2e-3
 
 
 def choose_rate(mean_abs: float, low_rank: bool = False) -> tuple[float, str]:
@@ -123,6 +177,13 @@ def choose_rate(mean_abs: float, low_rank: bool = False) -> tuple[float, str]:
             f"mean |delta| {mean_abs:.1e} <= {SMALL_DELTA:.0e}: the study's SFT deltas of this "
             "size kept their whole gain at p = 0.999 (a file 5x smaller than at 0.99); "
             "check with a labelled set, and use 0.99 if it falls short"
+        )
+    if mean_abs > LARGE_SFT:
+        return 0.99, (
+            f"mean |delta| {mean_abs:.1e} > {LARGE_SFT:.0e}: the study's large full "
+            "fine-tunes kept 68-100% of their gain at p = 0.99 and at most 11% at 0.999, "
+            "whatever the method (at 0.999 a row of a 576-wide matrix keeps 0.6 entries; "
+            "wider models keep more)"
         )
     return 0.99, (
         f"mean |delta| {mean_abs:.1e} > {SMALL_DELTA:.0e}: larger deltas lose gain at "
@@ -144,10 +205,24 @@ def recommend(
     max_abs = max(s.max_abs for s in stats)
     base_abs = sum(s.base_mean_abs * s.numel for s in stats) / n
     relative = mean_abs / base_abs if base_abs else math.inf
-    method, q_search, reason = choose(mean_abs, have_labels, low_rank)
+    energy = [(s.std**2 + s.mean**2) * s.numel for s in stats]
+    top = sum(e * s.top_energy for e, s in zip(energy, stats, strict=True))
+    top = top / sum(energy) if sum(energy) else 0.0
+    pick = choose(mean_abs, have_labels, low_rank, top)
     rate, rate_reason = choose_rate(mean_abs, low_rank)
     return Recommendation(
-        method, q_search, reason, rate, rate_reason, mean_abs, std, max_abs, relative, stats
+        pick.method,
+        pick.q_search,
+        pick.reason,
+        pick.q_objective,
+        rate,
+        rate_reason,
+        mean_abs,
+        std,
+        max_abs,
+        relative,
+        top,
+        stats,
     )
 
 

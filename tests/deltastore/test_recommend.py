@@ -1,11 +1,14 @@
-import pytest
+import math
 
-from deltastore.recommend import LARGE_DELTA, TensorStats, delta_stats, recommend
+import pytest
+import torch
+
+from deltastore.recommend import HEAVY_TAIL, LARGE_DELTA, TensorStats, delta_stats, recommend
 from deltastore.sources import open_finetune, open_model
 
 
-def _stats(mean_abs):
-    return [TensorStats("w", 1000, 0.0, mean_abs, mean_abs * 1.25, mean_abs * 8, 0.02)]
+def _stats(mean_abs, top_energy=0.08):
+    return [TensorStats("w", 1000, 0.0, mean_abs, mean_abs * 1.25, mean_abs * 8, 0.02, top_energy)]
 
 
 def test_small_delta_gets_darex_q():
@@ -15,11 +18,20 @@ def test_small_delta_gets_darex_q():
     assert "SFT" in rec.reason
 
 
-def test_large_delta_gets_importance_pruning_with_a_searched_rescale():
-    rec = recommend(_stats(LARGE_DELTA * 3))
+def test_large_heavy_tailed_delta_gets_importance_pruning_with_a_searched_rescale():
+    rec = recommend(_stats(LARGE_DELTA * 3, top_energy=HEAVY_TAIL + 0.1))
     assert (rec.method, rec.q_search) == ("magnitude", "unlabelled")
-    assert "large" in rec.reason
-    assert recommend(_stats(LARGE_DELTA * 3), have_labels=True).q_search == "labelled"
+    assert "heavy-tailed" in rec.reason
+    heavy = _stats(LARGE_DELTA * 3, top_energy=0.5)
+    assert recommend(heavy, have_labels=True).q_search == "labelled"
+
+
+@pytest.mark.parametrize("top", [0.07, HEAVY_TAIL - 0.01, math.nan])
+def test_large_flat_delta_stays_with_darex_q(top):
+    """The study's large full fine-tunes were flat, and magnitude + q lost to DAREx-q."""
+    rec = recommend(_stats(LARGE_DELTA * 3, top_energy=top))
+    assert rec.method == "darex-q"
+    assert "flat" in rec.reason
 
 
 def test_the_rate_follows_the_delta_size():
@@ -27,6 +39,7 @@ def test_the_rate_follows_the_delta_size():
     assert recommend(_stats(1e-3)).rate == 0.99
     assert recommend(_stats(1e-4), low_rank=True).rate == 0.99
     assert "0.999" in recommend(_stats(1e-3)).rate_reason
+    assert "at most" in recommend(_stats(2e-3)).rate_reason  # the large fine-tunes' limit
 
 
 def test_lora_delta_gets_magnitude_with_q_whatever_its_size():
@@ -70,3 +83,24 @@ def test_on_a_real_pair(tiny_dirs):
     assert 0 < rec.mean_abs < rec.max_abs
     with pytest.raises(ValueError, match="does not change"):
         recommend([])
+
+
+def test_top_energy_tells_a_flat_delta_from_a_heavy_tailed_one():
+    from deltastore.recommend import top_energy
+
+    g = torch.Generator().manual_seed(0)
+    gauss = torch.randn(200_000, generator=g)
+    assert top_energy(gauss) == pytest.approx(0.085, abs=0.01)  # 2(a phi(a) + Q(a)), a = 2.576
+    flat = torch.sign(gauss) * 1e-3
+    assert top_energy(flat) == pytest.approx(0.01, abs=1e-6)  # every entry the same size
+    spiky = gauss.clone()
+    spiky[:1000] *= 100  # 0.5% of the entries hold almost all of it
+    assert top_energy(spiky) > 0.95  # 1e7 of 1.02e7
+    assert top_energy(torch.zeros(10)) == 0.0
+    assert top_energy(torch.tensor([3.0])) == 1.0  # at least one entry
+
+
+def test_pooled_top_energy_weights_each_tensor_by_its_energy():
+    a = TensorStats("a", 100, 0.0, 1.0, 1.0, 2.0, 1.0, top_energy=0.5)
+    b = TensorStats("b", 100, 0.0, 1.0, 3.0, 6.0, 1.0, top_energy=0.1)  # 9x a's energy
+    assert recommend([a, b]).top_energy == pytest.approx((0.5 * 1 + 0.1 * 9) / 10)
