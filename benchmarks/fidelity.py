@@ -270,7 +270,8 @@ def run(args: argparse.Namespace) -> None:
                 "file_bytes": out.stat().st_size,
                 "q": meta.q,
                 "compress_s": round(seconds, 1),
-                "search_evals": len(search.get("grid", [])),
+                "search_evals": len(search.get("grid", []))
+                + search.get("groups", {}).get("evaluations", 0),
             }
             if out.stat().st_size > 20e6:
                 out.unlink()  # low-rate files are large; the result is what is kept
@@ -314,7 +315,7 @@ def report(results: dict[str, Any], plot: Path | None) -> str:
             c = cells.get(("dare", str(r)))
             sizes.append("-" if c is None else f"{c['file_bytes'] / 1e6:.1f} MB")
         lines.append("| file (dare) | " + " | ".join(sizes) + " |")
-    lines += ["", *summary(results, fts), "", *targets(results, fts)]
+    lines += ["", *summary(results, fts), "", *targets(results, fts), "", *costs(results)]
     if plot is not None:
         _plot(results, fts, plot)
         large = [ft for ft in fts if results[f"finetune|{ft}"]["mean_abs_delta"] > BIG]
@@ -386,6 +387,29 @@ def summary(results: dict[str, Any], fts: list[str]) -> list[str]:
             f"| {kept(ft, _recommended(ft, info, False), 0.999)} / {kept(ft, 'dare', 0.999)} "
             f"| {'; '.join(picks)} "
             f"| {'-' if best is None else f'{best[0]} {best[1]:.3f}'} |"
+        )
+    return out
+
+
+def costs(results: dict[str, Any]) -> list[str]:
+    """Per variant with a search: q evaluations and compression seconds (min-max over
+    the cells run), at each rate."""
+    rows: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for key, c in results.items():
+        parts = key.split("|")
+        if len(parts) == 3 and c.get("search_evals"):
+            rows.setdefault((parts[1], parts[2]), []).append((c["search_evals"], c["compress_s"]))
+    out = [
+        "| variant | p | cells | q evaluations | compression (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for (v, r), cells in sorted(
+        rows.items(), key=lambda x: (list(VARIANTS).index(x[0][0]), x[0][1])
+    ):
+        ev = [e for e, _ in cells]
+        sec = [t for _, t in cells]
+        out.append(
+            f"| {v} | {r} | {len(cells)} | {min(ev)}-{max(ev)} | {min(sec):.0f}-{max(sec):.0f} |"
         )
     return out
 
