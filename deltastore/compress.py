@@ -110,6 +110,13 @@ class CompressOptions:
         if self.method is Method.DARE and (self.q is not None or self.q_search is not None):
             raise ValueError("dare rescales by exactly 1/(1-p); for another q use darex-q")
         check_mix_top(self.mix_top)
+        if self.mix_top != MIX_TOP and self.method is not Method.MIX:
+            raise ValueError(f"--mix-top applies to --method mix, not {self.method}")
+        unlabelled = self.q_search is QSearch.UNLABELLED or (
+            self.q_search is QSearch.ANALYTICAL and self.eta_search is QSearch.UNLABELLED
+        )
+        if self.q_objective is not Objective.LOGIT_MSE and not unlabelled:
+            raise ValueError("--q-objective applies to an unlabelled q search")
         if self.q_groups is not QGroups.NONE and self.q_search not in (
             QSearch.LABELLED,
             QSearch.UNLABELLED,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from deltastore.apply import FlatWeights, apply_delta_, bind
-from deltastore.calib import collect, load_calibration, logit_mse
+from deltastore.calib import Objective, collect, load_calibration, logit_mse
 from deltastore.compress import CompressOptions, compress
 from deltastore.format import load_delta, save_delta
 from deltastore.materialize import materialize
@@ -372,6 +372,15 @@ def test_group_options_are_checked(tiny_dirs):
         _opts(tiny_dirs, method=Method.DAREX_Q, rate=0.9, q=0.2, q_groups=QGroups.DEPTH)
     with pytest.raises(ValueError, match="top share"):
         _opts(tiny_dirs, method=Method.MIX, rate=0.9, mix_top=1.5)
+    with pytest.raises(ValueError, match="applies to --method mix"):
+        _opts(tiny_dirs, method=Method.DARE, rate=0.9, mix_top=0.3)
+    kl = Objective.KL
+    with pytest.raises(ValueError, match="unlabelled q search"):
+        _opts(tiny_dirs, method=Method.DAREX_Q, rate=0.9, q=0.2, q_objective=kl)
+    with pytest.raises(ValueError, match="unlabelled q search"):
+        _opts(tiny_dirs, method=Method.DAREX_Q, rate=0.9, q_search=QSearch.LABELLED, q_objective=kl)
+    # the analytical q's eta search on text takes it
+    _opts(tiny_dirs, method=Method.DAREX_Q, rate=0.9, q_search=QSearch.ANALYTICAL, q_objective=kl)
 
 
 def test_tensor_groups_by_module_and_depth():
