@@ -324,10 +324,11 @@ def report(results: dict[str, Any], plot: Path | None) -> str:
     return "\n".join(lines)
 
 
-def _recommended(ft: str, info: dict[str, Any], labels: bool) -> str:
-    """The variant `deltaserve recommend` picks for this fine-tune."""
+def _recommended(ft: str, info: dict[str, Any], labels: bool, rate: float = 0.99) -> str:
+    """The variant `deltaserve recommend --rate RATE` picks for this fine-tune."""
     low_rank = FINETUNES[ft][1].lora_r > 0
-    pick = choose(info["mean_abs_delta"], labels, low_rank, info.get("top_energy", math.nan))
+    top = info.get("top_energy", math.nan)
+    pick = choose(info["mean_abs_delta"], labels, low_rank, top, rate)
     # compress's default grid is the log one
     for name, v in VARIANTS.items():
         if (
@@ -384,7 +385,8 @@ def summary(results: dict[str, Any], fts: list[str]) -> list[str]:
             f"| {kept(ft, 'darex-q/labelled', 0.99)} / {kept(ft, 'darex-q/unlabelled', 0.99)}; "
             f"{kept(ft, 'darex-q/labelled/log-grid', 0.99)} / "
             f"{kept(ft, 'darex-q/unlabelled/log-grid', 0.99)} "
-            f"| {kept(ft, _recommended(ft, info, False), 0.999)} / {kept(ft, 'dare', 0.999)} "
+            f"| {kept(ft, _recommended(ft, info, False, 0.999), 0.999)} / "
+            f"{kept(ft, 'dare', 0.999)} "
             f"| {'; '.join(picks)} "
             f"| {'-' if best is None else f'{best[0]} {best[1]:.3f}'} |"
         )
@@ -423,14 +425,14 @@ def targets(results: dict[str, Any], fts: list[str]) -> list[str]:
     >= 95% of the gain at p = 0.99; at p = 0.999 >= 90% where mean |delta| <= 1e-3,
     else >= 70% and above both DARE and the paper's recipe on the same mask."""
     out = [
-        "| fine-tune | mean abs Δ | default (no labels) | p = 0.99: kept (≥ 95%) "
-        "| p = 0.999: kept (target) | dare | paper's recipe |",
-        "|---|---|---|---|---|---|---|",
+        "| fine-tune | mean abs Δ | top 1% energy | default at 0.99 (no labels) "
+        "| kept (≥ 95%) | default at 0.999 | kept (target) | dare | paper's recipe |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for ft in fts:
         info = results[f"finetune|{ft}"]
         base = results[f"base|{info['task']}"]["accuracy"]
-        pick = _recommended(ft, info, False)
+        pick, pick999 = _recommended(ft, info, False), _recommended(ft, info, False, 0.999)
 
         def gain(v: str, r: float, ft: str = ft, info: Any = info, base: float = base) -> float:
             c = results.get(f"{ft}|{v}|{r}")
@@ -439,7 +441,7 @@ def targets(results: dict[str, Any], fts: list[str]) -> list[str]:
         def pct(g: float) -> str:
             return "-" if math.isnan(g) else f"{100 * g:.0f}%"
 
-        g99, g999 = gain(pick, 0.99), gain(pick, 0.999)
+        g99, g999 = gain(pick, 0.99), gain(pick999, 0.999)
         dare, paper = gain("dare", 0.999), gain(PAPER_RECIPE, 0.999)
         ok99 = "" if math.isnan(g99) else (" ✓" if g99 >= 0.95 else " ✗")
         if info["mean_abs_delta"] <= BIG:
@@ -449,9 +451,11 @@ def targets(results: dict[str, Any], fts: list[str]) -> list[str]:
             ok = (not math.isnan(g999)) and g999 >= 0.70
             ok = ok and all(math.isnan(x) or g999 > x for x in (dare, paper))
         mark = "" if math.isnan(g999) else (" ✓" if ok else " ✗")
+        top = info.get("top_energy", math.nan)
         out.append(
-            f"| {ft} | {info['mean_abs_delta']:.1e} | {pick} | {pct(g99)}{ok99} "
-            f"| {pct(g999)} ({want}){mark} | {pct(dare)} | {pct(paper)} |"
+            f"| {ft} | {info['mean_abs_delta']:.1e} | {'-' if math.isnan(top) else f'{top:.1%}'} "
+            f"| {pick} | {pct(g99)}{ok99} | {pick999} | {pct(g999)} ({want}){mark} "
+            f"| {pct(dare)} | {pct(paper)} |"
         )
     return out
 

@@ -17,7 +17,7 @@ from deltastore.compress import CompressOptions, compress
 from deltastore.format import Delta, DeltaMeta, load_delta, save_delta
 from deltastore.materialize import materialize
 from deltastore.merge import MergeMethod, merge
-from deltastore.methods import MIX_TOP, Method, parse_method
+from deltastore.methods import MIX_TOP, Method, check_rate, parse_method
 from deltastore.progress import show_progress
 from deltastore.qsearch import QGroups, QSearch, parse_q_grid, parse_q_groups, parse_q_search
 from deltastore.recommend import delta_stats, natural_key, recommend
@@ -153,6 +153,13 @@ def add_commands(sub: Any) -> None:
     r.add_argument("base")
     r.add_argument("finetuned")
     r.add_argument("--have-labels", action="store_true", help="you have a labelled validation set")
+    r.add_argument(
+        "--rate",
+        type=_arg(lambda v: check_rate(float(v))),
+        default=None,
+        help="the drop rate you will use: name the method measured best there "
+        "(default: recommend a rate too)",
+    )
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.add_argument("--tensors", action="store_true", help="also the per-tensor statistics")
     r.set_defaults(func=cmd_recommend)
@@ -343,7 +350,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     base = open_model(args.base)
     ft = open_finetune(base, args.finetuned)
     rec = recommend(
-        delta_stats(ft, show_progress()), args.have_labels, isinstance(ft, LoraFinetune)
+        delta_stats(ft, show_progress()),
+        args.have_labels,
+        isinstance(ft, LoraFinetune),
+        args.rate,
     )
     if args.json:
         out = rec.as_dict()

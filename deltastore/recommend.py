@@ -111,6 +111,13 @@ class Choice:
     q_objective: str = "logit-mse"
 
 
+# At most this mean |delta|, the fidelity study's SFT deltas (3e-5 to 2.4e-4) kept
+# their whole gain at p = 0.999; a held-out one at 5.5e-4 kept 87% there, 99% at 0.99.
+SMALL_DELTA = 3e-4
+LARGE_SFT = 1e-3  # the study's large full fine-tunes: 1.3e-3 to 2.2e-3
+EXTREME_RATE = 0.999
+LARGE_AT_EXTREME = "magnitude + q kept 0-20% of the gain where DARE and DAREx-q kept 0%"
+
 # The largest 1% of entries of the study's full fine-tunes hold 6.6-9.5% of their
 # energy (a Gaussian's 8.5%), the LoRA delta's 12.8%: above this a delta is
 # heavy-tailed, and an importance mask keeps most of it. BENCHMARKS.md, "Fidelity".
@@ -122,9 +129,11 @@ def choose(
     have_labels: bool = False,
     low_rank: bool = False,
     top_energy: float = math.nan,
+    rate: float = 0.99,
 ) -> Choice:
-    """The method for a delta of this size, shape and kind, from the fidelity study's
-    measured table (BENCHMARKS.md, "Fidelity"; each reason names its evidence)."""
+    """The method for a delta of this size, shape and kind at drop rate `rate`, from
+    the fidelity study's measured table (BENCHMARKS.md, "Fidelity"; each reason names
+    its evidence)."""
     q_search = "labelled" if have_labels else "unlabelled"
     if low_rank:
         return Choice(
@@ -144,6 +153,15 @@ def choose(
             "scale delta, where importance-based pruning beats random drop (the DAREx "
             f"paper); the kept entries are rescaled by a q searched {_on(have_labels)}",
         )
+    if mean_abs > LARGE_SFT and rate >= EXTREME_RATE:
+        return Choice(
+            "magnitude",
+            q_search,
+            f"mean |delta| = {mean_abs:.2e} > {LARGE_SFT:.0e} at p = {rate:g}: on the study's "
+            f"large full fine-tunes at p = 0.999, {LARGE_AT_EXTREME}; keep the largest "
+            f"entries and rescale them by a q searched {_on(have_labels)} (p = 0.99 keeps "
+            "far more of such a delta)",
+        )
     if mean_abs >= LARGE_DELTA:
         shape = "" if math.isnan(top_energy) else f" (its largest 1% hold {top_energy:.0%})"
         return Choice(
@@ -160,12 +178,6 @@ def choose(
         f"mean |delta| = {mean_abs:.2e} < {LARGE_DELTA:.0e}: an SFT delta, where DAREx-q "
         f"kept 95-110% of the gain at p = 0.99 in the study; q searched {_on(have_labels)}",
     )
-
-
-# At most this mean |delta|, the fidelity study's SFT deltas (3e-5 to 2.4e-4) kept
-# their whole gain at p = 0.999; a held-out one at 5.5e-4 kept 87% there, 99% at 0.99.
-SMALL_DELTA = 3e-4
-LARGE_SFT = 1e-3  # the study's large full fine-tunes: 1.3e-3 to 2.2e-3
 
 
 def choose_rate(mean_abs: float, low_rank: bool = False) -> tuple[float, str]:
@@ -192,8 +204,13 @@ def choose_rate(mean_abs: float, low_rank: bool = False) -> tuple[float, str]:
 
 
 def recommend(
-    stats: list[TensorStats], have_labels: bool = False, low_rank: bool = False
+    stats: list[TensorStats],
+    have_labels: bool = False,
+    low_rank: bool = False,
+    rate: float | None = None,
 ) -> Recommendation:
+    """The method and rate for this delta; `rate` fixes the rate (the method is the
+    one measured best there) instead of recommending one."""
     if not stats:
         raise ValueError("the fine-tune does not change any tensor of the base")
     n = sum(s.numel for s in stats)
@@ -208,8 +225,11 @@ def recommend(
     energy = [(s.std**2 + s.mean**2) * s.numel for s in stats]
     top = sum(e * s.top_energy for e, s in zip(energy, stats, strict=True))
     top = top / sum(energy) if sum(energy) else 0.0
-    pick = choose(mean_abs, have_labels, low_rank, top)
-    rate, rate_reason = choose_rate(mean_abs, low_rank)
+    if rate is None:
+        rate, rate_reason = choose_rate(mean_abs, low_rank)
+    else:
+        rate_reason = "given (--rate)"
+    pick = choose(mean_abs, have_labels, low_rank, top, rate)
     return Recommendation(
         pick.method,
         pick.q_search,

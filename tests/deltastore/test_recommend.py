@@ -104,3 +104,27 @@ def test_pooled_top_energy_weights_each_tensor_by_its_energy():
     a = TensorStats("a", 100, 0.0, 1.0, 1.0, 2.0, 1.0, top_energy=0.5)
     b = TensorStats("b", 100, 0.0, 1.0, 3.0, 6.0, 1.0, top_energy=0.1)  # 9x a's energy
     assert recommend([a, b]).top_energy == pytest.approx((0.5 * 1 + 0.1 * 9) / 10)
+
+
+def test_the_method_follows_a_given_rate_for_large_deltas():
+    """At p = 0.999 only magnitude + q kept anything of the study's large fine-tunes."""
+    large = _stats(2e-3)
+    assert recommend(large).rate == 0.99
+    assert recommend(large).method == "darex-q"
+    extreme = recommend(large, rate=0.999)
+    assert (extreme.method, extreme.rate) == ("magnitude", 0.999)
+    assert "given" in extreme.rate_reason and "0.999" in extreme.reason
+    # ordinary deltas keep darex-q there
+    assert recommend(_stats(2e-4), rate=0.999).method == "darex-q"
+
+
+def test_recommend_cli_takes_a_rate(tiny_dirs, capsys):
+    from server.cli import main
+
+    assert main(["recommend", str(tiny_dirs["base"]), str(tiny_dirs["ft"]), "--rate", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "--rate 0.9" in out and "the largest 1%" in out
+    with pytest.raises(SystemExit) as e:
+        main(["recommend", str(tiny_dirs["base"]), str(tiny_dirs["ft"]), "--rate", "1.5"])
+    assert e.value.code == 2
+    assert "must be in [0, 1)" in capsys.readouterr().err
