@@ -124,6 +124,9 @@ VARIANTS: dict[str, Variant] = {
     "mix75/unlabelled": Variant(Method.MIX, QSearch.UNLABELLED, QGrid.LOG, mix_top=0.75),
     "mix/labelled": Variant(Method.MIX, QSearch.LABELLED, QGrid.LOG),
     "mix/unlabelled/module-q": Variant(Method.MIX, QSearch.UNLABELLED, QGrid.LOG, QGroups.MODULE),
+    "magnitude+q/module-q": Variant(
+        Method.MAGNITUDE, QSearch.UNLABELLED, QGrid.LOG, QGroups.MODULE
+    ),
     # other unlabelled objectives (benchmarks/qcurve.py compares them over the q range)
     "darex-q/kl": Variant(Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, q_objective=KL),
     "darex-q/hidden": Variant(Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, q_objective=HIDDEN),

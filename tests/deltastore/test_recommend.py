@@ -30,8 +30,13 @@ def test_large_heavy_tailed_delta_gets_importance_pruning_with_a_searched_rescal
 def test_large_flat_delta_stays_with_darex_q(top):
     """The study's large full fine-tunes were flat, and magnitude + q lost to DAREx-q."""
     rec = recommend(_stats(LARGE_DELTA * 3, top_energy=top))
-    assert rec.method == "darex-q"
-    assert "flat" in rec.reason
+    assert (rec.method, rec.q_objective) == ("darex-q", "kl")
+    assert ("flat" in rec.reason) == (not math.isnan(top))
+    # a labelled search has no calibration objective
+    labelled = recommend(_stats(LARGE_DELTA * 3, top_energy=top), have_labels=True)
+    assert (labelled.q_search, labelled.q_objective) == ("labelled", "logit-mse")
+    # ordinary deltas keep the paper's objective
+    assert recommend(_stats(2e-4, top_energy=top)).q_objective == "logit-mse"
 
 
 def test_the_rate_follows_the_delta_size():
@@ -128,3 +133,17 @@ def test_recommend_cli_takes_a_rate(tiny_dirs, capsys):
         main(["recommend", str(tiny_dirs["base"]), str(tiny_dirs["ft"]), "--rate", "1.5"])
     assert e.value.code == 2
     assert "must be in [0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rate", ["0.99", "0.999"])
+def test_recommend_prints_flags_that_compress_takes(tmp_path, tiny_dirs, capsys, rate):
+    from server.cli import main
+
+    base, ft = str(tiny_dirs["base"]), str(tiny_dirs["ft"])
+    assert main(["recommend", base, ft, "--rate", rate]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("recommended:"))
+    flags = line.removeprefix("recommended:").split()
+    out = tmp_path / "rec.delta.safetensors"
+    args = ["compress", base, ft, "-o", str(out), *flags, "--calib", str(tiny_dirs["calib"])]
+    assert main([*args, "--calib-tokens", "128", "--seq-len", "64"]) == 0
+    assert out.is_file()
