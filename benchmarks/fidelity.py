@@ -130,6 +130,9 @@ VARIANTS: dict[str, Variant] = {
     # other unlabelled objectives (benchmarks/qcurve.py compares them over the q range)
     "darex-q/kl": Variant(Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, q_objective=KL),
     "darex-q/hidden": Variant(Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, q_objective=HIDDEN),
+    "darex-q/kl/module-q": Variant(
+        Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, QGroups.MODULE, q_objective=KL
+    ),
     "mix/kl": Variant(Method.MIX, QSearch.UNLABELLED, QGrid.LOG, q_objective=KL),
     "magnitude+q/kl": Variant(Method.MAGNITUDE, QSearch.UNLABELLED, QGrid.LOG, q_objective=KL),
 }
@@ -339,7 +342,7 @@ def _recommended(ft: str, info: dict[str, Any], labels: bool, rate: float = 0.99
             and v.q_search is not None
             and v.q_search.value == pick.q_search
             and v.q_grid is QGrid.LOG
-            and v.q_groups is QGroups.NONE
+            and v.q_groups.value == pick.q_groups
             and v.q_objective.value == pick.q_objective
             and v.mix_top == MIX_TOP
         ):

@@ -73,6 +73,9 @@ class Objective(StrEnum):
     HIDDEN = "hidden-mse"  # every layer's hidden state, MSE relative to its power
 
 
+DEFAULT_OBJECTIVE = Objective.LOGIT_MSE
+
+
 def parse_objective(value: str) -> Objective:
     try:
         return Objective(value)

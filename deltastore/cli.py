@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from deltastore.apply import BaseMismatchError
-from deltastore.calib import Objective, parse_objective
+from deltastore.calib import DEFAULT_OBJECTIVE, parse_objective
 from deltastore.compress import CompressOptions, compress
 from deltastore.format import Delta, DeltaMeta, load_delta, save_delta
 from deltastore.materialize import materialize
@@ -98,7 +98,7 @@ def add_commands(sub: Any) -> None:
     c.add_argument(
         "--q-objective",
         type=_arg(parse_objective),
-        default=Objective.LOGIT_MSE,
+        default=DEFAULT_OBJECTIVE,
         help="what an unlabelled q search minimises on the calibration text: logit-mse "
         "(default; the fine-tune's top-5 logits), kl (KL divergence from the fine-tune's "
         "next-token distribution) or hidden-mse (every layer's hidden state)",
@@ -361,10 +361,9 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             out.pop("tensors")
         print(json.dumps(out, indent=2))
         return 0
-    objective = "" if rec.q_objective == "logit-mse" else f" --q-objective {rec.q_objective}"
-    print(
-        f"recommended: --method {rec.method} --q-search {rec.q_search}{objective} --rate {rec.rate}"
-    )
+    extra = "" if rec.q_objective == DEFAULT_OBJECTIVE else f" --q-objective {rec.q_objective}"
+    extra += "" if rec.q_groups == "none" else f" --q-groups {rec.q_groups}"
+    print(f"recommended: --method {rec.method} --q-search {rec.q_search}{extra} --rate {rec.rate}")
     print(f"  method: {rec.reason}")
     print(f"  rate:   {rec.rate_reason}")
     print("  (if you control fine-tuning: train with deltastore.AdamR (L2) and use darex-q)")

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltastore.calib import (
+    DEFAULT_OBJECTIVE,
     Example,
     InputStats,
     Objective,
@@ -97,7 +98,7 @@ class CompressOptions:
     q_groups: QGroups = QGroups.NONE  # after the global q: one q per group, refined
     mix_top: float = MIX_TOP
     eta_search: QSearch = QSearch.UNLABELLED
-    q_objective: Objective = Objective.LOGIT_MSE  # what an unlabelled search minimises
+    q_objective: Objective = DEFAULT_OBJECTIVE  # what an unlabelled search minimises
     val_limit: int = 64
     search_dtype: str = "float32"  # bfloat16 halves the q search's memory (7B on 24 GB)
     progress: bool = True
@@ -115,7 +116,7 @@ class CompressOptions:
         unlabelled = self.q_search is QSearch.UNLABELLED or (
             self.q_search is QSearch.ANALYTICAL and self.eta_search is QSearch.UNLABELLED
         )
-        if self.q_objective is not Objective.LOGIT_MSE and not unlabelled:
+        if self.q_objective is not DEFAULT_OBJECTIVE and not unlabelled:
             raise ValueError("--q-objective applies to an unlabelled q search")
         if self.q_groups is not QGroups.NONE and self.q_search not in (
             QSearch.LABELLED,

@@ -2,8 +2,10 @@
 
 - global q, coarse-to-fine (DESIGN.md §1): a coarse grid over the whole of [1-p, u]
   at step s, then a fine pass at s/10 around the global best; the objective is
-  unlabelled (logit MSE at the fine-tune's top-5 slots on calibration text) or
-  labelled (exact match on a validation file, maximised). The coarse pass used to
+  unlabelled (on calibration text: logit MSE at the fine-tune's top-5 slots, the
+  paper's; or KL divergence from the fine-tune, or every layer's hidden-state MSE:
+  deltastore.calib.Objective) or labelled (exact match on a validation file,
+  maximised). The coarse pass used to
   stop after 3 evaluations without improvement, which stopped in a local dip on
   large deltas (the objective rose just after q = 2(1-p), then fell to its minimum
   near 30(1-p)); the whole range costs one pass of the calibration text per point.
@@ -11,6 +13,10 @@
   1/2, then 1/8: at high p the best q is a small multiple of 1-p, where the linear
   grid's first steps (0.01 -> 0.06 at p = 0.99, 0.001 -> 0.051 at p = 0.999) are
   far too coarse. See BENCHMARKS.md, "Fidelity".
+- per group (`QGroups`): from the global q, one q per module type or per quarter of
+  the layers, by coordinate descent (`refine_groups`) on the same objective. On the
+  study's large arith fine-tune it kept 91% of the gain at p = 0.99 where one global
+  q kept 68% (BENCHMARKS.md, "Large deltas").
 - analytical: per layer, per output row i, the q on the 0.001 grid minimising
   |eta(1-(1-p)/q) S1_i + eta^2 Phi(p) S2_i / (4q^2) + log(2/(1-gamma))| with
   S1_i = sum_j c_ij, S2_i = sum_j c_ij^2, c_ij = delta_ij * mean(x_j); the layer's q

@@ -62,6 +62,7 @@ class Recommendation:
     q_search: str
     reason: str
     q_objective: str
+    q_groups: str
     rate: float
     rate_reason: str
     mean_abs: float
@@ -109,6 +110,7 @@ class Choice:
     q_search: str
     reason: str
     q_objective: str = "logit-mse"
+    q_groups: str = "none"
 
 
 # At most this mean |delta|, the fidelity study's SFT deltas (3e-5 to 2.4e-4) kept
@@ -239,6 +241,7 @@ def recommend(
         pick.q_search,
         pick.reason,
         pick.q_objective,
+        pick.q_groups,
         rate,
         rate_reason,
         mean_abs,
