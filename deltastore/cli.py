@@ -99,9 +99,10 @@ def add_commands(sub: Any) -> None:
         "--q-objective",
         type=_arg(parse_objective),
         default=DEFAULT_OBJECTIVE,
-        help="what an unlabelled q search minimises on the calibration text: logit-mse "
-        "(default; the fine-tune's top-5 logits), kl (KL divergence from the fine-tune's "
-        "next-token distribution) or hidden-mse (every layer's hidden state)",
+        help="what an unlabelled q search minimises on the calibration text: kl (default; "
+        "KL divergence from the fine-tune's next-token distribution), logit-mse (the "
+        "DAREx paper's: MSE of the fine-tune's top-5 logits) or hidden-mse (every layer's "
+        "hidden state)",
     )
     c.add_argument(
         "--q-groups",

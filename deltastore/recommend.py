@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from deltastore.calib import DEFAULT_OBJECTIVE
 from deltastore.sources import FinetuneSource
 
 # Between the paper's "large" (~1e-2) and "small" (~1e-3 or less): the geometric middle.
@@ -98,7 +99,7 @@ def delta_stats(ft: FinetuneSource, progress: bool = True) -> list[TensorStats]:
 
 
 def _on(have_labels: bool) -> str:
-    return "on labels (q_v)" if have_labels else "on calibration text (q_e)"
+    return "on labels (q_v)" if have_labels else "on calibration text (q_e, by KL divergence)"
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class Choice:
     method: str
     q_search: str
     reason: str
-    q_objective: str = "logit-mse"
+    q_objective: str = DEFAULT_OBJECTIVE.value
     q_groups: str = "none"
 
 
@@ -170,13 +171,11 @@ def choose(
         )
     if mean_abs > LARGE_SFT:
         shape = "" if math.isnan(top_energy) else f", flat (its largest 1% hold {top_energy:.0%})"
-        by = _on(have_labels) if have_labels else "on calibration text, by KL divergence"
         return Choice(
             "darex-q",
             q_search,
             f"mean |delta| = {mean_abs:.2e} > {LARGE_SFT:.0e}{shape}: on the study's large "
-            f"full fine-tunes, {LARGE_AT_099}; q searched {by}",
-            "logit-mse" if have_labels else "kl",
+            f"full fine-tunes, {LARGE_AT_099}; q searched {_on(have_labels)}",
         )
     return Choice(
         "darex-q",

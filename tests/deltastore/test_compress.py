@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from deltastore.apply import FlatWeights, apply_delta_, bind
-from deltastore.calib import Objective, collect, load_calibration, logit_mse
+from deltastore.calib import Objective, collect, load_calibration, objectives
 from deltastore.compress import CompressOptions, compress
 from deltastore.format import load_delta, save_delta
 from deltastore.materialize import materialize
@@ -336,7 +336,9 @@ def test_mix_search_scores_the_delta_it_stores(pair, tiny_dirs):
     model = base.load_model(torch.float32)
     weights = FlatWeights.from_module(model)
     apply_delta_(weights, bind(delta, weights))
-    assert logit_mse(model, ids, ref) == pytest.approx(rec["best_value"], rel=0.02)
+    assert rec["objective"] == "kl"  # the default
+    kl = objectives(model, ids, ref, (Objective.KL,))[Objective.KL]
+    assert kl == pytest.approx(rec["best_value"], rel=0.02)
 
 
 def test_per_group_q_refines_the_global_one(pair, tiny_dirs):
@@ -374,7 +376,7 @@ def test_group_options_are_checked(tiny_dirs):
         _opts(tiny_dirs, method=Method.MIX, rate=0.9, mix_top=1.5)
     with pytest.raises(ValueError, match="applies to --method mix"):
         _opts(tiny_dirs, method=Method.DARE, rate=0.9, mix_top=0.3)
-    kl = Objective.KL
+    kl = Objective.LOGIT_MSE  # any objective but the default
     with pytest.raises(ValueError, match="unlabelled q search"):
         _opts(tiny_dirs, method=Method.DAREX_Q, rate=0.9, q=0.2, q_objective=kl)
     with pytest.raises(ValueError, match="unlabelled q search"):

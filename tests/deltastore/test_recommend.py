@@ -34,9 +34,7 @@ def test_large_flat_delta_stays_with_darex_q(top):
     assert ("flat" in rec.reason) == (not math.isnan(top))
     # a labelled search has no calibration objective
     labelled = recommend(_stats(LARGE_DELTA * 3, top_energy=top), have_labels=True)
-    assert (labelled.q_search, labelled.q_objective) == ("labelled", "logit-mse")
-    # ordinary deltas keep the paper's objective
-    assert recommend(_stats(2e-4, top_energy=top)).q_objective == "logit-mse"
+    assert labelled.q_search == "labelled"
 
 
 def test_the_rate_follows_the_delta_size():
