@@ -109,16 +109,15 @@ def test_pooled_top_energy_weights_each_tensor_by_its_energy():
     assert recommend([a, b]).top_energy == pytest.approx((0.5 * 1 + 0.1 * 9) / 10)
 
 
-def test_the_method_follows_a_given_rate_for_large_deltas():
-    """At p = 0.999 only magnitude + q kept anything of the study's large fine-tunes."""
+def test_a_large_delta_gets_one_q_per_module_type_at_either_rate():
     large = _stats(2e-3)
-    assert recommend(large).rate == 0.99
-    assert recommend(large).method == "darex-q"
+    rec = recommend(large)
+    assert (rec.method, rec.q_groups, rec.rate) == ("darex-q", "module", 0.99)
     extreme = recommend(large, rate=0.999)
-    assert (extreme.method, extreme.rate) == ("magnitude", 0.999)
+    assert (extreme.method, extreme.q_groups, extreme.rate) == ("darex-q", "module", 0.999)
     assert "given" in extreme.rate_reason and "0.999" in extreme.reason
-    # ordinary deltas keep darex-q there
-    assert recommend(_stats(2e-4), rate=0.999).method == "darex-q"
+    # ordinary deltas keep one global q
+    assert recommend(_stats(2e-4), rate=0.999).q_groups == "none"
 
 
 def test_recommend_cli_takes_a_rate(tiny_dirs, capsys):
