@@ -42,7 +42,7 @@ def test_the_rate_follows_the_delta_size():
     assert recommend(_stats(1e-3)).rate == 0.99
     assert recommend(_stats(1e-4), low_rank=True).rate == 0.99
     assert "0.999" in recommend(_stats(1e-3)).rate_reason
-    assert "at most" in recommend(_stats(2e-3)).rate_reason  # the large fine-tunes' limit
+    assert "6-98% at 0.999" in recommend(_stats(2e-3)).rate_reason  # the large ones
 
 
 def test_lora_delta_gets_magnitude_with_q_whatever_its_size():
