@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltastore.apply import FlatWeights, apply_delta_, bind, revert_delta_
-from deltastore.calib import Example, Objective, exact_match
+from deltastore.calib import DEFAULT_OBJECTIVE, Example, Objective, exact_match
 from deltastore.compress import CompressOptions, compress
 from deltastore.embedded import ensure_embedded_base
 from deltastore.finetune import FinetuneConfig, finetune, format_prompt
@@ -90,7 +90,10 @@ class Variant:
             q_grid=self.q_grid,
             q_groups=self.q_groups,
             mix_top=self.mix_top,
-            q_objective=self.q_objective,
+            # an objective only steers an unlabelled search (compress refuses it elsewhere)
+            q_objective=self.q_objective
+            if self.q_search is QSearch.UNLABELLED
+            else DEFAULT_OBJECTIVE,
             calib=calib,
             val=val,
             progress=False,
@@ -343,11 +346,12 @@ def _recommended(ft: str, info: dict[str, Any], labels: bool, rate: float = 0.99
             and v.q_search.value == pick.q_search
             and v.q_grid is QGrid.LOG
             and v.q_groups.value == pick.q_groups
-            and v.q_objective.value == pick.q_objective
+            and (v.q_search is not QSearch.UNLABELLED or v.q_objective.value == pick.q_objective)
             and v.mix_top == MIX_TOP
         ):
             return name
-    raise ValueError(f"no study variant runs recommend's pick {pick}")
+    groups = "" if pick.q_groups == "none" else f"/{pick.q_groups}-q"
+    return f"{pick.method}/{pick.q_search}{groups} (not run)"
 
 
 def summary(results: dict[str, Any], fts: list[str]) -> list[str]:
