@@ -2,9 +2,9 @@
 
 Where things live:
 - sources.py     read bases and fine-tunes (safetensors, GGUF, PEFT LoRA); fingerprint
-- methods.py     pruning masks (dare, darex-q, magnitude, wanda, structural)
-- qsearch.py     DAREx q search (labelled, unlabelled, analytical per-layer)
-- calib.py       calibration text, input statistics, reference logits, exact match
+- methods.py     pruning masks (dare, darex-q, magnitude, wanda, structural, mix)
+- qsearch.py     DAREx q search (labelled, unlabelled, analytical per-layer, per group)
+- calib.py       calibration text, input statistics, the unlabelled objectives, exact match
 - compress.py    the compress pipeline
 - format.py      the delta file (safetensors, gap-coded positions) and its validation
 - apply.py       apply_delta_ / revert_delta_ over flat resident weights (the hot path)
