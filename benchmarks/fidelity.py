@@ -403,12 +403,14 @@ def summary(results: dict[str, Any], fts: list[str]) -> list[str]:
     return out
 
 
-def costs(results: dict[str, Any]) -> list[str]:
+def costs(results: dict[str, Any], fts: list[str] | None = None) -> list[str]:
     """Per variant with a search: q evaluations and compression seconds (min-max over
-    the cells run), at each rate."""
+    the cells run on `fts`, default all), at each rate."""
     rows: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for key, c in results.items():
         parts = key.split("|")
+        if fts is not None and parts[0] not in fts:
+            continue
         if len(parts) == 3 and c.get("search_evals"):
             rows.setdefault((parts[1], parts[2]), []).append((c["search_evals"], c["compress_s"]))
     out = [
