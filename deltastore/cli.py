@@ -88,8 +88,9 @@ def add_commands(sub: Any) -> None:
         "--q-grid",
         type=_arg(parse_q_grid),
         default=CompressOptions.q_grid,
-        help="global q grid: linear (step --q-step, then 1/10 of it) or log "
-        "(log2(q/(1-p)) at step 1/2, then 1/8)",
+        help="global q grid: log (the default: log2(q/(1-p)) at step 1/2, then 1/8), "
+        "linear (step --q-step, then 1/10 of it) or multiples (the DAREx paper's: "
+        "k(1-p) for k = 1..30)",
     )
     c.add_argument(
         "--q-step", type=float, default=0.05, help="linear grid's coarse q step (default 0.05)"
