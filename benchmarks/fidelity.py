@@ -90,9 +90,11 @@ class Variant:
             q_grid=self.q_grid,
             q_groups=self.q_groups,
             mix_top=self.mix_top,
-            # an objective only steers an unlabelled search (compress refuses it elsewhere)
+            # an objective steers an unlabelled search or the analytical q's eta search
+            # (compress refuses it elsewhere); this study's analytical rows used the
+            # paper's logit MSE
             q_objective=self.q_objective
-            if self.q_search is QSearch.UNLABELLED
+            if self.q_search in (QSearch.UNLABELLED, QSearch.ANALYTICAL)
             else DEFAULT_OBJECTIVE,
             calib=calib,
             val=val,
@@ -411,7 +413,7 @@ def costs(results: dict[str, Any], fts: list[str] | None = None) -> list[str]:
         parts = key.split("|")
         if fts is not None and parts[0] not in fts:
             continue
-        if len(parts) == 3 and c.get("search_evals"):
+        if len(parts) == 3 and c.get("search_evals") and c.get("compress_s") is not None:
             rows.setdefault((parts[1], parts[2]), []).append((c["search_evals"], c["compress_s"]))
     out = [
         "| variant | p | cells | q evaluations | compression (s) |",

@@ -69,7 +69,11 @@ class Objective(StrEnum):
     calibration tokens (lower is better for all three)."""
 
     LOGIT_MSE = "logit-mse"  # the DAREx paper's q_e: MSE of the fine-tune's top-5 logits
-    KL = "kl"  # KL(fine-tune || candidate), on the fine-tune's top-64 tokens
+    # KL(fine-tune || candidate) summed over the fine-tune's top-64 tokens only: not a
+    # divergence (a candidate sharper than the fine-tune on those tokens can score
+    # below zero), but the form every KL row of the fidelity study measured; a tail
+    # bucket for the mass outside them is the known refinement, to be measured first
+    KL = "kl"
     HIDDEN = "hidden-mse"  # every layer's hidden state, MSE relative to its power
 
 

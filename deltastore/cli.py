@@ -372,7 +372,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     print(
         f"delta: mean |delta| {rec.mean_abs:.3e}, std {rec.std:.3e}, max |delta| "
         f"{rec.max_abs:.3e}, mean |delta| / mean |base| {rec.relative:.2e}, the largest 1% "
-        f"hold {rec.top_energy:.1%} of its energy"
+        f"hold {rec.top_energy:.1%} of its energy, "
         f"over {len(rec.tensors)} tensors" + ("" if args.tensors else " (--tensors lists them)")
     )
     if args.tensors:

@@ -123,6 +123,9 @@ class CompressOptions:
             QSearch.UNLABELLED,
         ):
             raise ValueError("--q-groups refines a labelled or unlabelled q search")
+        if self.method is Method.MIX and self.q_search is QSearch.ANALYTICAL:
+            # the bound's grid starts at 1-p and assumes every entry was dropped at random
+            raise ValueError("mix takes --q or a labelled or unlabelled --q-search")
         if self.method is Method.DAREX_Q and self.q is None and self.q_search is None:
             raise ValueError("darex-q needs --q Q or --q-search labelled|unlabelled|analytical")
         if self.q is not None and self.q_search is not None:

@@ -91,6 +91,18 @@ def test_compress_searches_on_the_chosen_objective(tiny_dirs, objective):
         seq_len=64,
         progress=False,
     )
-    rec = compress(base, ft, opts).meta.q_search
+    delta = compress(base, ft, opts)
+    rec = delta.meta.q_search
     assert rec["objective"] == objective.value.replace("-", "_")
     assert rec["best_value"] == min(rec["values"])
+    # the value recorded is that objective of the stored delta on the same tokens
+    from deltastore.apply import FlatWeights, apply_delta_, bind
+    from deltastore.calib import load_calibration
+
+    ids = load_calibration(tiny_dirs["calib"], base.load_tokenizer(), 256, 64)
+    ref, _ = collect(ft.load_model(torch.float32), ids, hidden=True)
+    model = base.load_model(torch.float32)
+    weights = FlatWeights.from_module(model)
+    apply_delta_(weights, bind(delta, weights))
+    got = objectives(model, ids, ref, (objective,))[objective]
+    assert got == pytest.approx(rec["best_value"], rel=0.02, abs=1e-6)

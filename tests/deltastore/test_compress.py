@@ -381,6 +381,8 @@ def test_group_options_are_checked(tiny_dirs):
         _opts(tiny_dirs, method=Method.DAREX_Q, rate=0.9, q=0.2, q_objective=kl)
     with pytest.raises(ValueError, match="unlabelled q search"):
         _opts(tiny_dirs, method=Method.DAREX_Q, rate=0.9, q_search=QSearch.LABELLED, q_objective=kl)
+    with pytest.raises(ValueError, match="mix takes"):
+        _opts(tiny_dirs, method=Method.MIX, rate=0.9, q_search=QSearch.ANALYTICAL)
     # the analytical q's eta search on text takes it
     _opts(tiny_dirs, method=Method.DAREX_Q, rate=0.9, q_search=QSearch.ANALYTICAL, q_objective=kl)
 
