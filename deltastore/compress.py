@@ -147,6 +147,11 @@ class CompressOptions:
                 raise ValueError(f"--dense pattern {pattern!r}: {e}") from e
 
     @property
+    def start_q(self) -> float:
+        """The q before any search: the given one, else the method's default."""
+        return self.q if self.q is not None else default_q(self.method, self.rate, self.mix_top)
+
+    @property
     def q_min(self) -> float:
         """The smallest q searched: the random part's keep rate (DARE's q for darex-q)."""
         if self.method is Method.MIX:
@@ -218,7 +223,7 @@ class Pruned:
 
 
 def _prune(ft: FinetuneSource, opts: CompressOptions, cal: Calibration) -> Pruned:
-    q0 = opts.q if opts.q is not None else default_q(opts.method, opts.rate, opts.mix_top)
+    q0 = opts.start_q
     tensors, rows, dense_names = [], {}, []
     fixed: dict[str, torch.Tensor] = {}
     names = ft.base.names()
@@ -336,9 +341,7 @@ def compress(base: ModelSource, ft: FinetuneSource, opts: CompressOptions) -> De
     pruned = _prune(ft, opts, cal)
     if not pruned.tensors:
         raise ValueError("the fine-tune is identical to the base: nothing to compress")
-    q: float | None = (
-        opts.q if opts.q is not None else default_q(opts.method, opts.rate, opts.mix_top)
-    )
+    q: float | None = opts.start_q
     record = None
     scales: dict[str, float] = {}
     if opts.q_search is not None:
