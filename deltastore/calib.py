@@ -190,8 +190,8 @@ def objectives(
         mse += float(((got[..., :k5] - ref.value[sl, :, :k5]) ** 2).sum())
         n_mse += got[..., :k5].numel()
         if Objective.KL in which:
-            p_ref = (ref.value[sl] - ref.logz[sl, :, None]).exp()  # (b, L, k)
-            log_ref = ref.value[sl] - ref.logz[sl, :, None]
+            log_ref = ref.value[sl] - ref.logz[sl, :, None]  # (b, L, k)
+            p_ref = log_ref.exp()
             log_got = got - torch.logsumexp(logits, dim=-1, keepdim=True)
             kl += float((p_ref * (log_ref - log_got)).sum())
         n_tok += chunk.numel()
