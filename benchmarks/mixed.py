@@ -34,8 +34,9 @@ from deltastore.store import DeltaStore
 from server.config import Settings
 from server.engine.core import Engine
 from server.engine.job import Job, SamplingParams
+from server.engine.kernels.layout import pack
 from server.engine.scheduler import Scheduler
-from server.engine.sparse import CSR, KernelChoice, Segment, StepDeltas, VariantLayout, use_kernels
+from server.engine.sparse import CSR, Matrix, Segment, StepDeltas, VariantLayout, use_native
 from server.metrics import Metrics
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -107,7 +108,8 @@ def copy_bandwidth() -> float:
 def kernel_table(rates: list[float], dtypes: list[str], rows: int) -> list[dict]:
     """Sparse product of `rows` one-token segments (distinct variants) vs the dense GEMM."""
     out = []
-    kernels = use_kernels(KernelChoice.AUTO, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    native = use_native("auto", cpu)
     shapes = {
         "q/o 576x576": (576, 576),
         "k/v 192x576": (192, 576),
@@ -128,21 +130,13 @@ def kernel_table(rates: list[float], dtypes: list[str], rows: int) -> list[dict]
                     csr = CSR.from_positions(
                         pos, torch.randn(k, generator=g).bfloat16() * 1e-3, 100.0, shape
                     )
-                    layouts.append(
-                        VariantLayout(
-                            f"v{v}",
-                            {"w": csr},
-                            {},
-                            torch.tensor([csr.record()]),
-                            torch.tensor([csr.scale]),
-                        )
-                    )
+                    matrix = Matrix(0, shape, k)
+                    layouts.append(VariantLayout(f"v{v}", pack({0: csr}, 1), None, {"w": matrix}))
                 x = torch.randn(rows, shape[1]).to(dtype)
                 w = torch.randn(shape).to(dtype)
                 y = x @ w.T
-                step = StepDeltas(
-                    [Segment(i, i + 1, layouts[i], 1.0) for i in range(rows)], 1, kernels
-                )
+                segments = [Segment(i, i + 1, layouts[i], 1.0) for i in range(rows)]
+                step = StepDeltas.build(segments, cpu, native)
 
                 def timed(fn) -> float:
                     for _ in range(5):
@@ -155,7 +149,7 @@ def kernel_table(rates: list[float], dtypes: list[str], rows: int) -> list[dict]
                     return statistics.median(ts)
 
                 dense = timed(lambda x=x, w=w: torch.nn.functional.linear(x, w))
-                sparse = timed(lambda x=x, y=y, step=step: step.spmm_add_(y, x, 0, "w"))
+                sparse = timed(lambda x=x, y=y, step=step: step.spmm_add_(y, x, 0))
                 out.append(
                     {
                         "dtype": dtype_name,

@@ -81,9 +81,10 @@ class Settings(BaseSettings):
     mixed_cache_bytes: int = Field(
         GiB, ge=0, description="v2: budget for deltas laid out for mixed-variant steps"
     )
-    delta_kernel: Literal["auto", "c", "torch"] = Field(
+    delta_kernel: Literal["auto", "native", "torch"] = Field(
         "auto",
-        description="v2: sparse delta products by the C kernel (auto: if it builds), or torch",
+        description="v2: sparse delta products by the device's native kernel (C on CPU, "
+        "Triton on CUDA; auto: when it works here, else torch), or the torch reference",
     )
     merge_policy: Literal["auto", "never", "always"] = Field(
         "auto",

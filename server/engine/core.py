@@ -152,6 +152,7 @@ class Engine:
         self.layouts: ByteLRU[Any] = ByteLRU("mixed", settings.mixed_cache_bytes)
         self.matrix_names: list[str] = []  # set by the v2 scheduler's runner
         self.fused_matrices: dict[str, list[tuple[str, int]]] = {}  # the runner's fused slots
+        self.vector_slots: dict[str, tuple[int, int]] = {}  # the runner's per-row vectors
         self.active: str | None = None
         self.mode = Mode.BASE
         self._undo: UndoLog | None = None
@@ -417,7 +418,14 @@ class Engine:
         layout = self.layouts.get(name)
         if layout is None:
             delta = self._delta(name)
-            layout = layout_variant(name, delta, self.matrix_names, self.fused_matrices)
+            layout = layout_variant(
+                name,
+                delta,
+                self.matrix_names,
+                self.fused_matrices,
+                self.vector_slots,
+                self.device,
+            )
             try:
                 self.layouts.add(name, layout, layout.nbytes)
             except CacheFull:

@@ -12,7 +12,8 @@ import torch
 from transformers import DynamicCache
 
 from server.engine.job import INTERNAL, Job
-from server.engine.sequence import Sequence
+from server.engine.sampling import Row, SamplingBatch, ScoreRows, sample_on_host, sample_rows
+from server.engine.sequence import Sequence, end_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 @torch.inference_mode()
 def generate(model: Any, tokenizer: Any, jobs: list[Job], device: torch.device) -> None:
     """Run `jobs` (one variant) to completion; each finishes on its own."""
-    eos = _eos_ids(model, tokenizer)
+    eos = end_token_ids(model, tokenizer)
+    vocab = int(model.config.vocab_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
     rows = [Sequence(j, -1, tokenizer, eos) for j in jobs]
     width = max(len(j.prompt_ids) for j in jobs)
@@ -36,9 +38,12 @@ def generate(model: Any, tokenizer: Any, jobs: list[Job], device: torch.device) 
     for i, row in enumerate(rows):
         n = len(row.prompt)
         row.prefilled = n
-        if row.scores_prompt:  # position p's logits score prompt token p+1
+        if row.scores_prompt and n > 1:  # position p's logits score prompt token p+1
             try:  # a row that fails ends alone, never its neighbours
-                row.score_prompt(out.logits[i, width - n : width - 1].float().cpu(), 0)
+                score = ScoreRows(0, row.prompt[1:], row.prompt_logprobs_k)
+                block = out.logits[i, width - n : width - 1].float()
+                _, scored = sample_on_host(SamplingBatch([], [score], vocab), block)
+                row.add_prompt_logprobs(scored[0])
             except Exception:
                 log.exception("request %s failed while scoring its prompt", row.job.request_id)
                 row.job.finish_reason = "error"
@@ -48,16 +53,18 @@ def generate(model: Any, tokenizer: Any, jobs: list[Job], device: torch.device) 
     for _ in range(max(j.params.max_tokens for j in jobs)):
         if all(r.done for r in rows):
             break
-        logits = out.logits[:, -1, :].float().cpu()
+        logits = out.logits[:, -1, :].float()
         step = torch.full((len(jobs), 1), pad, dtype=torch.int64)
-        for i, row in enumerate(rows):
-            if row.done:
-                continue
-            if row.job.cancelled.is_set():
+        for row in rows:
+            if not row.done and row.job.cancelled.is_set():
                 row.finish("cancelled")
-                continue
+        live = [(i, row) for i, row in enumerate(rows) if not row.done]
+        picks = sample_rows(logits, [Row(i, row.sampling, row.ids) for i, row in live], vocab)
+        for (i, row), pick in zip(live, picks, strict=True):
             try:  # a row that fails ends alone, never its neighbours
-                row.sample(logits[i])
+                if isinstance(pick, Exception):
+                    raise pick
+                row.add(*pick)
             except Exception:
                 log.exception("request %s failed while sampling", row.job.request_id)
                 row.job.finish_reason = "error"
@@ -74,12 +81,3 @@ def generate(model: Any, tokenizer: Any, jobs: list[Job], device: torch.device) 
             position_ids=positions,
             past_key_values=out.past_key_values,
         )
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids = getattr(model.generation_config, "eos_token_id", None)
-    if ids is None:
-        ids = tokenizer.eos_token_id
-    if ids is None:
-        return set()
-    return set(ids) if isinstance(ids, list | tuple) else {int(ids)}

@@ -6,7 +6,7 @@ gpt-fast style, so that one step can serve tokens of many variants:
 
     tokens (N,) packed: each sequence's tokens contiguous, each variant's contiguous
     h = embed(ids) + row gather of each variant's embedding delta
-    per layer:  x = rmsnorm(h) * (w + Δw_variant(t))          (per-token vector deltas)
+    per layer:  x = rmsnorm(h) * (w + Δw_group(t))            (per-token vector deltas)
                 y = x @ W.T + Σ_v sign_v · x[rows_v] @ Δ_v.T   (StepDeltas.spmm_add_)
                 attention over the KV slots (decode rows batched, prefill per chunk)
     logits for the rows that sample: h @ E.T + each variant's lm_head/embedding delta
@@ -19,19 +19,24 @@ The weights are read from the model's modules at every step, so a variant merged
 place (apply_delta_) or materialized (parameter storage rebound) by the Engine is
 what the dense GEMMs see; `StepDeltas` then carries the other variants' deltas, with
 the merged one subtracted for rows that are not its own.
+
+Device-independent: every tensor of a step lives on the engine's device, the sparse
+products are the ops of server/engine/kernels (one implementation per device), and
+nothing in the forward reads a device value on the host (shapes and loop bounds come
+from the host side of the StepInput), so a step costs no host synchronization.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from server.engine.batch import StepInput
 from server.engine.kv_cache import KVCache
-from server.engine.sparse import StepDeltas
 
 SUPPORTED = {"llama", "mistral", "qwen2"}  # same decoder layout; no sliding window used
 # a layer's products, in order; the members of a group run as one GEMM when their
@@ -61,28 +66,35 @@ class Product:
     sizes: list[int]  # output rows per member
     biases: list[str | None]  # the members' bias parameter names
     stacked: torch.Tensor | None = None
-    ptrs: tuple[int, ...] = ()
+    places: tuple[tuple[int, int], ...] = ()
 
     def weights_in_place(self) -> bool:
-        return all(m.weight.data_ptr() == p for m, p in zip(self.mods, self.ptrs, strict=True))
+        return all(_place(m.weight) == p for m, p in zip(self.mods, self.places, strict=True))
 
 
-def _stack(mods: list[Any]) -> tuple[torch.Tensor | None, tuple[int, ...]]:
+def _place(t: torch.Tensor) -> tuple[int, int]:
+    """Where a tensor's data is: its storage and its offset in it (data_ptr would do on
+    real tensors; fake ones, which trace the step on a machine without the device, have
+    storages but no addresses)."""
+    return int(t.untyped_storage()._cdata), int(t.storage_offset())
+
+
+def _stack(mods: list[Any]) -> tuple[torch.Tensor | None, tuple[tuple[int, int], ...]]:
     """A (sum of rows, in) view over adjacent, bias-free, contiguous weights, else None."""
     ws = [m.weight for m in mods]
-    ptrs = tuple(w.data_ptr() for w in ws)
+    places = tuple(_place(w) for w in ws)
     if len(ws) < 2 or any(getattr(m, "bias", None) is not None for m in mods):
-        return None, ptrs
+        return None, places
     first = ws[0]
-    for a, b in itertools.pairwise(ws):
-        adjacent = b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
+    for (a, pa), (b, pb) in itertools.pairwise(zip(ws, places, strict=True)):
+        adjacent = pb[0] == pa[0] and pb[1] == pa[1] + a.numel()
         if not (a.is_contiguous() and b.is_contiguous() and adjacent):
-            return None, ptrs
+            return None, places
         if b.dtype != first.dtype or b.shape[1] != first.shape[1]:
-            return None, ptrs
+            return None, places
     rows = sum(w.shape[0] for w in ws)
     view = torch.as_strided(first.detach(), (rows, first.shape[1]), (first.shape[1], 1))
-    return view, ptrs
+    return view, places
 
 
 def check_supported(model: Any) -> None:
@@ -95,35 +107,6 @@ def check_supported(model: Any) -> None:
         raise UnsupportedModel(f"{kind} with a sliding window is not supported")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise UnsupportedModel(f"activation {cfg.hidden_act!r} is not supported (silu only)")
-
-
-@dataclass
-class Prefill:
-    start: int  # first token in the packed step
-    length: int  # tokens of this chunk
-    slot: int
-    position: int  # position of the chunk's first token
-
-
-@dataclass
-class StepInput:
-    """One step, packed. Built by the scheduler (see scheduler.py `_pack`)."""
-
-    ids: torch.Tensor  # (N,) int64
-    positions: torch.Tensor  # (N,) int64
-    slots: torch.Tensor  # (N,) int64 KV slot of each token
-    decode_idx: torch.Tensor  # (B,) int64 packed index of each decode row
-    decode_slots: torch.Tensor  # (B,) int64
-    decode_lens: torch.Tensor  # (B,) int64 context length after this token
-    prefills: list[Prefill]
-    logits_idx: torch.Tensor  # (R,) int64 packed index of the rows that sample
-    deltas: StepDeltas  # over the N packed tokens
-    head_deltas: StepDeltas  # over the R sampling rows
-    # 1-D deltas (norm weights, biases) per group of rows: name -> (G, n) fp32, and the
-    # group of each packed token (N,) and of each sampling row (R,)
-    vectors: dict[str, torch.Tensor] = field(default_factory=dict)
-    token_group: torch.Tensor | None = None
-    row_group: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -159,7 +142,7 @@ class ModelRunner:
                     for m in mods
                 ]
                 sizes = [m.weight.shape[0] for m in mods]
-                stacked, ptrs = _stack(mods)
+                stacked, places = _stack(mods)
                 if stacked is None:  # one product per matrix
                     for m, member, size, bias in zip(mods, members, sizes, biases, strict=True):
                         products.append(
@@ -170,7 +153,7 @@ class ModelRunner:
                 name = f"{prefixes[id(layer)]}.{group}"
                 self.fused[name] = list(zip(members, sizes, strict=True))
                 products.append(
-                    Product(len(self.matrix_names), name, mods, sizes, biases, stacked, ptrs)
+                    Product(len(self.matrix_names), name, mods, sizes, biases, stacked, places)
                 )
                 self.matrix_names.append(name)
             self._products.append(products)
@@ -180,6 +163,24 @@ class ModelRunner:
             for la in self.layers
         ]
         self.final_norm_name = names[id(self.norm.weight)]
+        # the 1-D tensors a step applies per row (norm weights, biases): name -> (offset,
+        # size) in a variant's vector (sparse.py)
+        self.vector_slots: dict[str, tuple[int, int]] = {}
+        vector_params = [n for pair in self._norms for n in pair] + [self.final_norm_name]
+        vector_params += [b for ps in self._products for p in ps for b in p.biases if b]
+        params = dict(model.named_parameters())
+        size = 0
+        for n in vector_params:
+            self.vector_slots[n] = (size, params[n].numel())
+            size += params[n].numel()
+        self.vector_size = size
+
+    def vector(self, step: StepInput, name: str) -> torch.Tensor | None:
+        """(G, n) fp32: the step's per-group delta of the 1-D tensor `name`, or None."""
+        if step.vectors is None:
+            return None
+        offset, size = self.vector_slots[name]
+        return step.vectors[:, offset : offset + size]
 
     # ------------------------------------------------------------------ pieces
 
@@ -215,13 +216,13 @@ class ModelRunner:
             y = F.linear(x, p.mods[0].weight, p.mods[0].bias)
         else:  # a materialized variant rebound the weights: stack the outputs instead
             y = torch.cat([F.linear(x, m.weight, m.bias) for m in p.mods], dim=1)
-        step.deltas.spmm_add_(y, x, p.slot, p.name)
-        if step.vectors and step.token_group is not None:
+        step.deltas.spmm_add_(y, x, p.slot)
+        if step.vectors is not None and step.token_group is not None:
             start = 0
             for size, bias in zip(p.sizes, p.biases, strict=True):
-                if bias is not None and bias in step.vectors:
-                    dv = step.vectors[bias].index_select(0, step.token_group)
-                    y[:, start : start + size] += dv.to(y.dtype)
+                dv = self.vector(step, bias) if bias is not None else None
+                if dv is not None:
+                    y[:, start : start + size] += dv.index_select(0, step.token_group).to(y.dtype)
                 start += size
         return list(y.split(p.sizes, dim=1)) if len(p.sizes) > 1 else [y]
 
@@ -239,7 +240,7 @@ class ModelRunner:
         kc, vc = self.kv.k[layer], self.kv.v[layer]
         b = int(step.decode_idx.numel())
         if b:
-            length = int(step.decode_lens.max())
+            length = step.max_decode_len
             qd = q.index_select(0, step.decode_idx).view(b, hkv, g, d)
             kd = kc[step.decode_slots, :, :length]  # (B, Hkv, L, D)
             vd = vc[step.decode_slots, :, :length]
@@ -265,14 +266,14 @@ class ModelRunner:
         """Logits (R, vocab) in fp32 for the rows in step.logits_idx."""
         n = int(step.ids.numel())
         h = F.embedding(step.ids, self.embed.weight)
-        step.deltas.rowgather_add_(h, step.ids, self.slot_of[self.embed_name], self.embed_name)
+        step.deltas.rowgather_add_(h, step.ids, self.slot_of[self.embed_name])
         cos, sin = self.rotary(h[None], step.positions[None])
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # (N, 1, D)
-        vec, group = step.vectors, step.token_group
+        group = step.token_group
         for i, layer in enumerate(self.layers):
             attn, o_proj, gate_up, down_proj = self._products_of(i)
             in_norm, post_norm = self._norms[i]
-            x = self._rmsnorm(h, layer.input_layernorm.weight, vec.get(in_norm), group)
+            x = self._rmsnorm(h, layer.input_layernorm.weight, self.vector(step, in_norm), group)
             q, k, v = [y for p in attn for y in self._project(x, p, step)]
             q = q.reshape(n, self.n_heads, self.head_dim)
             k = k.reshape(n, self.n_kv, self.head_dim)
@@ -280,13 +281,13 @@ class ModelRunner:
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             self.kv.write_(i, step.slots, step.positions, k, v)
             h = h + self._project(self._attention(i, q, step), o_proj, step)[0]
-            x = self._rmsnorm(h, layer.post_attention_layernorm.weight, vec.get(post_norm), group)
+            w = layer.post_attention_layernorm.weight
+            x = self._rmsnorm(h, w, self.vector(step, post_norm), group)
             gate, up = [y for p in gate_up for y in self._project(x, p, step)]
             h = h + self._project(F.silu(gate) * up, down_proj, step)[0]
         last = h.index_select(0, step.logits_idx)
-        final = vec.get(self.final_norm_name)
+        final = self.vector(step, self.final_norm_name)
         last = self._rmsnorm(last, self.norm.weight, final, step.row_group)
         logits = F.linear(last, self.lm_head.weight)
-        head = self.slot_of[self.head_name]
-        step.head_deltas.spmm_add_(logits, last, head, self.head_name)
+        step.head_deltas.spmm_add_(logits, last, self.slot_of[self.head_name])
         return logits.float()

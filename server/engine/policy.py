@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from deltastore.apply import BoundDelta, BoundGroup, apply_delta_, revert_delta_
-from server.engine.sparse import CSR, Segment, StepDeltas, VariantLayout
+from server.engine.kernels.layout import pack
+from server.engine.sparse import CSR, Matrix, Segment, StepDeltas, VariantLayout
 
 
 class MergeMode(StrEnum):
@@ -42,8 +43,8 @@ class MergePolicy:
     swap_s: float  # seconds per kept entry of an apply + revert
 
     @classmethod
-    def calibrate(cls, engine: Any, kernels: bool, mode: str) -> MergePolicy:
-        return cls(MergeMode(mode), _measure_sparse(kernels), _measure_swap(engine))
+    def calibrate(cls, engine: Any, native: bool, mode: str) -> MergePolicy:
+        return cls(MergeMode(mode), _measure_sparse(native, engine.device), _measure_swap(engine))
 
     def observe_swap(self, swap: Any, kept: int) -> None:
         """Track the real in-place swap cost (an apply or revert is half a round trip)."""
@@ -95,21 +96,27 @@ class MergePolicy:
         return merged
 
 
-def _measure_sparse(kernels: bool) -> float:
-    """Seconds per entry and token of the sparse product (1%-dense 1536x576, 4 tokens)."""
+def _measure_sparse(native: bool, device: torch.device) -> float:
+    """Seconds per entry and token of the sparse product (1%-dense 1536x576, 4 rows of
+    four variants) on the engine's device."""
     g = torch.Generator().manual_seed(0)
     out, inp, k, n = 1536, 576, 8847, 4
     pos = torch.randperm(out * inp, generator=g)[:k].sort().values
     csr = CSR.from_positions(pos, torch.randn(k, generator=g).bfloat16() * 1e-3, 1.0, (out, inp))
-    layout = VariantLayout(
-        "calibration", {"w": csr}, {}, torch.tensor([csr.record()]), torch.tensor([1.0])
-    )
-    step = StepDeltas([Segment(i, i + 1, layout, 1.0) for i in range(n)], 1, kernels)
-    x, y = torch.randn(n, inp), torch.zeros(n, out)
+    layouts = [
+        VariantLayout(
+            f"calibration{i}", pack({0: csr}, 1).to(device), None, {"w": Matrix(0, (out, inp), k)}
+        )
+        for i in range(n)
+    ]
+    step = StepDeltas.build([Segment(i, i + 1, layouts[i], 1.0) for i in range(n)], device, native)
+    x = torch.randn(n, inp, generator=g).to(device)
+    y = torch.zeros(n, out, device=device)
     times = []
     for _ in range(7):
         t0 = time.perf_counter()
-        step.spmm_add_(y, x, 0, "w")
+        step.spmm_add_(y, x, 0)
+        float(y[0, 0])  # waits for the device
         times.append(time.perf_counter() - t0)
     return statistics.median(times) / (k * n)
 
@@ -128,5 +135,6 @@ def _measure_swap(engine: Any) -> float:
     for _ in range(3):
         t0 = time.perf_counter()
         revert_delta_(weights, apply_delta_(weights, bound))
+        float(flat[0])  # waits for the device
         times.append(time.perf_counter() - t0)
     return statistics.median(times) / k

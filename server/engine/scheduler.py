@@ -9,8 +9,10 @@ Every step (one forward pass) the worker thread:
    sequences still prefilling, within `max_step_tokens` (chunked prefill);
 4. picks the merged variant by the cost model (`MergePolicy`): the resident weights
    hold the base or the base plus one variant merged in place or materialized;
-5. packs tokens grouped by variant, runs the forward, samples, streams text, and
-   frees the slots of finished sequences.
+5. packs the step (batch.py: everything it reads goes to the device in one copy),
+   runs the forward and the batched sampler on the device, brings the sampled tokens
+   back (the step's one host synchronization), streams text, and frees the slots of
+   finished sequences.
 
 The public methods (`submit`, `control`, `in_flight`, `start`, `serve_forever`,
 `stop`) are those of the first scheduler, so the HTTP layer is the same for both.
@@ -25,47 +27,23 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
-
 from server.config import Settings
+from server.engine.batch import Batch, Packing, pack
 from server.engine.cache import CacheFull
 from server.engine.core import Engine, WeightsUnavailable
-from server.engine.generate import _eos_ids
-from server.engine.job import INTERNAL, UNAVAILABLE, Job, JobError
+from server.engine.job import INTERNAL, UNAVAILABLE, Job, JobError, TokenLogprob
 from server.engine.kv_cache import KVCache
-from server.engine.model_runner import ModelRunner, Prefill, StepInput
+from server.engine.model_runner import ModelRunner
 from server.engine.policy import MergePolicy
-from server.engine.sequence import Sequence
-from server.engine.sparse import KernelChoice, Segment, StepDeltas, VariantLayout, use_kernels
+from server.engine.sequence import Sequence, end_token_ids
+from server.engine.sparse import use_native
 from server.engine.v1 import QueueFull, run_controls
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass
-class _Group:
-    """The tokens of one variant in a packed step."""
-
-    variant: str | None
-    start: int
-    end: int
-    row_start: int  # sampling rows
-    row_end: int
-
-
-@dataclass
-class _Scored:
-    """Logit rows of a prompt chunk that score the prompt's next tokens (echo)."""
-
-    seq: Sequence
-    row: int
-    rows: int
-    position: int  # the prompt position of the first row
 
 
 class Scheduler:
@@ -88,9 +66,17 @@ class Scheduler:
         self.runner = ModelRunner(model, self.kv)
         engine.matrix_names = self.runner.matrix_names
         engine.fused_matrices = self.runner.fused
-        self.kernels = use_kernels(KernelChoice(settings.delta_kernel), engine.device)
-        self.policy = MergePolicy.calibrate(engine, self.kernels, settings.merge_policy)
-        self.eos = _eos_ids(model, engine.tokenizer)
+        engine.vector_slots = self.runner.vector_slots
+        self.native = use_native(settings.delta_kernel, engine.device)
+        self.packing = Packing(
+            engine.layout,
+            int(model.config.vocab_size),
+            self.runner.vector_size,
+            engine.device,
+            self.native,
+        )
+        self.policy = MergePolicy.calibrate(engine, self.native, settings.merge_policy)
+        self.eos = end_token_ids(model, engine.tokenizer)
         self._waiting: deque[Job] = deque()
         self._running: list[Sequence] = []
         self._control: deque[tuple[Callable[[Engine], Any], Future[Any]]] = deque()
@@ -101,14 +87,14 @@ class Scheduler:
         self._admitting: Job | None = None  # popped from the queue, not yet running
         self._in_step: list[Sequence] = []  # the sequences of the step being run
         self._suspects: deque[Sequence] = deque()  # after a failed step: retried alone
-        self._vec_names = [n for pair in self.runner._norms for n in pair]
-        self._vec_names.append(self.runner.final_norm_name)
         log.info(
-            "engine v2: %d KV slots of %d positions (%.0f MiB), sparse deltas by %s, merge %s",
+            "engine v2 on %s: %d KV slots of %d positions (%.0f MiB), sparse deltas by %s, "
+            "merge %s",
+            engine.device,
             self.kv.n_slots,
             self.kv.max_len,
             self.kv.nbytes / 2**20,
-            "C kernel" if self.kernels else "torch ops",
+            "the native kernel" if self.native else "the torch reference",
             settings.merge_policy,
         )
 
@@ -258,23 +244,38 @@ class Scheduler:
         chunks = self._plan_prefill(len(decode), running)
         self._in_step = [s for s in running if not s.prefilling] + [s for s, _ in chunks]
         merged = self._merge(decode, chunks)
-        step, groups, order, scored = self._pack(decode, chunks, merged)
+        self._clean_kv(decode)
+        batch = pack(decode, chunks, merged, self.packing)
         t0 = time.perf_counter()
-        logits = self.runner.forward(step).cpu()  # sampling runs on the host
+        out = self._run(batch)
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
-        self._observe(groups, step, merged)
-        for sc in scored:  # echo: the prompt's own logprobs
-            self._score(sc.seq, logits[sc.row : sc.row + sc.rows], sc.position)
+        self._observe(batch, merged)
+        sampled, scored = batch.sampling.read(out)
+        for sc, entries in zip(batch.scored, scored, strict=True):  # echo: prompt logprobs
+            self._score(sc.seq, entries)
         for s, n in chunks:
             s.prefilled += n
             s.prompt_done()
-        for row, seq in order:  # the rows that sample: decode, finished prompts
-            self._sample(seq, logits[row])
+        for seq, (token, entry) in zip(batch.sampled, sampled, strict=True):
+            self._take(seq, token, entry)
         self._in_step = []
         if self._suspects:
             self._suspects.popleft()  # it ran alone without failing: not the culprit
         for seq in [s for s in self._running if s.done]:
             self._finish(seq, seq.job.finish_reason or "stop")
+
+    def _run(self, batch: Batch) -> Any:
+        """The step on the device: forward, sampling, and the one copy back (its tokens
+        and the logprobs asked for): the step's one host synchronization."""
+        logits = self.runner.forward(batch.step)
+        assert batch.step.sampling is not None
+        return batch.sampling.run(logits, batch.step.sampling).cpu()
+
+    def _clean_kv(self, decode: list[Sequence]) -> None:
+        """Batched decode attention reads every row's slot up to the longest row."""
+        upto = max((s.length for s in decode), default=0)
+        for s in decode:
+            self.kv.clean_(s.slot, s.length, upto)
 
     def _admit(self) -> None:
         while True:
@@ -395,159 +396,21 @@ class Scheduler:
         self.policy.observe_swap(swap, self.engine.kept_entries(want) if want else 0)
         self.metrics.swap_seconds.labels(swap.mode.value).observe(swap.seconds)
 
-    def _pack(
-        self, decode: list[Sequence], chunks: list[tuple[Sequence, int]], merged: str | None
-    ) -> tuple[StepInput, list[_Group], list[tuple[int, Sequence]], list[_Scored]]:
-        """Tokens grouped by variant: per variant its decode rows, then its chunks.
-
-        Logit rows: one per sequence that samples (a decode row, the last token of a
-        prompt), and for a sequence that scores its prompt (echo with logprobs) one per
-        prompt token that has a successor. Returns the step, its groups, (row, sequence)
-        of the rows that sample, and (sequence, first row, rows, position) of those
-        that score."""
-        by_variant: dict[str | None, list[tuple[Sequence, int]]] = {}
-        for s in decode:
-            by_variant.setdefault(s.variant, []).append((s, 0))
-        for s, n in chunks:
-            by_variant.setdefault(s.variant, []).append((s, n))
-        ids: list[torch.Tensor] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
-        dec_idx, dec_slots, dec_lens, logit_rows = [], [], [], []
-        prefills: list[Prefill] = []
-        groups: list[_Group] = []
-        order: list[tuple[int, Sequence]] = []
-        scored: list[_Scored] = []
-        n = r = 0
-        for variant, members in by_variant.items():
-            g_start, g_row = n, r
-            for s, chunk in members:
-                if chunk == 0:  # a decode row
-                    ids.append(torch.tensor([s.last_token]))
-                    positions.append(torch.tensor([s.length - 1]))  # its newest token
-                    slots.append(torch.tensor([s.slot]))
-                    dec_idx.append(n)
-                    dec_slots.append(s.slot)
-                    dec_lens.append(int(positions[-1]) + 1)
-                    logit_rows.append(n)
-                    order.append((r, s))
-                    n, r = n + 1, r + 1
-                else:
-                    ids.append(torch.tensor(s.prompt[s.prefilled : s.prefilled + chunk]))
-                    positions.append(torch.arange(s.prefilled, s.prefilled + chunk))
-                    slots.append(torch.full((chunk,), s.slot))
-                    prefills.append(Prefill(n, chunk, s.slot, s.prefilled))
-                    ends = s.prefilled + chunk == len(s.prompt)
-                    if s.scores_prompt:  # every position with a next prompt token
-                        k = chunk - 1 if ends else chunk
-                        if k:
-                            logit_rows.extend(range(n, n + k))
-                            scored.append(_Scored(s, r, k, s.prefilled))
-                            r += k
-                    n += chunk
-                    if ends and s.samples:
-                        logit_rows.append(n - 1)
-                        order.append((r, s))
-                        r += 1
-            groups.append(_Group(variant, g_start, n, g_row, r))
-        for slot, length in zip(dec_slots, dec_lens, strict=True):
-            self.kv.clean_(slot, length, max(dec_lens))  # decode reads up to the longest row
-        dev = self.engine.device
-        segs, head_segs = self._segments(groups, merged)
-        step = StepInput(
-            ids=torch.cat(ids).to(dev),
-            positions=torch.cat(positions).to(dev),
-            slots=torch.cat(slots).to(dev),
-            decode_idx=torch.tensor(dec_idx, dtype=torch.int64, device=dev),
-            decode_slots=torch.tensor(dec_slots, dtype=torch.int64, device=dev),
-            decode_lens=torch.tensor(dec_lens, dtype=torch.int64, device=dev),
-            prefills=prefills,
-            logits_idx=torch.tensor(logit_rows, dtype=torch.int64, device=dev),
-            deltas=StepDeltas(segs, len(self.runner.matrix_names), self.kernels),
-            head_deltas=StepDeltas(head_segs, len(self.runner.matrix_names), self.kernels),
-        )
-        step.vectors, step.token_group, step.row_group = self._vectors(groups, merged)
-        return step, groups, order, scored
-
-    def _terms(self, variant: str | None, merged: str | None) -> list[tuple[VariantLayout, float]]:
-        """What a group's rows add to the resident weights: +their delta, -the merged one."""
-        if variant == merged:
-            return []
-        terms = []
-        if variant is not None:
-            terms.append((self.engine.layout(variant), 1.0))
-        if merged is not None:
-            terms.append((self.engine.layout(merged), -1.0))
-        return terms
-
-    def _segments(
-        self, groups: list[_Group], merged: str | None
-    ) -> tuple[list[Segment], list[Segment]]:
-        segs, head = [], []
-        for g in groups:
-            for layout, sign in self._terms(g.variant, merged):
-                segs.append(Segment(g.start, g.end, layout, sign))
-                if g.row_end > g.row_start:
-                    head.append(Segment(g.row_start, g.row_end, layout, sign))
-        return segs, head
-
-    def _vectors(
-        self, groups: list[_Group], merged: str | None
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
-        """Deltas of 1-D tensors (norm weights, biases) per group of rows: name -> (G, n)
-        fp32, with the group of every packed token and of every sampling row.
-
-        The norms (one size: the hidden size) come from each layout's cached stack
-        (K, hidden), one signed sum per group; other vectors (biases) per name."""
-        terms = [self._terms(g.variant, merged) for g in groups]
-        if not any(terms):
-            return {}, None, None
-        dev = self.engine.device
-        names = self._vec_names
-        hidden = self.runner.model.config.hidden_size
-        per_group = []
-        extra: set[str] = set()
-        for t in terms:
-            acc = torch.zeros((len(names), hidden))
-            for layout, sign in t:
-                acc += layout.vector_stack(names, hidden) * sign
-                extra.update(set(layout.vectors) - set(names))
-            per_group.append(acc)
-        table = torch.stack(per_group).to(dev)  # (G, K, hidden)
-        out = {n: table[:, k] for k, n in enumerate(names)}
-        for name in extra:  # vectors of other sizes (biases): rare, per name
-            size = next(
-                lay.vectors[name].shape[0] for t in terms for lay, _ in t if name in lay.vectors
-            )
-            rows = torch.zeros((len(groups), size))
-            for i, t in enumerate(terms):
-                for layout, sign in t:
-                    if name in layout.vectors:
-                        rows[i] += layout.vectors[name] * sign
-            out[name] = rows.to(dev)
-        token_group = torch.cat(
-            [torch.full((g.end - g.start,), i) for i, g in enumerate(groups)]
-        ).to(dev)
-        row_group = torch.cat(
-            [torch.full((g.row_end - g.row_start,), i) for i, g in enumerate(groups)]
-        ).to(dev)
-        return out, token_group, row_group
-
-    def _score(self, seq: Sequence, logits: torch.Tensor, position: int) -> None:
+    def _score(self, seq: Sequence, entries: list[TokenLogprob]) -> None:
         try:
-            seq.score_prompt(logits, position)
+            seq.add_prompt_logprobs(entries)
         except Exception:
             log.exception("request %s failed while scoring its prompt", seq.job.request_id)
             self._finish(seq, "error", INTERNAL)
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _take(self, seq: Sequence, token: int, entry: TokenLogprob | None) -> None:
         if seq.done:  # ended while scoring its prompt
             return
         if seq.job.cancelled.is_set():
             seq.finish("cancelled")
             return
         try:  # a row that fails ends alone, never its neighbours
-            seq.sample(logits)
+            seq.add(token, entry)
         except Exception:
             log.exception("request %s failed while sampling", seq.job.request_id)
             self._finish(seq, "error", INTERNAL)
@@ -567,9 +430,9 @@ class Scheduler:
         else:
             job.emit("done", job)
 
-    def _observe(self, groups: list[_Group], step: StepInput, merged: str | None) -> None:
+    def _observe(self, batch: Batch, merged: str | None) -> None:
         m = self.metrics
-        m.step_rows.observe(int(step.ids.numel()))
-        m.step_variants.observe(len({g.variant for g in groups if g.variant is not None}))
+        m.step_rows.observe(int(batch.step.ids.numel()))
+        m.step_variants.observe(len({g.variant for g in batch.groups if g.variant is not None}))
         m.steps.labels("merged" if merged is not None else "unmerged").inc()
         m.kv_slots_used.set(self.kv.used)

@@ -1,15 +1,23 @@
 """Per-choice state in the engines: prompt progress, generated tokens, incremental
-detokenization, stop checks, log-probabilities, and the choice's own sampler."""
+detokenization, stop checks, log-probabilities, and what the choice's sampling needs."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-import torch
+from server.engine.job import Job, TokenLogprob
+from server.engine.sampling import ChoiceSampling
 
-from server.engine.job import Job
-from server.engine.sampling import Sampler, prompt_logprobs, token_logprob
+
+def end_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The tokens that end a choice: the generation config's, else the tokenizer's."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return set()
+    return set(ids) if isinstance(ids, list | tuple) else {int(ids)}
 
 
 class Sequence:
@@ -23,7 +31,7 @@ class Sequence:
         self.holdback = max((len(s) for s in job.params.stop), default=1) - 1
         self._prefix = self._read = 0  # incremental detokenization offsets
         self._searched = 0  # characters of text already searched for stop strings
-        self.sampler = Sampler(job.params, job.prompt_ids, eos)
+        self.sampling = ChoiceSampling.of(job.params, job.prompt_ids, eos)
         self.stop_ids = set(job.params.stop_token_ids)
         if job.params.prompt_logprobs is not None and not job.prompt_logprobs:
             job.prompt_logprobs.append(None)  # the first token has no context
@@ -42,6 +50,10 @@ class Sequence:
         return self.job.params.prompt_logprobs is not None
 
     @property
+    def prompt_logprobs_k(self) -> int:
+        return self.job.params.prompt_logprobs or 0
+
+    @property
     def length(self) -> int:
         """Positions written to the KV slot so far (after the step that wrote them)."""
         return self.prefilled + len(self.ids)
@@ -58,24 +70,14 @@ class Sequence:
     def remaining(self) -> int:
         return max(self.job.params.max_tokens - len(self.ids), 0)
 
-    def score_prompt(self, logits: torch.Tensor, position: int) -> None:
-        """Logits (T, vocab) at prompt positions position.. -> the logprobs of the prompt
-        tokens that follow them."""
-        next_ids = self.prompt[position + 1 : position + 1 + logits.shape[0]]
-        k = self.job.params.prompt_logprobs or 0
-        self.job.prompt_logprobs.extend(prompt_logprobs(logits[: len(next_ids)], next_ids, k))
+    def add_prompt_logprobs(self, entries: list[TokenLogprob]) -> None:
+        """The logprobs of the prompt tokens scored by a step (in prompt order)."""
+        self.job.prompt_logprobs.extend(entries)
 
     def prompt_done(self) -> None:
         """The prompt is in the KV cache: with max_tokens 0 the choice ends here."""
         if not self.samples and not self.prefilling:
             self.finish("length")
-
-    def sample(self, logits: torch.Tensor) -> None:
-        """Choose the next token from raw (vocab,) fp32 logits and take it."""
-        token = self.sampler.pick(logits, len(self.ids))
-        k = self.job.params.logprobs
-        entry = token_logprob(logits, token, k) if k is not None else None
-        self.add(token, entry)
 
     def add(self, token: int, entry: Any = None) -> None:
         """Take one generated token: detokenize, check stops and limits, emit text."""
@@ -89,7 +91,6 @@ class Sequence:
             job.text += self._decode_next(final=True)
         else:
             self.ids.append(token)
-            self.sampler.observe(token)
             if entry is not None:
                 job.logprobs.append(entry)
             job.completion_tokens += 1

@@ -1,253 +1,129 @@
-"""Sparse delta products for mixed-variant steps.
+"""Deltas laid out for mixed-variant steps, and one step's delta work.
 
-A variant's delta is laid out once per matrix of the model as CSR by output row
-(`VariantLayout`): rowptr int32 (out+1,), cols uint16 (k,), vals fp32 (k,) already
-multiplied by the tensor's 1/q. Its 1-D deltas (norm weights, biases) stay dense.
+A variant's delta is laid out once (`layout_variant`) on the engine's device: its
+matrices as CSR by output row in one int32 buffer (kernels/layout.py), its 1-D deltas
+(norm weights, biases) as one dense fp32 vector over the runner's vector slots.
 
 One step serves rows of several variants. The step's tokens are packed so that each
-variant's tokens are contiguous; a `Segments` table says, per matrix, which token
-range gets which variant's delta with which sign (-1 takes a merged variant back
-out). Then every pruned linear layer computes
+variant's tokens are contiguous; its `Segment`s say which token range gets which
+variant's delta with which sign (-1 takes a merged variant back out). `StepDeltas`
+turns them into disjoint work items {t0, t1, a, b} (tokens [t0, t1) get +a and -b),
+and every pruned linear layer computes
 
-    y = x @ W.T                         (the resident weights, one GEMM for all rows)
-    y[t] += sign * x[t] @ delta_v.T     (spmm_add_, one call for all segments)
-
-The product runs in a small C kernel (delta_kernels.c, compiled once with the
-system's C compiler and cached under ~/.cache/deltaserve/kernels). Where no
-compiler is available, the same maths runs as torch ops per segment: correct,
-slower (call overhead per segment and matrix).
+    y = x @ W.T                           (the resident weights, one GEMM for all rows)
+    y[t] += x[t] @ (delta_a - delta_b).T  (the op deltaserve::spmm_add_, one call for
+                                           all items: kernels/__init__.py)
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
+import itertools
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import threading
-from dataclasses import dataclass, field
-from enum import StrEnum
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 from deltastore.format import Delta
-from deltastore.paths import cache_dir
+from server.engine import kernels
+from server.engine.kernels import CSR, MAX_COLS, fuse_rows
+from server.engine.kernels.layout import pack, unpack
+from server.engine.transfer import Packer
 
+__all__ = [
+    "CSR",
+    "MAX_COLS",
+    "Segment",
+    "StepDeltas",
+    "VariantLayout",
+    "layout_variant",
+    "use_native",
+]
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("delta_kernels.c")
-MAX_COLS = 1 << 16  # cols are uint16
+
+ITEM_TOKENS = 64  # longest item: a long prompt chunk is split so its work spreads out
 
 
-class KernelChoice(StrEnum):
-    AUTO = "auto"  # the C kernel when it builds, else torch
-    C = "c"  # the C kernel or an error
-    TORCH = "torch"  # torch ops only
-
-
-class KernelUnavailable(RuntimeError):
-    pass
-
-
-_lib: ctypes.CDLL | None = None
-_lib_error: str | None = None
-_lib_lock = threading.Lock()
-
-
-def _build(path: Path) -> None:
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        raise KernelUnavailable("no C compiler found (set CC, or install gcc)")
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-o", str(tmp), str(SOURCE)]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-    except (OSError, subprocess.SubprocessError) as e:
-        err = getattr(e, "stderr", b"") or b""
-        raise KernelUnavailable(f"{' '.join(cmd)} failed: {e} {err.decode()[-500:]}") from e
-    os.replace(tmp, path)
-
-
-def load_kernels() -> ctypes.CDLL:
-    """The compiled kernels (built on first use, cached by source and machine)."""
-    global _lib, _lib_error
-    with _lib_lock:
-        if _lib is not None:
-            return _lib
-        if _lib_error is not None:
-            raise KernelUnavailable(_lib_error)
-        key = hashlib.sha256(SOURCE.read_bytes() + platform.machine().encode())
-        key.update(Path("/proc/cpuinfo").read_bytes() if Path("/proc/cpuinfo").exists() else b"")
-        path = cache_dir() / "kernels" / f"delta_kernels-{key.hexdigest()[:16]}.so"
-        try:
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                _build(path)
-            lib = ctypes.CDLL(str(path))
-        except (KernelUnavailable, OSError) as e:
-            _lib_error = str(e)
-            raise KernelUnavailable(_lib_error) from e
-        p, i64, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p
-        for name in ("spmm_add_f32", "spmm_add_bf16"):
-            getattr(lib, name).argtypes = [p, i64, p, i64, i64, i64, i64, p, f, i64, i64, i64]
-            getattr(lib, name).restype = ctypes.c_int
-        for name in ("rowgather_add_f32", "rowgather_add_bf16"):
-            getattr(lib, name).argtypes = [p, i64, p, p, f, i64]
-            getattr(lib, name).restype = None
-        _lib = lib
-        return lib
-
-
-def use_kernels(choice: KernelChoice, device: torch.device) -> bool:
-    """Whether to run the C kernel (CPU only); raises if `c` was asked for and fails."""
-    if choice is KernelChoice.TORCH or device.type != "cpu":
+def use_native(choice: str, device: torch.device) -> bool:
+    """Whether steps on `device` run the native sparse kernel (`--delta-kernel`): auto
+    takes it when it works here (else the torch reference, with a warning), native
+    insists (raises KernelUnavailable), torch never takes it."""
+    if choice not in ("auto", "native", "torch"):
+        raise ValueError(f"delta kernel {choice!r}: choose auto, native or torch")
+    if choice == "torch":
         return False
-    try:
-        load_kernels()
+    why = kernels.native_available(device)
+    if why is None:
         return True
-    except KernelUnavailable as e:
-        if choice is KernelChoice.C:
-            raise
-        log.warning("sparse delta kernel unavailable, using torch ops: %s", e)
-        return False
+    if choice == "native":
+        raise kernels.KernelUnavailable(f"no native sparse kernel on {device}: {why}")
+    log.warning("no native sparse kernel on %s, using the torch reference: %s", device, why)
+    return False
 
 
-# --------------------------------------------------------------------------- layout
+def address(t: torch.Tensor) -> int:
+    """Where t's data starts, as the native kernels read it (0 for a fake tensor, which
+    has no data: FakeTensorMode traces the step without running the kernels)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return 0 if is_fake(t) else int(t.data_ptr())
 
 
 @dataclass(frozen=True)
-class CSR:
-    """One matrix's delta, by output row: y[r] += scale * sum_e vals[e] * x[cols[e]]."""
+class Matrix:
+    """Where a matrix of a variant's delta sits in its buffer, and its size."""
 
-    rowptr: torch.Tensor  # (out+1,) int32
-    cols: torch.Tensor  # (k,) uint16
-    vals: torch.Tensor  # (k,) bf16 (as stored in the file) or fp32
-    scale: float  # 1/q
+    slot: int
     shape: tuple[int, int]
-
-    @property
-    def nbytes(self) -> int:
-        return self.rowptr.nbytes + self.cols.nbytes + self.vals.nbytes
-
-    @property
-    def count(self) -> int:
-        return int(self.vals.numel())
-
-    @classmethod
-    def from_positions(
-        cls, positions: torch.Tensor, values: torch.Tensor, scale: float, shape: tuple[int, int]
-    ) -> CSR:
-        out, inp = shape
-        if inp > MAX_COLS:
-            raise ValueError(f"matrix of {inp} columns: the delta layout holds at most {MAX_COLS}")
-        if values.dtype not in (torch.bfloat16, torch.float32):
-            values = values.to(torch.float32)
-        rows = torch.div(positions, inp, rounding_mode="floor")
-        counts = torch.bincount(rows, minlength=out)
-        rowptr = torch.zeros(out + 1, dtype=torch.int64)
-        torch.cumsum(counts, 0, out=rowptr[1:])
-        cols = (positions - rows * inp).to(torch.int32).to(torch.uint16)
-        return cls(rowptr.to(torch.int32), cols, values.contiguous(), float(scale), shape)
-
-    def record(self) -> list[int]:
-        """rowptr, cols, vals addresses and the value-dtype flag (a kernel record's middle)."""
-        f32 = int(self.vals.dtype == torch.float32)
-        return [self.rowptr.data_ptr(), self.cols.data_ptr(), self.vals.data_ptr(), f32]
-
-    def rows_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k,) int64 rows and cols, for the torch path."""
-        counts = (self.rowptr[1:] - self.rowptr[:-1]).to(torch.int64)
-        rows = torch.repeat_interleave(torch.arange(self.shape[0]), counts)
-        return rows, self.cols.to(torch.int32).to(torch.int64)
-
-    def scaled(self) -> torch.Tensor:
-        """(k,) fp32 values times 1/q: the same product as apply's `bind`."""
-        return self.vals.to(torch.float32) * self.scale
+    entries: int
 
 
 @dataclass(eq=False)
 class VariantLayout:
-    """A variant's delta laid out for mixed steps: CSR per matrix, dense vectors.
+    """A variant's delta laid out for mixed steps, on the engine's device.
 
-    matrices: name -> CSR for every 2-D tensor the delta touches.
-    vectors:  name -> (n,) fp32 dense delta of a 1-D tensor (norm weight, bias).
-    records: (M, 4) int64 {rowptr, cols, vals, vals_are_f32} per matrix slot of the
-    runner (zeros where the delta leaves that matrix alone); scales: (M,) fp32 1/q.
-    A step's tables copy rows of these, so building a step costs a few torch ops
-    whatever the number of matrices.
-    """
+    data: the int32 buffer of its matrices (kernels/layout.py);
+    vectors: (V,) fp32 over the runner's vector slots (zeros where the delta leaves a
+    vector alone), None when it changes no 1-D tensor."""
 
     name: str
-    matrices: dict[str, CSR]
-    vectors: dict[str, torch.Tensor]
-    records: torch.Tensor
-    scales: torch.Tensor
-    _stacks: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+    data: torch.Tensor
+    vectors: torch.Tensor | None
+    matrices: dict[str, Matrix]
 
-    def vector_stack(self, names: list[str], size: int) -> torch.Tensor:
-        """(K, size) fp32: the deltas of the 1-D tensors `names` of that size (zero rows
-        for the ones this variant leaves alone); cached per list of names."""
-        key = tuple(names)
-        stack = self._stacks.get(key)
-        if stack is None:
-            stack = torch.zeros((len(names), size))
-            for i, n in enumerate(names):
-                v = self.vectors.get(n)
-                if v is not None and v.shape == (size,):
-                    stack[i] = v
-            self._stacks[key] = stack
-        return stack
+    @functools.cached_property
+    def address(self) -> int:
+        return address(self.data)
 
     @property
     def nbytes(self) -> int:
-        n = sum(m.nbytes for m in self.matrices.values())
-        return n + sum(v.nbytes for v in self.vectors.values()) + self.records.nbytes
+        vec = self.vectors.nbytes if self.vectors is not None else 0
+        return int(self.data.nbytes) + int(vec)
 
     @functools.cached_property
     def count(self) -> int:
-        return sum(m.count for m in self.matrices.values())
+        return sum(m.entries for m in self.matrices.values())
+
+    def to(self, device: torch.device) -> VariantLayout:
+        """This layout on `device` (laid out on the host, used on the device)."""
+        vec = self.vectors.to(device) if self.vectors is not None else None
+        return VariantLayout(self.name, self.data.to(device), vec, self.matrices)
+
+    def csr(self, name: str) -> CSR:
+        """Matrix `name` as a host CSR (tests and reports)."""
+        m = self.matrices[name]
+        csr = unpack(self.data, m.slot, m.shape[1])
+        assert csr is not None
+        return csr
 
     def describe(self) -> dict[str, object]:
         return {
             "matrices": len(self.matrices),
-            "vectors": len(self.vectors),
             "kept_entries": self.count,
             "bytes": self.nbytes,
+            "device": str(self.data.device),
             "format": "csr by output row: int32 rowptr, uint16 cols, bf16 values, 1/q per matrix",
         }
-
-
-def fuse_rows(parts: list[CSR | None], rows: list[int], inp: int) -> CSR | None:
-    """One CSR for matrices stacked by rows (q/k/v, gate/up): parts[i] covers `rows[i]`
-    rows, None where the delta leaves that member alone. Values stay bf16 when every
-    part has bf16 values and one scale; otherwise they become fp32 times their scale."""
-    present = [p for p in parts if p is not None]
-    if not present:
-        return None
-    same = all(p.vals.dtype == torch.bfloat16 for p in present) and (
-        len({p.scale for p in present}) == 1
-    )
-    rowptrs, cols, vals = [torch.zeros(1, dtype=torch.int64)], [], []
-    nnz = 0
-    for part, n in zip(parts, rows, strict=True):
-        if part is None:
-            rowptrs.append(torch.full((n,), nnz, dtype=torch.int64))
-            continue
-        rowptrs.append(part.rowptr[1:].to(torch.int64) + nnz)
-        cols.append(part.cols)
-        vals.append(part.vals if same else part.scaled())
-        nnz += part.count
-    return CSR(
-        torch.cat(rowptrs).to(torch.int32),
-        torch.cat(cols),
-        torch.cat(vals).contiguous(),
-        present[0].scale if same else 1.0,
-        (sum(rows), inp),
-    )
 
 
 def layout_variant(
@@ -255,40 +131,46 @@ def layout_variant(
     delta: Delta,
     matrix_slots: list[str],
     fused: dict[str, list[tuple[str, int]]] | None = None,
+    vector_slots: dict[str, tuple[int, int]] | None = None,
+    device: torch.device | None = None,
 ) -> VariantLayout:
     """Lay `delta` out for the runner whose pruned matrices are `matrix_slots` (in
-    order). `fused` maps a slot to the matrices it stacks by rows (name, rows), for a
-    runner that computes them in one product. Raises ValueError for a 2-D tensor the
-    runner does not treat as a matrix (its delta could not be served unmerged)."""
+    order) and whose per-row vectors are `vector_slots` (name -> (offset, size)), on
+    `device`. `fused` maps a slot to the matrices it stacks by rows (name, rows), for a
+    runner that computes them in one product. Raises ValueError for a tensor the runner
+    does not serve unmerged (its delta could not be applied in a mixed step)."""
     fused = fused or {}
+    vector_slots = vector_slots or {}
+    device = device or torch.device("cpu")
     member_of = {m: f for f, members in fused.items() for m, _ in members}
     slot_of = {n: i for i, n in enumerate(matrix_slots)}
-    matrices: dict[str, CSR] = {}
-    vectors: dict[str, torch.Tensor] = {}
+    csrs: dict[str, CSR] = {}
+    vectors: torch.Tensor | None = None
     for t in delta.tensors.values():
-        if len(t.shape) == 1:
-            dense = torch.zeros(t.shape[0], dtype=torch.float32)
-            dense[t.positions] = t.values.to(torch.float32) * t.scale  # as apply's bind
-            vectors[t.name] = dense
+        if len(t.shape) == 1 and t.name in vector_slots:
+            offset, size = vector_slots[t.name]
+            if t.shape[0] != size:
+                raise ValueError(f"{name}: {t.name} has {t.shape[0]} entries, the model {size}")
+            if vectors is None:
+                vectors = torch.zeros(sum(n for _, n in vector_slots.values()))
+            # as apply's bind: the values times the scale, at their positions
+            vectors[offset + t.positions] = t.values.to(torch.float32) * t.scale
         elif len(t.shape) == 2 and (t.name in slot_of or t.name in member_of):
             shape = (t.shape[0], t.shape[1])
-            matrices[t.name] = CSR.from_positions(t.positions, t.values, t.scale, shape)
+            csrs[t.name] = CSR.from_positions(t.positions, t.values, t.scale, shape)
         else:
             raise ValueError(
-                f"{name}: tensor {t.name} {t.shape} is not a matrix the mixed-step runner knows"
+                f"{name}: tensor {t.name} {t.shape} is not one the mixed-step runner serves"
             )
     for f, members in fused.items():
-        parts = [matrices.pop(m, None) for m, _ in members]
+        parts = [csrs.pop(m, None) for m, _ in members]
         inp = next((p.shape[1] for p in parts if p is not None), 0)
         csr = fuse_rows(parts, [n for _, n in members], inp)
         if csr is not None:
-            matrices[f] = csr
-    records = torch.zeros((len(matrix_slots), 4), dtype=torch.int64)
-    scales = torch.zeros(len(matrix_slots), dtype=torch.float32)
-    for n, m in matrices.items():
-        records[slot_of[n]] = torch.tensor(m.record())
-        scales[slot_of[n]] = m.scale
-    return VariantLayout(name, matrices, vectors, records, scales)
+            csrs[f] = csr
+    matrices = {n: Matrix(slot_of[n], m.shape, m.count) for n, m in csrs.items()}
+    data = pack({slot_of[n]: m for n, m in csrs.items()}, len(matrix_slots))
+    return VariantLayout(name, data, vectors, matrices).to(device)
 
 
 # --------------------------------------------------------------------------- one step
@@ -304,116 +186,82 @@ class Segment:
     sign: float
 
 
+def plan_items(
+    segments: list[Segment],
+) -> tuple[list[VariantLayout], list[tuple[int, int, int, int]]]:
+    """The step's variants and its disjoint work items {t0, t1, a, b} (indices into the
+    variants, -1: none), at most ITEM_TOKENS tokens each. Where segments overlap, their
+    tokens get one item with both terms: at most one added and one taken out per token
+    (what a step makes: a variant's rows, less the merged one)."""
+    variants: list[VariantLayout] = []
+    index: dict[int, int] = {}
+    for s in segments:
+        if id(s.layout) not in index:
+            index[id(s.layout)] = len(variants)
+            variants.append(s.layout)
+    cuts = sorted({s.start for s in segments} | {s.end for s in segments})
+    items: list[tuple[int, int, int, int]] = []
+    for lo, hi in itertools.pairwise(cuts):
+        live = [s for s in segments if s.start <= lo and hi <= s.end]
+        plus = [index[id(s.layout)] for s in live if s.sign > 0]
+        minus = [index[id(s.layout)] for s in live if s.sign < 0]
+        if len(plus) > 1 or len(minus) > 1:
+            raise ValueError(
+                f"tokens [{lo}, {hi}) get {len(plus)} deltas added, {len(minus)} taken out"
+            )
+        if not live:
+            continue
+        a, b = (plus or [-1])[0], (minus or [-1])[0]
+        if items and items[-1][1] == lo and items[-1][2:] == (a, b):
+            lo = items.pop()[0]  # the same terms go on: one item
+        for t0 in range(lo, hi, ITEM_TOKENS):
+            items.append((t0, min(t0 + ITEM_TOKENS, hi), a, b))
+    return variants, items
+
+
 class StepDeltas:
-    """The delta work of one step over one packing of tokens.
+    """The delta work of one step over one packing of tokens (or sampling rows):
+    the variants' buffers, their addresses (V,) and the items (W, 4), on the device."""
 
-    tables: (M, S, 8) int64 kernel records {start, end, rowptr, cols, vals, f32, 0, 0}
-    per matrix slot and segment; scales: (M, S) fp32 sign * 1/q.
-    """
+    def __init__(
+        self,
+        variants: list[VariantLayout],
+        bases: torch.Tensor,
+        items: torch.Tensor,
+        native: bool = True,
+    ) -> None:
+        self.layouts = [v.data for v in variants]
+        self.bases, self.items = bases, items
+        self._spmm = kernels.spmm_add_ if native else kernels.reference.spmm_add_
+        self._rowgather = kernels.rowgather_add_ if native else kernels.reference.rowgather_add_
 
-    def __init__(self, segments: list[Segment], n_slots: int, kernels: bool) -> None:
-        self.segments = segments
-        self.kernels = kernels
-        self.multi_token = any(g.end - g.start > 1 for g in segments)
-        self.single_token = any(g.end - g.start == 1 for g in segments)
-        s = len(segments)
-        self.tables = torch.zeros((n_slots, s, 8), dtype=torch.int64)
-        self.scales = torch.zeros((n_slots, s), dtype=torch.float32)
-        if s and kernels:
-            self.tables[:, :, 0] = torch.tensor([g.start for g in segments])
-            self.tables[:, :, 1] = torch.tensor([g.end for g in segments])
-            self.tables[:, :, 2:6] = torch.stack([g.layout.records for g in segments], 1)
-            signs = torch.tensor([g.sign for g in segments], dtype=torch.float32)
-            self.scales = torch.stack([g.layout.scales for g in segments], 1) * signs
+    @staticmethod
+    def pack(p: Packer, key: str, segments: list[Segment]) -> list[VariantLayout]:
+        """Put the items and addresses of `segments` in `p` under `key`."""
+        variants, items = plan_items(segments)
+        p.ints(f"{key}.bases", [v.address for v in variants])
+        p.ints(f"{key}.items", [x for item in items for x in item], (-1, 4))
+        return variants
+
+    @classmethod
+    def build(
+        cls, segments: list[Segment], device: torch.device, native: bool = True
+    ) -> StepDeltas:
+        """On its own (one copy to `device`): tests, calibration, benchmarks."""
+        p = Packer()
+        variants = cls.pack(p, "d", segments)
+        f = p.send(device)
+        return cls(variants, f["d.bases"], f["d.items"], native)
 
     def __bool__(self) -> bool:
-        return bool(self.segments)
+        return bool(self.items.shape[0])
 
-    def spmm_add_(self, y: torch.Tensor, x: torch.Tensor, slot: int, name: str) -> None:
-        """y (N, out) += the step's delta products of matrix `name` over x (N, in)."""
-        if not self.segments:
-            return
-        if self.kernels:
-            _kernel_spmm(
-                y, x, self.tables[slot], self.scales[slot], self.single_token, self.multi_token
-            )
-            return
-        for g in self.segments:
-            csr = g.layout.matrices.get(name)
-            if csr is not None:
-                rows, cols = csr.rows_cols()
-                part = x[g.start : g.end].float().index_select(1, cols) * (csr.scaled() * g.sign)
-                acc = torch.zeros((g.end - g.start, y.shape[1]), dtype=torch.float32)
-                acc.index_add_(1, rows, part)
-                y[g.start : g.end] += acc.to(y.dtype)
+    def spmm_add_(self, y: torch.Tensor, x: torch.Tensor, slot: int) -> None:
+        """y (N, out) += the step's delta products of matrix `slot` over x (N, in)."""
+        if self.items.shape[0]:
+            self._spmm(y, x, self.layouts, self.bases, self.items, slot)
 
-    def rowgather_add_(self, h: torch.Tensor, ids: torch.Tensor, slot: int, name: str) -> None:
-        """h (N, hidden) += row ids[t] of the embedding delta `name`, per segment."""
-        if not self.segments:
-            return
-        if self.kernels:
-            _kernel_rowgather(h, ids, self.tables[slot], self.scales[slot])
-            return
-        for g in self.segments:
-            csr = g.layout.matrices.get(name)
-            if csr is None:
-                continue
-            for t in range(g.start, g.end):
-                r = int(ids[t])
-                e0, e1 = int(csr.rowptr[r]), int(csr.rowptr[r + 1])
-                cols = csr.cols[e0:e1].to(torch.int32).to(torch.int64)
-                vals = csr.vals[e0:e1].to(torch.float32) * (csr.scale * g.sign)
-                h[t].index_add_(0, cols, vals.to(h.dtype))
-
-
-def _check(t: torch.Tensor) -> None:
-    if t.device.type != "cpu" or t.stride(-1) != 1 or t.dim() != 2:
-        raise ValueError(f"kernel needs a 2-D CPU tensor with unit stride, got {t.shape}")
-    if t.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"kernel supports float32 and bfloat16, got {t.dtype}")
-
-
-def _kernel_spmm(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    table: torch.Tensor,
-    scales: torch.Tensor,
-    single: bool,
-    multi: bool,
-) -> None:
-    """y (N, out) += the products over x (N, in); both fp32 or both bf16, rows with unit
-    stride (what F.linear takes and returns). The kernel converts x itself."""
-    if x.dtype != y.dtype or x.stride(-1) != 1 or y.stride(-1) != 1:
-        _check(x)
-        _check(y)
-        raise TypeError(f"x is {x.dtype}, y is {y.dtype}: the kernel needs one dtype")
-    lib = load_kernels()
-    fn = lib.spmm_add_f32 if y.dtype == torch.float32 else lib.spmm_add_bf16
-    n, inp = x.shape
-    rc = fn(
-        y.data_ptr(),
-        y.stride(0),
-        x.data_ptr(),
-        x.stride(0),
-        n,
-        inp,
-        y.shape[1],
-        table.data_ptr(),
-        scales.data_ptr(),
-        len(table),
-        int(single),
-        int(multi),
-    )
-    if rc != 0:
-        raise MemoryError(f"sparse delta kernel could not allocate buffers for {n}x{inp}")
-
-
-def _kernel_rowgather(
-    h: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, scales: torch.Tensor
-) -> None:
-    _check(h)
-    if ids.dtype != torch.int64 or not ids.is_contiguous():
-        raise TypeError("ids must be contiguous int64")
-    lib = load_kernels()
-    fn = lib.rowgather_add_f32 if h.dtype == torch.float32 else lib.rowgather_add_bf16
-    fn(h.data_ptr(), h.stride(0), ids.data_ptr(), table.data_ptr(), scales.data_ptr(), len(table))
+    def rowgather_add_(self, h: torch.Tensor, ids: torch.Tensor, slot: int) -> None:
+        """h (N, hidden) += row ids[t] of the embedding delta in `slot`, per item."""
+        if self.items.shape[0]:
+            self._rowgather(h, ids, self.layouts, self.bases, self.items, slot)

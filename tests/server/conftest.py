@@ -20,6 +20,7 @@ from server.app import ThreadedServer
 from server.config import Settings
 from tests.conftest import perturbed, save
 
+N_EXTRA = 4  # v5..v8: with v0..v4, nine variants
 TOKEN = "test-admin-token"
 PROMPTS = ["the cat sat", "on a mat and", "ran", "then the cat ran on", "a"]
 MAX_TOKENS = 12
@@ -120,3 +121,28 @@ def live(request, tiny_dirs, variant_files, tmp_path) -> Iterator[LiveServer]:
     srv.wait_ready()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def nine_variants(
+    tiny_dirs: dict[str, Path],
+    variant_files: dict[str, Path],
+    references: dict[str | None, dict[str, str]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[dict[str, Path], dict[str | None, dict[str, str]]]:
+    """v0..v4 of the shared fixture plus v5..v8 built the same way: their files and
+    the greedy reference text of every (variant, prompt), None being the base."""
+    root = tmp_path_factory.mktemp("more-variants")
+    base = open_model(tiny_dirs["base"])
+    files, refs = dict(variant_files), dict(references)
+    for i in range(N_VARIANTS, N_VARIANTS + N_EXTRA):
+        name = f"v{i}"
+        ft_dir = save(perturbed(base.load_model(), 0.6, seed=100 + i), root / f"ft{i}")
+        opts = CompressOptions(method=Method.DAREX_Q, rate=0.5, q=0.7, seed=i, progress=False)
+        delta = compress(base, open_finetune(base, ft_dir), opts)
+        files[name] = root / f"{name}.delta.safetensors"
+        save_delta(files[name], delta)
+        mat = materialize(base, load_delta(files[name]), root / f"mat{i}", progress=False)
+        refs[name] = {p: reference_text(mat, p) for p in PROMPTS}
+    assert len(files) >= 9
+    return files, refs

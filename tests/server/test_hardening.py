@@ -158,18 +158,18 @@ def test_a_base_that_cannot_be_restored_refuses_to_serve(tiny_dirs, variant_file
 def test_one_failing_request_never_fails_its_neighbours(
     engine, tiny_dirs, variant_files, references, tmp_path, monkeypatch
 ):
-    """The sampler of one request raises (injected on its seed): that request alone
+    """The sampling of one request raises (injected on its seed): that request alone
     gets an error with a request id; the requests batched with it are exact."""
-    from server.engine.sampling import Sampler
+    from server.engine.sampling import ChoiceSampling
 
-    real = Sampler.pick
+    real = ChoiceSampling.draw
 
-    def pick(self, logits, generated):
-        if self.params.seed == 666:
+    def draw(self, generated):
+        if self.seed == 666:
             raise RuntimeError("sampler exploded (injected)")
-        return real(self, logits, generated)
+        return real(self, generated)
 
-    monkeypatch.setattr(Sampler, "pick", pick)
+    monkeypatch.setattr(ChoiceSampling, "draw", draw)
     store = tmp_path / "store"
     shutil.copytree(variant_files["v0"].parent, store)
     srv = LiveServer(make_settings(tiny_dirs["base"], store, engine=engine, max_batch_size=8))

@@ -134,7 +134,7 @@ def test_a_run_that_generates_nothing_fails_loudly(live, capsys, monkeypatch):
     """A model that ends at once: without ignore_eos the run measured nothing, and
     says so with exit 1; with it (the default) every request generates its tokens."""
     everything = set(range(live.state.engine.model.config.vocab_size))
-    monkeypatch.setattr("server.engine.generate._eos_ids", lambda model, tok: everything)  # v1
+    monkeypatch.setattr("server.engine.generate.end_token_ids", lambda model, tok: everything)  # v1
     if hasattr(live.state.scheduler, "eos"):
         monkeypatch.setattr(live.state.scheduler, "eos", everything)  # v2
     args = ["loadtest", "--url", live.url, "--models", "v0", "--requests", "4"]

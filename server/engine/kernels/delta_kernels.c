@@ -1,22 +1,26 @@
-/* Sparse delta products for mixed-variant steps (see sparse.py).
+/* Sparse delta products for mixed-variant steps: the CPU implementation of the ops
+ * deltaserve::spmm_add_ and deltaserve::rowgather_add_ (see kernels/__init__.py for the
+ * layout, which this file reads as described there).
  *
- * A variant's delta for one matrix W (out x in) is stored by output row:
- *   rowptr int32 [out+1], cols uint16 [k], vals bfloat16 or float32 [k]
- * (the file's values; the 1/q scale comes with the call).
- * A step's work for one matrix is a table of S segment records, 8 int64 each:
- *   {tok_start, tok_end, rowptr, cols, vals (addresses), vals_are_f32, 0, 0}
- * and a float scale per segment (sign * 1/q). A record with rowptr 0 is skipped.
+ * A variant's delta lives in one int32 buffer: a header of HEADER int32 per matrix slot
+ *   {rowptr offset (int32 units; 0: the variant leaves the matrix alone),
+ *    cols offset (uint16 units), vals offset (units of the value type),
+ *    value kind (0 bf16, 1 fp32), 1/q (fp32 bits), rows, entries, 0}
+ * then, per matrix, CSR by output row: rowptr int32 [rows+1], cols uint16 [k], vals [k].
+ * A call gets the step's variant buffers by address (bases) and its work items, 4 int64
+ * each: {tok_start, tok_end, a, b}: tokens [tok_start, tok_end) get +delta of variant a
+ * and -delta of variant b (indices into bases; -1: none).
  *
  *   spmm_add:      y[t, r] += scale * sum_e vals[e] * x[t, cols[e]]   over W's rows r
  *   rowgather_add: h[t, c] += scale * vals[e] for the entries e of row ids[t]
  *
- * Threads split W's rows in the same static ranges for every segment, so segments
- * may overlap in tokens without races. A one-token segment walks its rows with four
- * partial sums; a longer one reads x transposed (in x (N + 8), tokens contiguous, room
- * for a whole block past the last token) and keeps 8 tokens' sums per row in vectors.
- * x and y are both float32 or both bfloat16; the kernel converts x to fp32 itself
- * (row-major and/or transposed, as the segments need) and rounds y back to nearest
- * even. Returns 0, or -1 if it could not allocate its buffers.
+ * Threads split W's rows in the same static ranges for every term, so terms may
+ * overlap in tokens without races. A one-token term walks its rows with four partial
+ * sums; a longer one reads x transposed (in x (N + 8), tokens contiguous, room for a
+ * whole block past the last token) and keeps 8 tokens' sums per row in vectors. x and y
+ * are both float32 or both bfloat16; the kernel converts x to fp32 itself (row-major
+ * and/or transposed, as the terms need) and rounds y back to nearest even. Returns 0,
+ * -1 if it could not allocate its buffers, -2 for a malformed item.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -25,12 +29,15 @@
 #include <omp.h>
 #endif
 
+#define HEADER 8
+
 typedef struct {
     int64_t t0, t1;
     const int32_t *rowptr;
     const uint16_t *cols;
     const void *vals;
-    int64_t f32, pad0, pad1;
+    int64_t f32;
+    float scale;
 } Seg;
 
 static inline float bf2f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
@@ -42,6 +49,36 @@ static inline uint16_t f2bf(float f) {
 }
 static inline float val(const Seg *g, int64_t e) {
     return g->f32 ? ((const float *)g->vals)[e] : bf2f(((const uint16_t *)g->vals)[e]);
+}
+
+/* The terms of the items for matrix `slot`, resolved through each variant's header
+ * (a variant that leaves the matrix alone adds none). Returns their count, or -1 for
+ * an item that names a variant outside bases. */
+static int64_t resolve(Seg *segs, const int64_t *bases, int64_t nbases, const int64_t *items,
+                       int64_t nitems, int64_t slot) {
+    int64_t s = 0;
+    for (int64_t i = 0; i < nitems; i++) {
+        const int64_t *it = items + 4 * i;
+        for (int term = 0; term < 2; term++) {
+            const int64_t v = it[2 + term];
+            if (v < 0) continue;
+            if (v >= nbases) return -1;
+            const int32_t *buf = (const int32_t *)(intptr_t)bases[v];
+            const int32_t *hd = buf + HEADER * slot;
+            if (hd[0] == 0) continue;
+            float scale; memcpy(&scale, &hd[4], 4);
+            Seg *g = &segs[s++];
+            g->t0 = it[0];
+            g->t1 = it[1];
+            g->rowptr = buf + hd[0];
+            g->cols = (const uint16_t *)buf + hd[1];
+            g->f32 = hd[3];
+            g->vals = hd[3] ? (const void *)((const float *)buf + hd[2])
+                            : (const void *)((const uint16_t *)buf + hd[2]);
+            g->scale = term ? -scale : scale;
+        }
+    }
+    return s;
 }
 
 #ifdef _OPENMP
@@ -115,9 +152,8 @@ static inline float val(const Seg *g, int64_t e) {
         SPLIT(nth, me);                                                                   \
         const int64_t r0 = out * me / nth, r1 = out * (me + 1) / nth;                     \
         for (int64_t s = 0; s < nseg; s++) {                                              \
-            const Seg *g = (const Seg *)(segs + 8 * s);                                   \
-            if (!g->rowptr) continue;                                                     \
-            const float sc = scales[s];                                                   \
+            const Seg *g = &segs[s];                                                      \
+            const float sc = g->scale;                                                    \
             if (g->t1 - g->t0 == 1 || !xT) {                                              \
                 for (int64_t t = g->t0; t < g->t1; t++) {                                 \
                     if (g->f32) ONE_TOKEN(T, STORE_ADD, float, ID, t)                     \
@@ -130,9 +166,19 @@ static inline float val(const Seg *g, int64_t e) {
         }                                                                                 \
     }
 
-/* x (N, in) as T -> xf (N, in) fp32 row-major for one-token segments, and xT (in, N + 8)
- * fp32 with tokens contiguous for longer ones; then the products. */
+/* the terms of this matrix; x (N, in) as T -> xf (N, in) fp32 row-major for one-token
+ * terms, and xT (in, N + 8) fp32 with tokens contiguous for longer ones; the products */
 #define SPMM_ENTRY(T, LOADX, STORE_ADD)                                                   \
+    Seg stack_segs[64];                                                                   \
+    Seg *segs = nitems <= 32 ? stack_segs : (Seg *)malloc(sizeof(Seg) * 2 * nitems);      \
+    if (!segs) return -1;                                                                 \
+    const int64_t nseg = resolve(segs, bases, nbases, items, nitems, slot);               \
+    if (nseg < 0) { if (segs != stack_segs) free(segs); return -2; }                      \
+    int single = 0, multi = 0;                                                            \
+    for (int64_t s = 0; s < nseg; s++) {                                                  \
+        if (segs[s].t1 - segs[s].t0 == 1) single = 1;                                     \
+        else if (segs[s].t1 - segs[s].t0 > 1) multi = 1;                                  \
+    }                                                                                     \
     float *xf_buf = NULL, *xT = NULL;                                                     \
     const float *x = NULL;                                                                \
     const int64_t ldxT = n + BLOCK;                                                       \
@@ -140,7 +186,7 @@ static inline float val(const Seg *g, int64_t e) {
         if (sizeof(T) == sizeof(float)) x = (const float *)xin;                           \
         else {                                                                            \
             xf_buf = (float *)malloc(sizeof(float) * n * in);                             \
-            if (!xf_buf) return -1;                                                       \
+            if (!xf_buf) { if (segs != stack_segs) free(segs); return -1; }               \
             for (int64_t t = 0; t < n; t++)                                               \
                 for (int64_t c = 0; c < in; c++) xf_buf[t * in + c] = LOADX(xin[t * ldxin + c]); \
             x = xf_buf;                                                                   \
@@ -149,45 +195,52 @@ static inline float val(const Seg *g, int64_t e) {
     const int64_t ldx = (single && sizeof(T) == sizeof(float)) ? ldxin : in;              \
     if (multi) {                                                                          \
         xT = (float *)malloc(sizeof(float) * in * ldxT);                                  \
-        if (!xT) { free(xf_buf); return -1; }                                             \
+        if (!xT) { free(xf_buf); if (segs != stack_segs) free(segs); return -1; }         \
         for (int64_t t = 0; t < n; t++)                                                   \
             for (int64_t c = 0; c < in; c++) xT[c * ldxT + t] = LOADX(xin[t * ldxin + c]); \
     }                                                                                     \
     SPMM_BODY(T, STORE_ADD)                                                               \
     free(xf_buf);                                                                         \
     free(xT);                                                                             \
+    if (segs != stack_segs) free(segs);                                                   \
     return 0;
 
 int spmm_add_f32(float *y, int64_t ldy, const float *xin, int64_t ldxin, int64_t n, int64_t in,
-                 int64_t out, const int64_t *segs, const float *scales, int64_t nseg,
-                 int64_t single, int64_t multi) {
+                 int64_t out, const int64_t *bases, int64_t nbases, const int64_t *items,
+                 int64_t nitems, int64_t slot) {
     SPMM_ENTRY(float, ID, ADD_F32)
 }
 
 int spmm_add_bf16(uint16_t *y, int64_t ldy, const uint16_t *xin, int64_t ldxin, int64_t n,
-                  int64_t in, int64_t out, const int64_t *segs, const float *scales,
-                  int64_t nseg, int64_t single, int64_t multi) {
+                  int64_t in, int64_t out, const int64_t *bases, int64_t nbases,
+                  const int64_t *items, int64_t nitems, int64_t slot) {
     SPMM_ENTRY(uint16_t, bf2f, ADD_BF16)
 }
 
-#define ROWGATHER_BODY(STORE_ADD)                                                        \
+#define ROWGATHER_ENTRY(STORE_ADD)                                                       \
+    Seg stack_segs[64];                                                                  \
+    Seg *segs = nitems <= 32 ? stack_segs : (Seg *)malloc(sizeof(Seg) * 2 * nitems);     \
+    if (!segs) return -1;                                                                \
+    const int64_t nseg = resolve(segs, bases, nbases, items, nitems, slot);              \
+    if (nseg < 0) { if (segs != stack_segs) free(segs); return -2; }                     \
     for (int64_t s = 0; s < nseg; s++) {                                                 \
-        const Seg *g = (const Seg *)(segs + 8 * s);                                      \
-        if (!g->rowptr) continue;                                                        \
-        const float sc = scales[s];                                                      \
+        const Seg *g = &segs[s];                                                         \
+        const float sc = g->scale;                                                       \
         for (int64_t t = g->t0; t < g->t1; t++) {                                        \
             const int64_t row = ids[t];                                                  \
             for (int32_t e = g->rowptr[row]; e < g->rowptr[row + 1]; e++)                \
                 STORE_ADD(h[t * ldh + g->cols[e]], sc * val(g, e));                      \
         }                                                                                \
-    }
+    }                                                                                    \
+    if (segs != stack_segs) free(segs);                                                  \
+    return 0;
 
-void rowgather_add_f32(float *h, int64_t ldh, const int64_t *ids, const int64_t *segs,
-                       const float *scales, int64_t nseg) {
-    ROWGATHER_BODY(ADD_F32)
+int rowgather_add_f32(float *h, int64_t ldh, const int64_t *ids, const int64_t *bases,
+                      int64_t nbases, const int64_t *items, int64_t nitems, int64_t slot) {
+    ROWGATHER_ENTRY(ADD_F32)
 }
 
-void rowgather_add_bf16(uint16_t *h, int64_t ldh, const int64_t *ids, const int64_t *segs,
-                        const float *scales, int64_t nseg) {
-    ROWGATHER_BODY(ADD_BF16)
+int rowgather_add_bf16(uint16_t *h, int64_t ldh, const int64_t *ids, const int64_t *bases,
+                       int64_t nbases, const int64_t *items, int64_t nitems, int64_t slot) {
+    ROWGATHER_ENTRY(ADD_BF16)
 }

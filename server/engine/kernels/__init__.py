@@ -1,0 +1,115 @@
+"""The sparse delta ops of mixed-variant steps: one `torch.library` op per job, one
+implementation per device, so the engine calls the op and never asks where it runs.
+
+    deltaserve::spmm_add_(y, x, layouts, bases, items, slot)
+        y (N, out) += for each item {t0, t1, a, b}: x[t0:t1] @ (Δ_a - Δ_b).T of matrix slot
+    deltaserve::rowgather_add_(h, ids, layouts, bases, items, slot)
+        h (N, hidden) += for each item and token t in it: row ids[t] of (Δ_a - Δ_b)
+
+`layouts` are the step's variants (one int32 buffer each, layout.py), `bases` (V,) int64
+their addresses (what the native kernels read), `items` (W, 4) int64 the work: tokens
+[t0, t1) get +variant a and -variant b (indices into layouts; -1: none). Every tensor
+lives on y's device.
+
+    CPU    cpu.py: delta_kernels.c, built once with the system's C compiler
+    CUDA   gpu.py: Triton kernels (imported on first use)
+    other  reference.py: vectorized torch (also the reference in tests)
+    fake   shapes only, and a check that every argument is on y's device
+           (FakeTensorMode, torch.compile)
+
+The CPU and CUDA kernels need their toolchain; `native_available(device)` says whether
+it works here, and the engine falls back to the reference (`--delta-kernel torch`)
+when it does not.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from server.engine.kernels import cpu, reference
+from server.engine.kernels.cpu import KernelUnavailable, load_kernels
+from server.engine.kernels.layout import CSR, MAX_COLS, fuse_rows
+
+__all__ = [
+    "CSR",
+    "MAX_COLS",
+    "KernelUnavailable",
+    "fuse_rows",
+    "load_kernels",
+    "native_available",
+    "reference",
+    "rowgather_add_",
+    "spmm_add_",
+]
+
+log = logging.getLogger(__name__)
+
+_SIG = "Tensor[] layouts, Tensor bases, Tensor items, int slot) -> ()"
+_lib = torch.library.Library("deltaserve", "DEF")
+_lib.define(f"spmm_add_(Tensor(a!) y, Tensor x, {_SIG}")
+_lib.define(f"rowgather_add_(Tensor(a!) h, Tensor ids, {_SIG}")
+
+
+def _cuda_spmm(*args: Any) -> None:
+    from server.engine.kernels import gpu
+
+    gpu.spmm_add_(*args)
+
+
+def _cuda_rowgather(*args: Any) -> None:
+    from server.engine.kernels import gpu
+
+    gpu.rowgather_add_(*args)
+
+
+# The reference is registered under the alias of every backend; CPU and CUDA override it.
+_lib.impl("spmm_add_", reference.spmm_add_, "CompositeExplicitAutograd")
+_lib.impl("rowgather_add_", reference.rowgather_add_, "CompositeExplicitAutograd")
+_lib.impl("spmm_add_", cpu.spmm_add_, "CPU")
+_lib.impl("rowgather_add_", cpu.rowgather_add_, "CPU")
+_lib.impl("spmm_add_", _cuda_spmm, "CUDA")
+_lib.impl("rowgather_add_", _cuda_rowgather, "CUDA")
+
+
+def _same_device(out: torch.Tensor, *tensors: torch.Tensor | list[torch.Tensor]) -> None:
+    for t in tensors:
+        for u in t if isinstance(t, list) else [t]:
+            if u.device != out.device:
+                raise RuntimeError(
+                    f"deltaserve sparse op: a tensor on {u.device}, the output on {out.device}"
+                )
+
+
+@torch.library.register_fake("deltaserve::spmm_add_")
+def _spmm_fake(y, x, layouts, bases, items, slot):
+    _same_device(y, x, layouts, bases, items)
+    if x.shape[0] != y.shape[0] or items.dim() != 2 or items.shape[1] != 4:
+        raise ValueError(f"spmm_add_: x {tuple(x.shape)}, y {tuple(y.shape)}, items {items.shape}")
+
+
+@torch.library.register_fake("deltaserve::rowgather_add_")
+def _rowgather_fake(h, ids, layouts, bases, items, slot):
+    _same_device(h, ids, layouts, bases, items)
+    if ids.shape[0] != h.shape[0] or items.dim() != 2 or items.shape[1] != 4:
+        raise ValueError(f"rowgather_add_: ids {ids.shape}, h {h.shape}, items {items.shape}")
+
+
+spmm_add_ = torch.ops.deltaserve.spmm_add_
+rowgather_add_ = torch.ops.deltaserve.rowgather_add_
+
+
+def native_available(device: torch.device) -> str | None:
+    """None if the native kernel for `device` works here, else why not."""
+    try:
+        if device.type == "cpu":
+            load_kernels()
+        elif device.type == "cuda":
+            import triton  # noqa: F401
+        else:
+            return f"no native kernel for {device.type} (the torch reference serves it)"
+    except (KernelUnavailable, ImportError) as e:
+        return str(e)
+    return None
