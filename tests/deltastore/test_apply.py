@@ -14,7 +14,7 @@ from deltastore.format import Delta, DeltaMeta, TensorDelta
 from deltastore.methods import Method, select, tensor_generator
 from tests.conftest import make_model
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]  # cuda: skipped without one
 
 
 def _tensors(seed=0, dtype=torch.float32, device="cpu"):
