@@ -4,6 +4,7 @@ benchmarks' when they need a model of a given shape without fetching one."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -31,8 +32,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_config(**kw: object) -> LlamaConfig:
-    cfg = dict(
+def tiny_config(**kw: Any) -> LlamaConfig:
+    cfg: dict[str, Any] = dict(
         vocab_size=260,
         hidden_size=32,
         intermediate_size=64,
@@ -50,7 +51,7 @@ def tiny_config(**kw: object) -> LlamaConfig:
     return LlamaConfig(**cfg)
 
 
-def make_model(seed: int = 0, **kw: object) -> LlamaForCausalLM:
+def make_model(seed: int = 0, **kw: Any) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_config(**kw)).eval()
 
@@ -67,7 +68,7 @@ def perturbed(model: LlamaForCausalLM, scale: float, seed: int) -> LlamaForCausa
     return ft
 
 
-def save(model: LlamaForCausalLM, path: Path, **kw: object) -> Path:
+def save(model: LlamaForCausalLM, path: Path, **kw: Any) -> Path:
     model.save_pretrained(path, **kw)
     tiny_tokenizer().save_pretrained(path)
     return path
