@@ -54,7 +54,7 @@ mkdir -p benchmarks/results
 echo "== the cuda tests"
 set +e
 TRITON_INTERPRET=0 timeout 300 .venv-gpu/bin/python -m pytest -q -p no:cacheprovider -m cuda \
-  tests/server/test_cuda.py tests/deltastore/test_apply.py 2>&1 | tee benchmarks/results/gpu-tests.log
+  tests/server/engine/test_cuda.py tests/deltastore/test_apply.py 2>&1 | tee benchmarks/results/gpu-tests.log
 tests=${PIPESTATUS[0]}
 set -e
 

@@ -35,7 +35,7 @@ from server.config import Settings
 from server.engine.core import Engine
 from server.engine.job import Job, SamplingParams
 from server.engine.kernels.layout import pack
-from server.engine.scheduler import Scheduler
+from server.engine.llm_engine import LLMEngine
 from server.engine.sparse import CSR, Matrix, Segment, StepDeltas, VariantLayout, use_native
 from server.metrics import Metrics
 
@@ -54,7 +54,7 @@ def variants(base_dir: Path, n: int, rate_tag: str) -> Path:
 
 def run_once(engine: Engine, settings: Settings, d: int, rows: int, max_tokens: int) -> dict:
     metrics = Metrics()
-    sched = Scheduler(engine, settings, metrics)
+    sched = LLMEngine(engine, settings, metrics)
     tok = engine.tokenizer
     text = tok.apply_chat_template(
         [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True

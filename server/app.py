@@ -23,7 +23,8 @@ from deltastore.store import DeltaStore
 from server import errors
 from server.config import Settings
 from server.engine.core import Engine
-from server.engine.v1 import Scheduler, SchedulerAPI
+from server.engine.llm_engine import EngineAPI
+from server.engine.v1 import Scheduler as EngineV1
 from server.metrics import Metrics
 from server.middleware import Guard
 from server.routes import admin, health, openai
@@ -80,18 +81,18 @@ def _install_demos(state: AppState, base_dir: Path) -> None:
         log.exception("making the demo variants failed")
 
 
-def make_scheduler(engine: Engine, settings: Settings, metrics: Metrics) -> SchedulerAPI:
-    """The scheduler `settings.engine` names; v2 falls back to v1 (saying why) for a
+def make_scheduler(engine: Engine, settings: Settings, metrics: Metrics) -> EngineAPI:
+    """The engine `settings.engine` names; v2 falls back to v1 (saying why) for a
     model its runner does not support."""
     if settings.engine == "v2":
+        from server.engine.llm_engine import LLMEngine
         from server.engine.model_runner import UnsupportedModel
-        from server.engine.scheduler import Scheduler as SchedulerV2
 
         try:
-            return SchedulerV2(engine, settings, metrics)
+            return LLMEngine(engine, settings, metrics)
         except UnsupportedModel as e:
             log.warning("engine v2 unavailable (%s): serving with engine v1", e)
-    return Scheduler(engine, settings, metrics)
+    return EngineV1(engine, settings, metrics)
 
 
 def start(settings: Settings) -> tuple[AppState, threading.Thread]:

@@ -9,7 +9,7 @@ from fastapi import Depends, Header, Request
 
 from server.config import secret_digest
 from server.engine.core import Engine
-from server.engine.v1 import SchedulerAPI
+from server.engine.llm_engine import EngineAPI
 from server.errors import APIError
 from server.state import AppState
 
@@ -22,7 +22,7 @@ def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def get_ready(state: StateDep) -> tuple[Engine, SchedulerAPI]:
+def get_ready(state: StateDep) -> tuple[Engine, EngineAPI]:
     if state.engine is None or state.scheduler is None:
         reason = (
             "loading the base model failed (the server log says why)"
@@ -37,7 +37,7 @@ def get_ready(state: StateDep) -> tuple[Engine, SchedulerAPI]:
     return state.engine, state.scheduler
 
 
-ReadyDep = Annotated[tuple[Engine, SchedulerAPI], Depends(get_ready)]
+ReadyDep = Annotated[tuple[Engine, EngineAPI], Depends(get_ready)]
 
 
 def require_admin(state: StateDep, authorization: Annotated[str | None, Header()] = None) -> None:

@@ -17,7 +17,7 @@ from deltastore.store import DeltaStore
 from server.compose import Compositions
 from server.config import Settings
 from server.engine.core import Engine
-from server.engine.v1 import SchedulerAPI
+from server.engine.llm_engine import EngineAPI
 from server.metrics import Metrics
 
 T = TypeVar("T")
@@ -31,7 +31,7 @@ class AppState:
     base_dir: Path | None = None
     base_name: str = "base"
     engine: Engine | None = None
-    scheduler: SchedulerAPI | None = None
+    scheduler: EngineAPI | None = None
     load_error: str | None = None
     started: float = field(default_factory=time.time)
     ready_at: float | None = None

@@ -54,7 +54,7 @@ class ByteLRU(Generic[V]):
         with self._lock:
             return sum(e.nbytes for e in self._entries.values())
 
-    def __contains__(self, name: str) -> bool:
+    def __contains__(self, name: object) -> bool:
         with self._lock:
             return name in self._entries
 

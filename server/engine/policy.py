@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Container
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -57,12 +58,15 @@ class MergePolicy:
         tokens: dict[str | None, int],
         kept: dict[str, int],
         remaining: dict[str | None, list[int]],
-        engine: Any,
+        materialized: Container[str] = (),
         steady: bool = True,
     ) -> str | None:
         """The variant to have merged for this step (None: the base alone). `tokens`
-        counts each variant's rows; `steady` is False when they are prompt chunks only
-        (a composition that lasts one step: auto then keeps what it has)."""
+        counts each variant's rows; `kept` the kept entries of those variants and of
+        `merged`; `remaining` the tokens each variant's sequences still generate;
+        `materialized` the variants a swap to costs nothing (pointer swaps); `steady` is
+        False when the rows are prompt chunks only (a composition that lasts one step:
+        auto then keeps what it has)."""
         if self.mode is MergeMode.NEVER:
             return None
         variants = [v for v in tokens if v is not None]
@@ -76,19 +80,26 @@ class MergePolicy:
         total = sum(tokens.values())
 
         def saving(v: str | None) -> float:
-            if v is None or v not in tokens:
-                return 0.0 if v is None else -self.sparse_s * engine.kept_entries(v) * total
+            if v is None:
+                return 0.0
+            if v not in tokens:  # merged, none of its rows here: every row takes it out
+                return -self.sparse_s * kept.get(v, 0) * total
             return self.sparse_s * kept[v] * (2 * tokens[v] - total)
 
         def swap_cost(v: str | None) -> float:
-            if v is None or v in engine.materialized:
+            if v is None or v in materialized:
                 return 0.0
-            return self.swap_s * engine.kept_entries(v) / 2
+            return self.swap_s * kept.get(v, 0) / 2
 
         horizon = max(statistics.median(remaining.get(best) or [1]), 1)
         switch = (saving(best) - saving(merged)) * horizon
-        # twice the swap cost: the composition of the rows changes as they finish
-        if best != merged and switch > 2 * (swap_cost(merged) + swap_cost(best)):
+        # twice the swap cost: the composition of the rows changes as they finish; a
+        # variant whose merge saves nothing is never worth more than the base
+        if (
+            best != merged
+            and saving(best) > 0
+            and switch > 2 * (swap_cost(merged) + swap_cost(best))
+        ):
             return best
         losing = merged is not None and saving(merged) < 0
         if losing and -saving(merged) * horizon > swap_cost(merged):

@@ -7,9 +7,8 @@ oldest request has waited longest gets it (FIFO across variants, so nobody
 starves). Up to max_batch_size of that variant's requests run as one batch.
 
 All torch work of the server happens on this one thread (the one that loaded the
-base runs the loop: `serve_forever`). With OpenMP/MKL on CPU, compute started from a
-second thread of the same process ran at ~60% speed here (16 vs 27 tokens/s,
-see BENCHMARKS.md), so nothing else in the server touches torch.
+base runs the loop: `serve_forever`; see llm_engine.py). It implements the same
+`EngineAPI` as engine v2's `LLMEngine`.
 """
 
 from __future__ import annotations
@@ -20,44 +19,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from server.config import Settings
 from server.engine.core import Engine, WeightsUnavailable
 from server.engine.generate import generate
 from server.engine.job import INTERNAL, UNAVAILABLE, Job
+from server.engine.llm_engine import QueueFull, run_controls
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class QueueFull(RuntimeError):
-    pass
-
-
-def run_controls(
-    controls: list[tuple[Callable[[Engine], Any], Future[Any]]], engine: Engine
-) -> None:
-    """Run admin actions on the worker thread; each result or error goes to its future."""
-    for fn, fut in controls:
-        if fut.set_running_or_notify_cancel():
-            try:
-                fut.set_result(fn(engine))
-            except BaseException as e:  # handed to the waiting request
-                fut.set_exception(e)
-
-
-class SchedulerAPI(Protocol):
-    """What the HTTP layer uses of a scheduler (engine v1 here, v2 in server/runtime)."""
-
-    def submit(self, job: Job) -> None: ...
-    def control(self, fn: Callable[[Engine], T]) -> Future[T]: ...
-    def in_flight(self, variant: str) -> int: ...
-    def variants_in_flight(self) -> set[str]: ...
-    def start(self) -> None: ...
-    def serve_forever(self) -> None: ...
-    def stop(self) -> None: ...
 
 
 class Scheduler:

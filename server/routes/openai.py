@@ -26,7 +26,7 @@ from deltastore.store import NameError_, check_name
 from server.compose import Composition, CompositionError
 from server.deps import KeyDep, ReadyDep, StateDep
 from server.engine.job import Job, JobError, SamplingParams, TokenLogprob
-from server.engine.v1 import QueueFull
+from server.engine.llm_engine import QueueFull
 from server.errors import APIError, body
 from server.schemas import (
     MAX_PROMPTS,

@@ -86,7 +86,7 @@ def test_mixed_steps_on_the_real_base_match_materialized_finetunes(
     from deltastore.store import DeltaStore
     from server.engine.core import Engine
     from server.engine.job import Job, SamplingParams
-    from server.engine.scheduler import Scheduler
+    from server.engine.llm_engine import LLMEngine
     from server.metrics import Metrics
 
     store = tmp_path / "store"
@@ -108,7 +108,7 @@ def test_mixed_steps_on_the_real_base_match_materialized_finetunes(
         max_new_tokens=16,
     )
     engine = Engine(src, DeltaStore(store), settings)
-    sched = Scheduler(engine, settings, Metrics())
+    sched = LLMEngine(engine, settings, Metrics())
     jobs = {}
     for variant in refs:
         for p in prompts:

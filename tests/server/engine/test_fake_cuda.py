@@ -1,4 +1,4 @@
-"""Engine v2's step on device "cuda", traced without a GPU (tests/server/fake_cuda.py):
+"""Engine v2's step on device "cuda", traced without a GPU (tests/server/engine/fake_cuda.py):
 a prompt chunk, decode rows of nine variants and the base, one variant merged in place
 beside them, the embedding and head deltas, vector deltas, and sampling with every
 processor, logprobs and prompt scoring. Every tensor of the step is on the device (a
@@ -21,7 +21,7 @@ from server.engine.model_runner import ModelRunner
 from server.engine.sequence import Sequence
 from server.engine.sparse import VariantLayout, layout_variant
 from tests.conftest import make_model, tiny_tokenizer
-from tests.server.fake_cuda import CUDA, fake_cuda
+from tests.server.engine.fake_cuda import CUDA, fake_cuda
 
 N_VARIANTS = 9
 

@@ -10,7 +10,8 @@ import pytest
 from server.config import Settings
 from server.engine.core import Mode, Swap
 from server.engine.job import Job, SamplingParams
-from server.engine.v1 import QueueFull, Scheduler
+from server.engine.llm_engine import QueueFull
+from server.engine.v1 import Scheduler
 from server.metrics import Metrics
 
 

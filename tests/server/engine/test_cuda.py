@@ -14,14 +14,7 @@ from deltastore.sources import open_model
 from server.engine import kernels
 from server.engine.sparse import StepDeltas
 from tests.server.conftest import MAX_TOKENS, PROMPTS, LiveServer, make_settings
-from tests.server.test_runtime import (
-    assert_base_restored,
-    assert_only_merged_layout_held,
-    request,
-    run,
-    serving,
-)
-from tests.server.test_sparse import (
+from tests.server.engine.test_kernels import (
     N_TOKENS,
     SHAPES,
     SLOTS,
@@ -31,6 +24,13 @@ from tests.server.test_sparse import (
     _tolerance,
     make_deltas,
     make_layouts,
+)
+from tests.server.engine.test_llm_engine import (
+    assert_base_restored,
+    assert_only_merged_layout_held,
+    request,
+    run,
+    serving,
 )
 
 pytestmark = pytest.mark.cuda
