@@ -29,8 +29,8 @@ def test_pinned_and_in_use_are_never_evicted():
     c.release("busy")
     c.add("new", 3, 40)
     assert "busy" not in c and "pinned" in c
+    c.acquire("new")
     with pytest.raises(RuntimeError, match="in use"):
-        c.acquire("new")
         c.remove("new")
 
 
