@@ -31,10 +31,7 @@ import json
 import os
 import platform
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -43,7 +40,8 @@ import httpx
 from tqdm.auto import tqdm
 
 from benchmarks.serve import synthetic_variant
-from benchmarks.serving import QUESTION, make_adapter, peak_rss
+from benchmarks.servers import peak_rss, start, stop
+from benchmarks.serving import QUESTION, make_adapter
 from deltastore.compress import CompressOptions, compress
 from deltastore.embedded import ensure_embedded_base
 from deltastore.format import save_delta
@@ -92,39 +90,10 @@ def prepare(base_dir: Path, n: int, sparse_rate: float | None = None) -> dict[st
     return out
 
 
-def start(cmd: list[str], env: dict[str, str], ready_path: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        cmd,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: stopped whole
-    )
-    t0 = time.time()
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{PORT}{ready_path}", timeout=5).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() - t0 > 600:
-            stop(proc)
-            raise RuntimeError(f"{cmd[:4]} did not become ready")
-        time.sleep(0.2)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 def measure(
     label: str, cmd: list[str], env: dict[str, str], ready: str, names: list[str], args: Any
 ) -> dict[str, Any]:
-    proc = start(cmd, env, ready)
+    proc = start(cmd, PORT, env, ready)
     try:
         for name in names[:16]:  # warm-up: first use of each of the most popular models
             body = {"model": name, "prompt": args.prompt, "max_tokens": 2, "temperature": 0}

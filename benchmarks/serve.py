@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -35,6 +34,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from benchmarks.servers import start, stop
 from benchmarks.swap import bytes_moved, copy_bandwidth
 from benchmarks.task_deltas import task_deltas
 from deltastore.embedded import ensure_embedded_base
@@ -64,29 +64,9 @@ PORT = 8931
 
 def start_server(store: Path, *flags: str) -> subprocess.Popen[bytes]:
     """`deltaserve serve` as a user starts it, in its own process; returns once ready."""
-    env = {**os.environ, "DELTASERVE_PORT": str(PORT), "DELTASERVE_STORE": str(store)}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--no-demo", *flags],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{PORT}/ready").status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.perf_counter() - t0 > 300:
-            proc.kill()
-            raise RuntimeError("server did not become ready")
-        time.sleep(0.05)
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    proc.wait(30)
+    env = {"DELTASERVE_PORT": str(PORT), "DELTASERVE_STORE": str(store)}
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--no-demo", *flags]
+    return start(cmd, PORT, env, timeout_s=300)
 
 
 def time_to_ready(store: Path, repeats: int) -> list[float]:
@@ -95,7 +75,7 @@ def time_to_ready(store: Path, repeats: int) -> list[float]:
         t0 = time.perf_counter()
         proc = start_server(store)
         times.append(time.perf_counter() - t0)
-        stop_server(proc)
+        stop(proc)
     return times
 
 
@@ -207,7 +187,7 @@ def tokens_per_second(
         ds_batch_s = time.perf_counter() - t0
     finally:
         client.close()
-        stop_server(proc)
+        stop(proc)
     counts = {n for _, n, _ in hf_runs + ds_runs + hf_batch + ds_batch}
     if counts != {max_tokens}:
         raise RuntimeError(f"runs generated {counts} tokens, not {max_tokens} each")

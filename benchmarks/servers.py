@@ -46,7 +46,7 @@ def start(
             stop(proc)
             where = f" (its log: {log})" if log is not None else ""
             raise RuntimeError(f"{cmd[:4]} did not become ready{where}")
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -56,6 +56,14 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     except (ProcessLookupError, subprocess.TimeoutExpired):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def peak_rss(proc: subprocess.Popen[bytes]) -> int:
+    """The process's peak resident memory (bytes), while it runs."""
+    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def load(

@@ -28,9 +28,7 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.serve import synthetic_variant
+from benchmarks.servers import peak_rss, start, stop
 from deltastore.compress import CompressOptions, compress
 from deltastore.embedded import ensure_embedded_base
 from deltastore.format import load_delta, save_delta
@@ -103,30 +102,6 @@ def make_adapter(base: Any, path: Path, seed: int) -> Path:
     return path
 
 
-def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    t0 = time.time()
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{PORT}/ready", timeout=5).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() - t0 > 600:
-            proc.kill()
-            raise RuntimeError(f"{cmd} did not become ready")
-        time.sleep(0.1)
-
-
-def peak_rss(proc: subprocess.Popen[bytes]) -> int:
-    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def probe(names: list[str], prompt: str) -> dict[str, str]:
     out = {}
     for name in names:
@@ -144,7 +119,7 @@ def measure(
     args: argparse.Namespace,
     disk: int,
 ) -> dict[str, Any]:
-    proc = start(cmd, env)
+    proc = start(cmd, PORT, env)
     try:
         texts = probe(names[:3], args.prompt)  # also the warm-up
         w = Workload(
@@ -163,8 +138,7 @@ def measure(
         )
         rss = peak_rss(proc)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        stop(proc)
     d = asdict(rep)
     return {
         "config": label,
