@@ -81,6 +81,15 @@ class Settings(BaseSettings):
     mixed_cache_bytes: int = Field(
         GiB, ge=0, description="v2: budget for deltas laid out for mixed-variant steps"
     )
+    loader_depth: int = Field(
+        4, ge=1, description="v2: variant loads asked of the loader thread at a time"
+    )
+    load_wait_s: float = Field(
+        10.0,
+        gt=0,
+        description="v2: longest a request lets later ones go ahead while its variant loads "
+        "(then it is loaded on the step loop)",
+    )
     delta_kernel: Literal["auto", "native", "torch"] = Field(
         "auto",
         description="v2: sparse delta products by the device's native kernel (C on CPU, "

@@ -107,6 +107,24 @@ class Metrics:
             registry=r,
         )
         self.kv_slots_used = Gauge("deltaserve_kv_slots_used", "KV cache slots in use", registry=r)
+        self.layout_loads = Counter(
+            "deltaserve_layout_loads",
+            "variants loaded and laid out, by where (the loader thread or the step loop) "
+            "and outcome",
+            ["where", "outcome"],
+            registry=r,
+        )
+        self.layout_hits = Counter(
+            "deltaserve_layout_hits",
+            "requests admitted with their variant already laid out",
+            registry=r,
+        )
+        self.layout_wait_seconds = Histogram(
+            "deltaserve_layout_wait_seconds",
+            "time a request waited for its variant to be laid out",
+            buckets=_LATENCY,
+            registry=r,
+        )
 
     def watch_engine(self, engine: Callable[[], Any]) -> None:
         self.registry.register(_CacheCollector(engine))

@@ -433,6 +433,47 @@ class Engine:
                 raise
         return layout
 
+    def is_plain(self, name: str) -> bool:
+        """`name` is a delta file of the store (not a composition)."""
+        return self._composition(name) is None
+
+    def load_plain(self, name: str) -> tuple[Any, Delta, Any]:
+        """Read, verify, decode and lay out the delta file `name`: its stamp, delta and
+        layout. What the loader thread runs: it reads the store and the resident
+        weights' metadata (fixed at load) and touches no tier."""
+        from server.engine.sparse import layout_variant  # engine v2 only
+
+        stamp = self.store.stamp(name)
+        delta = load_delta(self.store.path(name), check=lambda meta: check_meta(meta, self.weights))
+        layout = layout_variant(
+            name,
+            delta,
+            self.matrix_names,
+            self.fused_matrices,
+            self.vector_slots,
+            self.device,
+        )
+        return stamp, delta, layout
+
+    def adopt(self, name: str, stamp: Any, delta: Delta, layout: Any) -> bool:
+        """Put what the loader made for `name` in the host and mixed tiers. False when
+        its file changed since the load began, or the mixed tier has no room."""
+        if name in self.layouts:
+            return True  # made here meanwhile (a composition's member, a preload)
+        if stamp is None or stamp != self.store.stamp(name):
+            return False
+        self._stamps[name] = stamp
+        self._touched[name] = tuple(delta.tensors)
+        try:
+            self.host.add(name, delta, delta.nbytes)
+        except CacheFull:
+            log.info("host tier full: %s stays uncached", name)
+        try:
+            self.layouts.add(name, layout, layout.nbytes)
+        except CacheFull:
+            return False
+        return True
+
     def acquire_layout(self, name: str) -> Any:
         """Lay `name` out (if needed) and mark it in use by a running sequence."""
         self.revalidate(name)

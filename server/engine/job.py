@@ -56,6 +56,12 @@ class JobError:
 
 
 INTERNAL = JobError("generation failed on an internal error")
+NO_ROOM = JobError(
+    "the variant's delta does not fit in the server's layout budget beside the variants "
+    "pinned there; retry later, or ask the operator to raise --mixed-cache-bytes",
+    503,
+    "layout_cache_full",
+)
 UNAVAILABLE = JobError(
     "the server cannot verify its resident weights and refuses to serve", 503, "weights_unavailable"
 )

@@ -36,8 +36,9 @@ from server.config import Settings
 from server.engine.batch import Batch, Packing, pack
 from server.engine.cache import CacheFull
 from server.engine.core import Engine, WeightsUnavailable
-from server.engine.job import INTERNAL, UNAVAILABLE, Job, JobError, TokenLogprob
+from server.engine.job import INTERNAL, NO_ROOM, UNAVAILABLE, Job, JobError, TokenLogprob
 from server.engine.kv_cache import KVCache
+from server.engine.loader import Loader
 from server.engine.model_runner import ModelRunner
 from server.engine.policy import MergePolicy
 from server.engine.scheduler import Scheduler
@@ -117,6 +118,10 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._held: str | None = None  # the merged variant, its layout held in use
         self._admitting: Job | None = None  # popped from the queue, not yet running
+        self.loader = Loader(engine.load_plain, settings.loader_depth, self._wake)
+        self._stalled = False  # nothing runs, and every waiting request waits for a load
+        self._on_loop: set[str] = set()  # variants to lay out on the step loop after all
+        self._waited: dict[int, float] = {}  # id(job) -> when it began to wait for a layout
         self._in_step: list[Sequence] = []  # the sequences of the step being run
         self._suspects: deque[Sequence] = deque()  # after a failed step: retried alone
         log.info(
@@ -133,10 +138,12 @@ class LLMEngine:
     # ------------------------------------------------------------------ the interface
 
     def start(self) -> None:
+        self.loader.start()
         self._thread = threading.Thread(target=self._loop, name="deltaserve-worker", daemon=True)
         self._thread.start()
 
     def serve_forever(self) -> None:
+        self.loader.start()
         self._thread = threading.current_thread()
         self._loop()
 
@@ -150,6 +157,7 @@ class LLMEngine:
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
+        self.loader.stop()
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -159,6 +167,7 @@ class LLMEngine:
                 )
             self._waiting.append(job)
             self.metrics.queue_length.set(len(self._waiting))
+            self._stalled = False
             self._cond.notify_all()
 
     def control(self, fn: Callable[[Engine], T]) -> Future[T]:
@@ -190,6 +199,11 @@ class LLMEngine:
             with self._cond:
                 while not (self._stop or self._control or self._waiting or self._running):
                     self._cond.wait()
+                if self._stalled and not (self._stop or self._control):
+                    # every waiting request waits for the loader: wake when a load is
+                    # done, a request comes, or the oldest one's wait runs out
+                    self._cond.wait(timeout=0.05)
+                self._stalled = False
                 if self._stop:
                     break
                 controls = list(self._control)
@@ -258,6 +272,7 @@ class LLMEngine:
             job.emit("error", error)
 
     def _step(self) -> None:
+        self._adopt_loads()
         for seq in [s for s in self._running if s.job.cancelled.is_set()]:
             self._finish(seq, "cancelled")
         self._in_step = []
@@ -270,6 +285,8 @@ class LLMEngine:
         if not self._suspects:
             self._admit()
         if not self._running:
+            with self._cond:
+                self._stalled = bool(self._waiting)
             return
         running = [self._suspects[0]] if self._suspects else self._running
         decode, chunks = self.scheduler.plan(running)
@@ -308,25 +325,74 @@ class LLMEngine:
         for s in decode:
             self.kv.clean_(s.slot, s.length, upto)
 
+    def _wake(self) -> None:
+        with self._cond:
+            self._stalled = False
+            self._cond.notify_all()
+
+    def _adopt_loads(self) -> None:
+        """Put the variants the loader laid out in the engine's tiers. One that failed
+        to load or to fit is laid out on the step loop when a request needs it (its
+        error, or its wait for room, then concerns that request alone)."""
+        for done in self.loader.take():
+            ok = False
+            if done.result is not None:
+                ok = self.engine.adopt(done.name, *done.result)
+            if not ok:
+                self._on_loop.add(done.name)
+            outcome = "ok" if ok else "failed" if done.error is not None else "discarded"
+            self.metrics.layout_loads.labels("loader", outcome).inc()
+
+    def _ready(self, job: Job) -> bool:
+        """Whether `job` can be admitted now. A plain variant that is not laid out is
+        asked of the loader instead, until the request has waited `load_wait_s`."""
+        v = job.variant
+        if v is None or job.cancelled.is_set() or v in self.engine.layouts:
+            return True
+        if v in self._on_loop or not self.engine.is_plain(v):  # compositions: merged here
+            return True
+        now = time.perf_counter()
+        self._waited.setdefault(id(job), now)
+        if now - job.enqueued >= self.settings.load_wait_s:
+            return True  # it waited long enough: laid out on the step loop, nothing starves
+        self.loader.want(v)
+        return False
+
     def _admit(self) -> None:
+        """Admit waiting requests into free KV slots, oldest first. A request whose
+        variant is still being laid out keeps its place in the queue while later ones
+        whose variants are ready go ahead of it (the loader works ahead of the queue);
+        a request that must wait for room for its layout stops admission."""
+        i = 0
         while True:
             with self._cond:
-                if not self._waiting or self.kv.free == 0:
+                if self.kv.free == 0 or i >= len(self._waiting):
                     break
-                job = self._admitting = self._waiting.popleft()
+                job = self._waiting[i]
+            if not self._ready(job):
+                i += 1
+                continue
+            with self._cond:
+                self._waiting.remove(job)
+                self._admitting = job
                 self.metrics.queue_length.set(len(self._waiting))
+            started = False
             try:
                 started = self._admit_one(job)
             finally:
                 with self._cond:
+                    if not started:  # back at its place: it waits for a layout's room
+                        self._waiting.insert(i, job)
                     self._admitting = None
-            if not started:  # put back: it waits for a layout to be released
+            if not started:
                 break
 
     def _admit_one(self, job: Job) -> bool:
         """Start `job`: its layout held, a KV slot, a Sequence in the running set; or end
-        it with an error that concerns it alone. False: it went back to the queue's head
-        (in_flight counts it throughout, so a delete never slips in between)."""
+        it with an error that concerns it alone. False: it must wait for room for its
+        layout (the caller puts it back; in_flight counts it throughout, so a delete
+        never slips in between)."""
+        waited = self._waited.pop(id(job), None)
         if job.cancelled.is_set():
             job.finish_reason = "cancelled"
             job.emit("done", job)
@@ -337,8 +403,16 @@ class LLMEngine:
         acquired, slot = False, None
         try:
             if job.variant is not None:
+                laid_out = job.variant in self.engine.layouts
                 self._acquire(job.variant)
                 acquired = True
+                self._on_loop.discard(job.variant)
+                if laid_out:
+                    self.metrics.layout_hits.inc()
+                else:
+                    self.metrics.layout_loads.labels("step", "ok").inc()
+                if waited is not None:
+                    self.metrics.layout_wait_seconds.observe(now - waited)
             slot = self.kv.allocate()
             seq = Sequence(job, slot, self.engine.tokenizer, self.eos)
         except Exception as e:  # this request alone waits or fails, never its neighbours
@@ -347,9 +421,14 @@ class LLMEngine:
             if acquired and job.variant is not None:
                 self.engine.release_layout(job.variant)
             if isinstance(e, CacheFull) and self._running:
-                with self._cond:  # every laid-out variant is in use: wait for one
-                    self._waiting.appendleft(job)
-                return False
+                if waited is not None:
+                    self._waited[id(job)] = waited
+                return False  # every laid-out variant is in use: it waits for one
+            if isinstance(e, CacheFull):
+                log.warning("request %s: %s", job.request_id, e)
+                job.finish_reason = "error"
+                job.emit("error", NO_ROOM)
+                return True
             log.exception("admitting request %s for %r failed", job.request_id, job.variant)
             job.finish_reason = "error"
             job.emit("error", INTERNAL)

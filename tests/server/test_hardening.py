@@ -18,7 +18,7 @@ from deltastore.format import load_delta
 from server.config import Settings
 from server.engine.core import Engine, Mode, WeightsUnavailable, digest
 from tests.server.conftest import TOKEN, LiveServer, make_settings
-from tests.server.test_engine import _engine
+from tests.server.engine.test_core import _engine
 
 PROMPT = "the cat sat"
 

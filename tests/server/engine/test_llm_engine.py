@@ -164,6 +164,8 @@ def test_mixed_steps_match_every_finetune(
         delta_kernel=delta_kernel,
     ) as srv:
         assert srv.scheduler.kv.n_slots == 64
+        for name in files:  # laid out ahead, so that every request is admitted at once
+            srv.engine.layout(name)
         # prompt-major: the first prompt of every model prefills first, so the decode
         # rows of a step belong to many variants at once
         reqs = [request(srv.engine, m, p) for p in PROMPTS for m in models]
@@ -267,3 +269,54 @@ def test_a_merged_variant_whose_layout_was_evicted_does_not_fail_the_step(
         )
     assert_matches_reference(v1, references)
     assert long_base.job.text == reference_text(tiny_dirs["base"], long_prompt)
+
+
+def test_a_cold_variant_loads_beside_running_requests_without_stalling_them(
+    tiny_dirs, nine_variants, tmp_path
+):
+    """v1 is not laid out and its load takes 3 s (injected on the loader thread): the
+    request on v0 that runs meanwhile keeps getting a token every step; v1's request
+    starts once its layout is ready, and both are exact."""
+    files, refs = nine_variants
+    files = {v: files[v] for v in ("v0", "v1")}
+    with serving(tiny_dirs, files, tmp_path, max_batch_size=4, max_new_tokens=64) as srv:
+        srv.engine.layout("v0")
+        real = srv.engine.load_plain
+        loading = threading.Event()
+
+        def slow_load(name: str) -> tuple[Any, ...]:
+            loading.set()
+            time.sleep(3.0)
+            return real(name)
+
+        srv.engine.load_plain = slow_load  # type: ignore[method-assign]
+        srv.scheduler.loader._load = slow_load
+        stamps: list[float] = []
+        long = request(
+            srv.engine,
+            "v0",
+            PROMPTS[0],
+            SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True),
+            on_event=lambda r, kind: stamps.append(time.perf_counter()) if kind == "text" else None,
+        )
+        cold = request(srv.engine, "v1", PROMPTS[1])
+        srv.scheduler.submit(long.job)
+        srv.scheduler.start()
+        while len(stamps) < 3:
+            time.sleep(0.01)
+        srv.scheduler.submit(cold.job)
+        wait_all([long, cold])
+        assert loading.is_set()
+        during = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        assert max(during) < 1.0, f"a {max(during):.2f} s gap between tokens of a running request"
+        reg = srv.metrics.registry
+        assert (
+            reg.get_sample_value(
+                "deltaserve_layout_loads_total", {"where": "loader", "outcome": "ok"}
+            )
+            == 1
+        )
+        assert reg.get_sample_value("deltaserve_layout_wait_seconds_count") == 1
+        assert reg.get_sample_value("deltaserve_layout_wait_seconds_sum") >= 2.5
+    assert long.outcome == "done" and long.job.completion_tokens == 48
+    assert_matches_reference(cold, refs)
