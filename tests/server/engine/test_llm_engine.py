@@ -4,6 +4,7 @@ transformers; failures and cancellations that concern one request alone."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import threading
 import time
@@ -307,7 +308,7 @@ def test_a_cold_variant_loads_beside_running_requests_without_stalling_them(
         srv.scheduler.submit(cold.job)
         wait_all([long, cold])
         assert loading.is_set()
-        during = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        during = [b - a for a, b in itertools.pairwise(stamps)]
         assert max(during) < 1.0, f"a {max(during):.2f} s gap between tokens of a running request"
         reg = srv.metrics.registry
         assert (
