@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -91,9 +92,15 @@ def prepare(base_dir: Path, n: int, sparse_rate: float | None = None) -> dict[st
 
 
 def measure(
-    label: str, cmd: list[str], env: dict[str, str], ready: str, names: list[str], args: Any
+    label: str,
+    cmd: list[str],
+    env: dict[str, str],
+    ready: str,
+    names: list[str],
+    args: Any,
+    cwd: Path | None = None,
 ) -> dict[str, Any]:
-    proc = start(cmd, PORT, env, ready)
+    proc = start(cmd, PORT, env, ready, cwd=cwd)
     try:
         for name in names[:16]:  # warm-up: first use of each of the most popular models
             body = {"model": name, "prompt": args.prompt, "max_tokens": 2, "temperature": 0}
@@ -140,6 +147,19 @@ def main() -> None:
         type=float,
         default=None,
         help="also serve the full fine-tunes pruned at this rate (e.g. 0.999)",
+    )
+    ap.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="a checkout of earlier code (e.g. a git worktree): each deltaserve v2 row also "
+        "runs on it, right beside, in the same run",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every configuration this many times, alternated (medians and spreads)",
     )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_v2.json"))
     ap.add_argument("--replot", action="store_true", help="only redraw --out's PNG and table")
@@ -258,13 +278,49 @@ def main() -> None:
                 configs.append(
                     (f"vLLM CPU: {n} LoRA adapters", vllm(adapters), vllm_env, "/v1/models", lnames)
                 )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    runs: list[tuple[str, list[str], dict[str, str], str, list[str], Path | None]] = []
     for label, cmd, env, ready, models in configs:
-        rows.append(measure(label, cmd, env, ready, models, args))
-        args.out.write_text(json.dumps(result, indent=1))  # partial results survive a stop
+        runs.append((label, cmd, env, ready, models, None))
+        if args.before is not None and label.startswith("deltaserve v2"):
+            before = args.before.resolve()
+            twin = {**env, "PYTHONPATH": str(before)}
+            runs.append((f"before: {label}", cmd, twin, ready, models, before))
+    result["before"] = str(args.before) if args.before else None
+    result["repeats"] = args.repeats
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for rep in range(args.repeats):
+        # alternated: odd repeats run the configurations in reverse, so a drift of the
+        # machine over the run weighs on every configuration alike
+        for label, cmd, env, ready, models, cwd in runs if rep % 2 == 0 else runs[::-1]:
+            row = measure(label, cmd, env, ready, models, args, cwd)
+            row["repeat"] = rep
+            rows.append(row)
+            args.out.write_text(json.dumps(result, indent=1))  # partial results survive a stop
     args.out.write_text(json.dumps(result, indent=1))
     plot(result, args.out.with_suffix(".png"))
     print(markdown(result))
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration (in first-run order): the median of its repeats, and
+    the lowest and highest tokens/s."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["config"], []).append(r)
+    out = []
+    for rs in by.values():
+        tps = sorted(r["tokens_per_s"] for r in rs)
+        mid = sorted(rs, key=lambda r: r["tokens_per_s"])[(len(rs) - 1) // 2]
+        out.append(
+            {
+                **mid,
+                "tokens_per_s": statistics.median(tps),
+                "low": tps[0],
+                "high": tps[-1],
+                "runs": len(rs),
+            }
+        )
+    return out
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -274,7 +330,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
+    rows = summary(result["rows"])
     colors = {"deltaserve v2": "tab:blue", "deltaserve v1": "tab:gray", "vLLM CPU": "tab:orange"}
     fig, ax = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.2))
     labels = [r["config"] for r in rows][::-1]
@@ -294,22 +350,32 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    """The table: per configuration its median tokens/s (the lowest and highest of its
+    repeats beside), its ratio to the base alone on the same code and engine."""
+    rows = summary(result["rows"])
+    spread = any(r["runs"] > 1 for r in rows)
     lines = [
-        "| configuration | tokens/s | × its base alone | req/s | TTFT p50 / p99 (ms) "
-        "| e2e p50 / p99 (ms) | peak RSS |",
+        "| configuration | tokens/s"
+        + (" (low–high)" if spread else "")
+        + " | × its base alone | req/s | TTFT p50 / p99 (ms) | e2e p50 / p99 (ms) | peak RSS |",
         "|---|---|---|---|---|---|---|",
     ]
+
+    def engine(label: str) -> str:
+        return label.rsplit(":", 1)[0]
+
     bases = {
-        r["config"].split(":")[0]: r["tokens_per_s"]
-        for r in result["rows"]
-        if r["config"].endswith("base alone")
+        engine(r["config"]): r["tokens_per_s"] for r in rows if r["config"].endswith("base alone")
     }
-    for r in result["rows"]:
-        ref = bases.get(r["config"].split(":")[0])
+    for r in rows:
+        ref = bases.get(engine(r["config"]))
         ratio = f"{r['tokens_per_s'] / ref:.2f}" if ref else "-"
         t, e = r["ttft_ms"], r["e2e_ms"]
+        tps = f"{r['tokens_per_s']:.1f}"
+        if spread:
+            tps += f" ({r['low']:.1f}–{r['high']:.1f})"
         lines.append(
-            f"| {r['config']} | {r['tokens_per_s']:.1f} | {ratio} | {r['requests_per_s']:.2f} "
+            f"| {r['config']} | {tps} | {ratio} | {r['requests_per_s']:.2f} "
             f"| {t.get('p50', 0):.0f} / {t.get('p99', 0):.0f} "
             f"| {e.get('p50', 0):.0f} / {e.get('p99', 0):.0f} "
             f"| {r['peak_rss_bytes'] / 2**30:.2f} GiB |"

@@ -25,11 +25,14 @@ def start(
     ready_path: str = "/ready",
     timeout_s: float = 600,
     log: Path | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start `cmd` and wait until GET ready_path answers 200 on 127.0.0.1:port."""
+    """Start `cmd` (in `cwd`) and wait until GET ready_path answers 200 on
+    127.0.0.1:port."""
     out = open(log, "wb") if log is not None else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
         cmd,
+        cwd=cwd,
         env={**os.environ, **(env or {})},
         stdout=out,
         stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
