@@ -7,7 +7,7 @@ hang up mid-stream, after which nothing may be left behind in the server.
     python benchmarks/soak.py --duration 0 --disconnects 1000   # the disconnects alone
 
 The CLI builds everything itself (nothing is downloaded): a tiny Llama base (the test
-suite's `tests/conftest.py` model), --variants stable fine-tunes and --churn-variants
+suite's model, `deltastore/testing.py`), --variants stable fine-tunes and --churn-variants
 churned ones (large perturbations compressed with DAREx-q, p = 0.5, as the test
 suite's `variant_files`), and the reference text of every (variant, prompt, length)
 from the fine-tune materialized and run in plain transformers (never the server). It
@@ -236,11 +236,6 @@ def soak_settings(base: Path, store: Path, **kw: Any) -> Settings:
     return Settings(**values)
 
 
-def _repo_on_path() -> None:
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-
-
 def build_variants(
     base_dir: Path,
     work: Path,
@@ -254,15 +249,13 @@ def build_variants(
     re-upload) and x0.. (extra uploads, absent at first): fine-tunes of the base
     perturbed as the test suite's (std 0.6·std(W)), compressed with DAREx-q (p = 0.5),
     their files under `work`, their references from the materialized fine-tune in
-    plain transformers (the test suite's `reference_text`)."""
-    _repo_on_path()
+    plain transformers (`deltastore.testing.reference_text`)."""
     from deltastore.compress import CompressOptions, compress
     from deltastore.format import load_delta, save_delta
     from deltastore.materialize import materialize
     from deltastore.methods import Method
     from deltastore.sources import SafetensorsModel, open_finetune, open_model
-    from tests.conftest import perturbed, save
-    from tests.server.conftest import reference_text
+    from deltastore.testing import perturbed, reference_text, save
 
     jobs = jobs or [*((p, MAX_TOKENS) for p in PROMPTS), (BURST_PROMPT, BURST_MAX_TOKENS)]
     base = open_model(base_dir)
@@ -1016,10 +1009,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from deltastore.testing import make_model, save
     from server.app import ThreadedServer
-
-    _repo_on_path()
-    from tests.conftest import make_model, save
 
     hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING)
