@@ -1,5 +1,7 @@
 """Tiny Llama models built on the spot (never downloaded): the test suite's, and the
-benchmarks' when they need a model of a given shape without fetching one."""
+benchmarks' when they need a model of a given shape without fetching one; and the
+greedy text of a model directory from plain transformers, the reference that served
+outputs are compared with."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from deltastore.sources import open_model
 
 
 def tiny_tokenizer(vocab_size: int = 0) -> PreTrainedTokenizerFast:
@@ -72,3 +76,19 @@ def save(model: LlamaForCausalLM, path: Path, **kw: Any) -> Path:
     model.save_pretrained(path, **kw)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def reference_text(model_dir: Path, prompt: str, max_tokens: int = 12) -> str:
+    """Greedy completion of `prompt` (`max_tokens` new tokens) by the model in
+    `model_dir`, loaded and run in plain transformers."""
+    src = open_model(model_dir)
+    model, tok = src.load_model(), src.load_tokenizer()
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from deltastore.compress import CompressOptions, compress
 from deltastore.format import load_delta, save_delta
 from deltastore.materialize import materialize
 from deltastore.methods import Method
 from deltastore.sources import open_finetune, open_model
+from deltastore.testing import reference_text  # the server tests import it from here
 from server.app import ThreadedServer
 from server.config import Settings
 from tests.conftest import perturbed, save
@@ -23,22 +23,8 @@ from tests.conftest import perturbed, save
 N_EXTRA = 4  # v5..v8: with v0..v4, nine variants
 TOKEN = "test-admin-token"
 PROMPTS = ["the cat sat", "on a mat and", "ran", "then the cat ran on", "a"]
-MAX_TOKENS = 12
+MAX_TOKENS = 12  # reference_text's default length too
 N_VARIANTS = 5
-
-
-def reference_text(model_dir: Path, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
-    src = open_model(model_dir)
-    model, tok = src.load_model(), src.load_tokenizer()
-    ids = tok(prompt, return_tensors="pt")["input_ids"]
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_tokens,
-        do_sample=False,
-        pad_token_id=tok.pad_token_id,
-    )
-    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 @pytest.fixture(scope="session")

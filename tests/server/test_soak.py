@@ -1,5 +1,6 @@
 """Soak and disconnect checks on a live server (engine v2, tiny model): see
-benchmarks/soak.py, which runs the same checks longer from the command line.
+benchmarks/soak/, which runs the same checks longer from the command line
+(`python -m benchmarks.soak`).
 
 - 1,000 clients read the first chunk of a streaming completion and hang up: the server
   ends up holding nothing (queue, running set, KV slots, in-flight counts, layouts)
