@@ -17,8 +17,11 @@
  * Threads split W's rows in the same static ranges for every term, so terms may
  * overlap in tokens without races. A one-token term walks its rows with four partial
  * sums; a longer one reads x transposed (in x (N + 8), tokens contiguous, room for a
- * whole block past the last token) and keeps 8 tokens' sums per row in vectors. x and y
- * are both float32 or both bfloat16; the kernel converts x to fp32 itself (row-major
+ * whole block past the last token) and keeps 8 tokens' sums per row in vectors. A call
+ * with no entries to add returns at once, and a small one runs on the calling thread
+ * (PARALLEL_WORK). The OpenMP runtime is torch's own (its libgomp is already loaded
+ * when this library is, so both share one thread pool). x and y are both float32 or
+ * both bfloat16; the kernel converts x to fp32 itself (row-major
  * and/or transposed, as the terms need) and rounds y back to nearest even. Returns 0,
  * -1 if it could not allocate its buffers, -2 for a malformed item.
  */
@@ -30,6 +33,9 @@
 #endif
 
 #define HEADER 8
+/* below this many multiply-adds a product runs on the calling thread: waking the
+ * OpenMP team costs more than it saves */
+#define PARALLEL_WORK 32768
 
 typedef struct {
     int64_t t0, t1;
@@ -146,7 +152,7 @@ static int64_t resolve(Seg *segs, const int64_t *bases, int64_t nbases, const in
     }
 
 #define SPMM_BODY(T, STORE_ADD)                                                           \
-    _Pragma("omp parallel if (out >= 128)")                                               \
+    _Pragma("omp parallel if (work >= PARALLEL_WORK)")                                    \
     {                                                                                     \
         int64_t nth = 1, me = 0;                                                          \
         SPLIT(nth, me);                                                                   \
@@ -175,10 +181,13 @@ static int64_t resolve(Seg *segs, const int64_t *bases, int64_t nbases, const in
     const int64_t nseg = resolve(segs, bases, nbases, items, nitems, slot);               \
     if (nseg < 0) { if (segs != stack_segs) free(segs); return -2; }                      \
     int single = 0, multi = 0;                                                            \
+    int64_t work = 0; /* multiply-adds: threads only where they pay for waking */         \
     for (int64_t s = 0; s < nseg; s++) {                                                  \
         if (segs[s].t1 - segs[s].t0 == 1) single = 1;                                     \
         else if (segs[s].t1 - segs[s].t0 > 1) multi = 1;                                  \
+        work += (int64_t)(segs[s].rowptr[out] - segs[s].rowptr[0]) * (segs[s].t1 - segs[s].t0); \
     }                                                                                     \
+    if (work == 0) { if (segs != stack_segs) free(segs); return 0; }                      \
     float *xf_buf = NULL, *xT = NULL;                                                     \
     const float *x = NULL;                                                                \
     const int64_t ldxT = n + BLOCK;                                                       \
