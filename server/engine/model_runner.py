@@ -1,19 +1,35 @@
 """One step's forward: packed tokens of many sequences and variants -> logits.
 
-The runner computes a Llama-family decoder (LlamaForCausalLM and the models that
-share its layout) directly from the resident parameters of the transformers model,
-gpt-fast style, so that one step can serve tokens of many variants:
+The runner computes the decoder directly from the resident parameters of the
+transformers model, gpt-fast style, so that one step can serve tokens of many variants:
 
     tokens (N,) packed: each sequence's tokens contiguous, each variant's contiguous
-    h = embed(ids) + row gather of each variant's embedding delta
-    per layer:  x = rmsnorm(h) * (w + Δw_group(t))            (per-token vector deltas)
-                y = x @ W.T + Σ_v sign_v · x[rows_v] @ Δ_v.T   (StepDeltas.spmm_add_)
+    h = embed(ids) + row gather of each variant's embedding delta    (× √hidden: Gemma)
+    per layer:  x = norm(h) with weight w + Δw_group(t)              (per-token vector deltas)
+                y = x @ W.T + Σ_v sign_v · x[rows_v] @ Δ_v.T         (StepDeltas.spmm_add_)
                 attention over the KV slots (decode rows batched, prefill per chunk)
     logits for the rows that sample: h @ E.T + each variant's lm_head/embedding delta
 
-q/k/v and gate/up run as one GEMM each (and one sparse call each) through a view of
-their weights, which FlatWeights lays out one after another: fewer, larger products
-are what a small-batch step on a CPU needs (BENCHMARKS.md, engine v2).
+A model family is one row of `FAMILIES` (its norms, activation, fused products, rope and
+attention quirks), never a copy of the forward: the one forward below reads the row.
+
+    family       norms                        mlp   fused in checkpoint  rope, attention
+    llama        w·x: in, post-attn           silu  -                    scaling (llama3...)
+    mistral      w·x: in, post-attn           silu  -                    window on every layer
+    qwen2        w·x: in, post-attn           silu  -                    q/k/v biases; window
+                                                                          on sliding layers
+    qwen3        w·x: in, post-attn, q/k      silu  -                    window on sliding layers
+    gemma2       (1+w)·x: in, post-attn,      gelu  -                    ×√hidden, softcaps,
+                 pre/post-ff                                              sliding/global layers
+    gemma3_text  (1+w)·x: as gemma2, q/k      gelu  -                    local rope base on
+                                                                          sliding layers
+    phi3         w·x: in, post-attn           silu  qkv_proj,            partial rotary;
+                                                    gate_up_proj         window on every layer
+
+q/k/v and gate/up run as one GEMM each (and one sparse call each): fused in the
+checkpoint (Phi-3: a delta names the fused tensor), or through a view of separate weights
+that FlatWeights lays out one after another (fewer, larger products are what a
+small-batch step on a CPU needs: BENCHMARKS.md, engine v2).
 
 The weights are read from the model's modules at every step, so a variant merged in
 place (apply_delta_) or materialized (parameter storage rebound) by the Engine is
@@ -23,13 +39,17 @@ the merged one subtracted for rows that are not its own.
 Device-independent: every tensor of a step lives on the engine's device, the sparse
 products are the ops of server/engine/kernels (one implementation per device), and
 nothing in the forward reads a device value on the host (shapes and loop bounds come
-from the host side of the StepInput), so a step costs no host synchronization.
+from the host side of the StepInput), so a step costs no host synchronization. Rope is
+a table per position built once (so a step needs no frequency update: longrope uses
+the long factors from its original context length on).
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -38,19 +58,101 @@ import torch.nn.functional as F
 from server.engine.batch import StepInput
 from server.engine.kv_cache import KVCache
 
-SUPPORTED = {"llama", "mistral", "qwen2"}  # same decoder layout; no sliding window used
-# a layer's products, in order; the members of a group run as one GEMM when their
-# weights lie one after another in memory (FlatWeights puts them so, without biases)
-PRODUCTS = (
-    ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.o_proj", ("self_attn.o_proj",)),
-    ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.down_proj", ("mlp.down_proj",)),
-)
-
 
 class UnsupportedModel(ValueError):
     pass
+
+
+class Norm(StrEnum):
+    """How an RMSNorm applies its weight (the normalization is fp32 in both)."""
+
+    SCALE = "w·x"  # weight * x.to(dtype)             (LlamaRMSNorm)
+    ONE_PLUS = "(1+w)·x"  # (x * (1 + weight)).to(dtype)   (Gemma)
+
+
+class Window(StrEnum):
+    """Which layers attend within `config.sliding_window` positions."""
+
+    NONE = "none"
+    EVERY_LAYER = "every layer"
+    LAYER_TYPES = "layer_types"  # the layers config.layer_types names sliding_attention
+
+
+SEPARATE_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+SEPARATE_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+# a layer's norms by role: attn_in, attn_out (on the attention's output), mlp_in,
+# mlp_out (on the MLP's output), q and k (per head, before rope)
+PRE_NORMS = (("attn_in", "input_layernorm"), ("mlp_in", "post_attention_layernorm"))
+SANDWICH_NORMS = (
+    ("attn_in", "input_layernorm"),
+    ("attn_out", "post_attention_layernorm"),
+    ("mlp_in", "pre_feedforward_layernorm"),
+    ("mlp_out", "post_feedforward_layernorm"),
+)
+QK_NORMS = (("q", "self_attn.q_norm"), ("k", "self_attn.k_norm"))
+
+
+@dataclass(frozen=True)
+class Family:
+    """A decoder family: what differs from Llama, as data."""
+
+    norms: tuple[tuple[str, str], ...] = PRE_NORMS  # (role, module path in a layer)
+    norm: Norm = Norm.SCALE
+    qkv: tuple[str, ...] = SEPARATE_QKV  # one module: q/k/v fused in the checkpoint
+    gate_up: tuple[str, ...] = SEPARATE_GATE_UP  # one module: gate/up fused
+    act: str = "hidden_act"  # the config field naming the MLP's gate activation
+    window: Window = Window.NONE
+    embed_scale: bool = False  # embeddings × √hidden (rounded to the weights' dtype)
+    query_scale: str | None = None  # config field s: logits scaled by s^-1/2, not head_dim^-1/2
+    attn_softcap: bool = False  # attention logits soft-capped by attn_logit_softcapping
+    final_softcap: bool = False  # final logits soft-capped by final_logit_softcapping
+    rope_by_layer_type: bool = False  # one rope per layer type (a local base)
+
+
+_GEMMA = Family(
+    norms=SANDWICH_NORMS,
+    norm=Norm.ONE_PLUS,
+    act="hidden_activation",
+    window=Window.LAYER_TYPES,
+    embed_scale=True,
+    query_scale="query_pre_attn_scalar",
+    final_softcap=True,
+)
+# model_type -> family; a model whose type is not here is refused at startup
+FAMILIES: dict[str, Family] = {
+    "llama": Family(),
+    "mistral": Family(window=Window.EVERY_LAYER),
+    "qwen2": Family(window=Window.LAYER_TYPES),
+    "qwen3": Family(norms=PRE_NORMS + QK_NORMS, window=Window.LAYER_TYPES),
+    "gemma2": replace(_GEMMA, attn_softcap=True),
+    "gemma3_text": replace(_GEMMA, norms=SANDWICH_NORMS + QK_NORMS, rope_by_layer_type=True),
+    "phi3": Family(
+        qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",), window=Window.EVERY_LAYER
+    ),
+}
+SUPPORTED = tuple(FAMILIES)
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def family_of(config: Any) -> Family:
+    """The family of a model config; UnsupportedModel names the supported ones."""
+    kind = getattr(config, "model_type", None)
+    family = FAMILIES.get(kind or "")
+    if family is None:
+        raise UnsupportedModel(
+            f"model type {kind!r} is not served; supported model types: {', '.join(SUPPORTED)}"
+        )
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedModel(f"{kind} with bidirectional attention is not a causal decoder")
+    if family.window is Window.LAYER_TYPES:
+        odd = sorted(set(getattr(config, "layer_types", None) or ()) - set(_LAYER_TYPES))
+        if odd:
+            raise UnsupportedModel(f"{kind}: layer types {odd} (served: {list(_LAYER_TYPES)})")
+    return family
+
+
+def check_supported(model: Any) -> None:
+    family_of(model.config)
 
 
 @dataclass
@@ -70,6 +172,14 @@ class Product:
 
     def weights_in_place(self) -> bool:
         return all(_place(m.weight) == p for m, p in zip(self.mods, self.places, strict=True))
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """What a layer's attention reads besides its weights."""
+
+    window: int | None  # attend to the last `window` positions only
+    rope: str  # the rope table it uses
 
 
 def _place(t: torch.Tensor) -> tuple[int, int]:
@@ -97,32 +207,68 @@ def _stack(mods: list[Any]) -> tuple[torch.Tensor | None, tuple[tuple[int, int],
     return view, places
 
 
-def check_supported(model: Any) -> None:
-    cfg = model.config
-    kind = getattr(cfg, "model_type", None)
-    if kind not in SUPPORTED:
-        raise UnsupportedModel(f"mixed-variant steps support {sorted(SUPPORTED)}, not {kind!r}")
-    window = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
-    if window and kind != "llama":
-        raise UnsupportedModel(f"{kind} with a sliding window is not supported")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise UnsupportedModel(f"activation {cfg.hidden_act!r} is not supported (silu only)")
+def _activation(cfg: Any, family: Family) -> Callable[[torch.Tensor], torch.Tensor]:
+    from transformers.activations import ACT2FN
+
+    name = getattr(cfg, family.act, None)
+    if name not in ACT2FN:
+        raise UnsupportedModel(f"{cfg.model_type}: activation {family.act}={name!r} is unknown")
+    fn: Callable[[torch.Tensor], torch.Tensor] = ACT2FN[name]
+    return fn
+
+
+def _windows(cfg: Any, family: Family) -> list[int | None]:
+    n = cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None)
+    if family.window is Window.NONE or not window:
+        return [None] * n
+    if family.window is Window.EVERY_LAYER:
+        return [int(window)] * n
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * n
+    return [int(window) if t == "sliding_attention" else None for t in types]
+
+
+def _softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap
 
 
 class ModelRunner:
     def __init__(self, model: Any, kv: KVCache) -> None:
-        check_supported(model)
-        self.model, self.kv = model, kv
         cfg = model.config
+        self.family = family = family_of(cfg)
+        self.model, self.kv = model, kv
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.eps = cfg.rms_norm_eps
+        self.act = _activation(cfg, family)
+        self.scale = float(
+            getattr(cfg, family.query_scale) if family.query_scale else self.head_dim
+        )
+        self.scale **= -0.5
+        self.attn_cap = (
+            getattr(cfg, "attn_logit_softcapping", None) if family.attn_softcap else None
+        )
+        self.final_cap = (
+            getattr(cfg, "final_logit_softcapping", None) if family.final_softcap else None
+        )
         self.layers = list(model.model.layers)
         self.embed = model.model.embed_tokens
+        self.embed_scale = (
+            float(torch.tensor(cfg.hidden_size**0.5).to(self.embed.weight.dtype))
+            if family.embed_scale
+            else None
+        )
         self.norm = model.model.norm
         self.lm_head = model.lm_head
-        self.rotary = model.model.rotary_emb
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(self.layers)
+        self.attn = [
+            LayerAttention(w, t if family.rope_by_layer_type else "")
+            for w, t in zip(_windows(cfg, family), types, strict=True)
+        ]
+        self.rope = self._rope_tables(model, {a.rope for a in self.attn}, kv.max_len)
+        self.qkv_splits = [self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2
+        self.gate_up_splits = [cfg.intermediate_size] * 2
         names = {id(p): n for n, p in model.named_parameters()}
         self.embed_name = names[id(self.embed.weight)]
         self.head_name = names[id(self.lm_head.weight)]  # the embedding's name when tied
@@ -130,50 +276,117 @@ class ModelRunner:
         if self.head_name != self.embed_name:
             self.matrix_names.append(self.head_name)
         self.fused: dict[str, list[tuple[str, int]]] = {}  # slot -> stacked (name, rows)
-        self._products: list[list[Product]] = []
+        groups = (
+            ("self_attn.qkv_proj", family.qkv),
+            ("self_attn.o_proj", ("self_attn.o_proj",)),
+            ("mlp.gate_up_proj", family.gate_up),
+            ("mlp.down_proj", ("mlp.down_proj",)),
+        )
         prefixes = {id(m): n for n, m in model.named_modules()}
+        # per layer: role (qkv, o, gate_up, down) -> its products
+        self._products: list[dict[str, list[Product]]] = []
         for layer in self.layers:
-            products = []
-            for group, paths in PRODUCTS:
-                mods = [layer.get_submodule(p) for p in paths]
-                members = [names[id(m.weight)] for m in mods]
-                biases = [
-                    names[id(m.bias)] if getattr(m, "bias", None) is not None else None
-                    for m in mods
-                ]
-                sizes = [m.weight.shape[0] for m in mods]
-                stacked, places = _stack(mods)
-                if stacked is None:  # one product per matrix
-                    for m, member, size, bias in zip(mods, members, sizes, biases, strict=True):
-                        products.append(
-                            Product(len(self.matrix_names), member, [m], [size], [bias])
-                        )
-                        self.matrix_names.append(member)
-                    continue
-                name = f"{prefixes[id(layer)]}.{group}"
-                self.fused[name] = list(zip(members, sizes, strict=True))
-                products.append(
-                    Product(len(self.matrix_names), name, mods, sizes, biases, stacked, places)
-                )
-                self.matrix_names.append(name)
+            products: dict[str, list[Product]] = {}
+            for (group, paths), role in zip(groups, ("qkv", "o", "gate_up", "down"), strict=True):
+                products[role] = self._layer_products(layer, group, paths, names, prefixes)
             self._products.append(products)
+        self._check_splits()
         self.slot_of = {n: i for i, n in enumerate(self.matrix_names)}
-        self._norms = [
-            (names[id(la.input_layernorm.weight)], names[id(la.post_attention_layernorm.weight)])
-            for la in self.layers
-        ]
+        # per layer: role -> (norm module, its weight's name)
+        self._norms: list[dict[str, tuple[Any, str]]] = []
+        for layer in self.layers:
+            found = {}
+            for role, path in family.norms:
+                mod = layer.get_submodule(path)
+                found[role] = (mod, names[id(mod.weight)])
+            self._norms.append(found)
         self.final_norm_name = names[id(self.norm.weight)]
         # the 1-D tensors a step applies per row (norm weights, biases): name -> (offset,
         # size) in a variant's vector (sparse.py)
         self.vector_slots: dict[str, tuple[int, int]] = {}
-        vector_params = [n for pair in self._norms for n in pair] + [self.final_norm_name]
-        vector_params += [b for ps in self._products for p in ps for b in p.biases if b]
+        vector_params = [n for norms in self._norms for _, n in norms.values()]
+        vector_params.append(self.final_norm_name)
+        vector_params += [
+            b
+            for ps in self._products
+            for group in ps.values()
+            for p in group
+            for b in p.biases
+            if b
+        ]
         params = dict(model.named_parameters())
         size = 0
         for n in vector_params:
             self.vector_slots[n] = (size, params[n].numel())
             size += params[n].numel()
         self.vector_size = size
+
+    def _layer_products(
+        self,
+        layer: Any,
+        group: str,
+        paths: tuple[str, ...],
+        names: dict[int, str],
+        prefixes: dict[int, str],
+    ) -> list[Product]:
+        """One product for the group (fused in the checkpoint, or a stacked view), else
+        one per matrix; each gets its slot in matrix_names."""
+        mods = [layer.get_submodule(p) for p in paths]
+        members = [names[id(m.weight)] for m in mods]
+        biases = [names[id(m.bias)] if getattr(m, "bias", None) is not None else None for m in mods]
+        sizes = [m.weight.shape[0] for m in mods]
+        stacked, places = _stack(mods)
+        if stacked is None:
+            out = []
+            for m, member, size, bias in zip(mods, members, sizes, biases, strict=True):
+                out.append(Product(len(self.matrix_names), member, [m], [size], [bias]))
+                self.matrix_names.append(member)
+            return out
+        name = f"{prefixes[id(layer)]}.{group}"
+        self.fused[name] = list(zip(members, sizes, strict=True))
+        self.matrix_names.append(name)
+        return [Product(len(self.matrix_names) - 1, name, mods, sizes, biases, stacked, places)]
+
+    def _check_splits(self) -> None:
+        for role, splits in (("qkv", self.qkv_splits), ("gate_up", self.gate_up_splits)):
+            rows = sum(s for p in self._products[0][role] for s in p.sizes)
+            if rows != sum(splits):
+                raise UnsupportedModel(
+                    f"{self.model.config.model_type}: {role} has {rows} output rows, the config "
+                    f"says {splits}"
+                )
+
+    def _rope_tables(
+        self, model: Any, kinds: set[str], max_len: int
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos, sin (max_len, rotary dim) per rope kind ("" or a layer type), by the
+        model's own rotary module, once."""
+        rotary = model.model.rotary_emb
+        w = self.embed.weight
+        like = torch.empty(0, dtype=w.dtype, device=w.device)  # the tables' dtype and device
+        tables = {}
+        for kind in sorted(kinds):
+            rope_type = rotary.rope_type[kind] if kind else rotary.rope_type
+            params = model.config.rope_parameters
+            params = params[kind] if kind else params
+            if "dynamic" in rope_type:
+                raise UnsupportedModel(
+                    f"rope type {rope_type!r} rescales with the batch's length; not served"
+                )
+            cuts = [0, max_len]
+            if rope_type == "longrope":  # short factors within the original context
+                cuts.insert(1, min(int(params["original_max_position_embeddings"]), max_len))
+            parts = []
+            for lo, hi in itertools.pairwise(cuts):
+                if hi > lo:
+                    pos = torch.arange(lo, hi, device=like.device)[None]
+                    cs = rotary(like, pos, kind) if kind else rotary(like, pos)
+                    parts.append(cs)
+            tables[kind] = (
+                torch.cat([c[0] for c, _ in parts]),
+                torch.cat([s[0] for _, s in parts]),
+            )
+        return tables
 
     def vector(self, step: StepInput, name: str) -> torch.Tensor | None:
         """(G, n) fp32: the step's per-group delta of the 1-D tensor `name`, or None."""
@@ -184,13 +397,6 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ pieces
 
-    def _products_of(self, i: int) -> tuple[list[Product], Product, list[Product], Product]:
-        """Layer i's products: q/k/v (one stacked or three), o, gate/up, down."""
-        ps = self._products[i]
-        n_attn = 1 if len(ps[0].sizes) == 3 else 3
-        attn, o_proj, rest = ps[:n_attn], ps[n_attn], ps[n_attn + 1 :]
-        return attn, o_proj, rest[:-1], rest[-1]
-
     def _rmsnorm(
         self,
         x: torch.Tensor,
@@ -198,18 +404,31 @@ class ModelRunner:
         dv: torch.Tensor | None,
         group: torch.Tensor | None,
     ) -> torch.Tensor:
-        """As transformers' LlamaRMSNorm; with dv (G, n), row t uses weight + dv[group[t]]
-        (rounded to the weight's dtype, as a materialized fine-tune would hold it)."""
+        """As transformers' RMSNorm of the family over x's last dimension (x: (N, n) or
+        (N, heads, n)); with dv (G, n), token t uses weight + dv[group[t]] (rounded to
+        the weight's dtype, as a materialized fine-tune would hold it)."""
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if dv is None or group is None:
-            return weight * h.to(x.dtype)
-        w = (weight.to(torch.float32) + dv).to(weight.dtype).index_select(0, group)
+        w = weight
+        if dv is not None and group is not None:
+            w = (weight.to(torch.float32) + dv).to(weight.dtype).index_select(0, group)
+            if x.dim() == 3:
+                w = w.unsqueeze(1)
+        if self.family.norm is Norm.ONE_PLUS:
+            return (h * (1.0 + w.to(torch.float32))).to(x.dtype)
         return w * h.to(x.dtype)
 
-    def _project(self, x: torch.Tensor, p: Product, step: StepInput) -> list[torch.Tensor]:
-        """x (N, in) -> each member's output (N, rows): the resident weights' GEMM plus
-        the step's sparse deltas over their rows."""
+    def _norm(self, x: torch.Tensor, layer: int, role: str, step: StepInput) -> torch.Tensor:
+        """x through the layer's `role` norm; x itself when the family has none there."""
+        found = self._norms[layer].get(role)
+        if found is None:
+            return x
+        mod, name = found
+        return self._rmsnorm(x, mod.weight, self.vector(step, name), step.token_group)
+
+    def _project(self, x: torch.Tensor, p: Product, step: StepInput) -> torch.Tensor:
+        """x (N, in) -> (N, rows of p): the resident weights' GEMM plus the step's sparse
+        deltas over their rows."""
         if p.stacked is not None and p.weights_in_place():
             y = F.linear(x, p.stacked)
         elif len(p.mods) == 1:
@@ -224,18 +443,44 @@ class ModelRunner:
                 if dv is not None:
                     y[:, start : start + size] += dv.index_select(0, step.token_group).to(y.dtype)
                 start += size
-        return list(y.split(p.sizes, dim=1)) if len(p.sizes) > 1 else [y]
+        return y
+
+    def _group(
+        self, x: torch.Tensor, layer: int, role: str, splits: list[int], step: StepInput
+    ) -> list[torch.Tensor]:
+        """The outputs of a group (q/k/v, gate/up), one per split: one product's output
+        split, or one output per product."""
+        ys = [self._project(x, p, step) for p in self._products[layer][role]]
+        return list(ys[0].split(splits, dim=1)) if len(ys) == 1 else ys
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        """Rope over the first cos.shape[-1] dimensions of each head (all of them unless
+        the rotary is partial); x (N, H, D), cos/sin (N, 1, R)."""
+        r = cos.shape[-1]
+        rot = x[..., :r]
+        half = r // 2
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        out = rot * cos + rotated * sin
+        return out if r == x.shape[-1] else torch.cat((out, x[..., r:]), dim=-1)
+
+    def _sdpa(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention with the family's scale; soft-capped logits are computed as
+        transformers' eager attention does (SDPA has no soft-capping)."""
+        if self.attn_cap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scale)
+        scores = _softcap(torch.matmul(q, k.transpose(-1, -2)) * self.scale, self.attn_cap)
+        scores = torch.where(keep, scores, float("-inf"))
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(weights, v)
 
     def _attention(self, layer: int, q: torch.Tensor, step: StepInput) -> torch.Tensor:
         """q (N, H, D) -> (N, H*D), reading keys/values from the KV slots."""
         n, hkv, d = q.shape[0], self.n_kv, self.head_dim
         g = self.n_heads // hkv
+        window = self.attn[layer].window
         out = torch.empty((n, self.n_heads * d), dtype=q.dtype, device=q.device)
         kc, vc = self.kv.k[layer], self.kv.v[layer]
         b = int(step.decode_idx.numel())
@@ -244,17 +489,23 @@ class ModelRunner:
             qd = q.index_select(0, step.decode_idx).view(b, hkv, g, d)
             kd = kc[step.decode_slots, :, :length]  # (B, Hkv, L, D)
             vd = vc[step.decode_slots, :, :length]
-            keep = torch.arange(length, device=q.device)[None] < step.decode_lens[:, None]
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=keep[:, None, None, :])
+            at = torch.arange(length, device=q.device)[None]
+            keep = at < step.decode_lens[:, None]
+            if window is not None:  # positions within the window of the row's token
+                keep = torch.logical_and(keep, at >= step.decode_lens[:, None] - window)
+            od = self._sdpa(qd, kd, vd, keep[:, None, None, :])
             out[step.decode_idx] = od.reshape(b, self.n_heads * d)
         for p in step.prefills:
             t, ctx = p.length, p.position + p.length
             qp = q[p.start : p.start + t].view(t, hkv, g, d).permute(1, 2, 0, 3)
             qp = qp.reshape(1, hkv, g * t, d)
             kp, vp = kc[p.slot, :, :ctx].unsqueeze(0), vc[p.slot, :, :ctx].unsqueeze(0)
-            pos = torch.arange(p.position, ctx, device=q.device)
-            keep = torch.arange(ctx, device=q.device)[None] <= pos[:, None]  # (T, ctx) causal
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=keep.repeat(g, 1))
+            pos = torch.arange(p.position, ctx, device=q.device)[:, None]
+            at = torch.arange(ctx, device=q.device)[None]
+            keep = at <= pos  # (T, ctx) causal
+            if window is not None:
+                keep = torch.logical_and(keep, at > pos - window)
+            op = self._sdpa(qp, kp, vp, keep.repeat(g, 1))
             op = op.view(hkv, g, t, d).permute(2, 0, 1, 3).reshape(t, self.n_heads * d)
             out[p.start : p.start + t] = op
         return out
@@ -267,27 +518,37 @@ class ModelRunner:
         n = int(step.ids.numel())
         h = F.embedding(step.ids, self.embed.weight)
         step.deltas.rowgather_add_(h, step.ids, self.slot_of[self.embed_name])
-        cos, sin = self.rotary(h[None], step.positions[None])
-        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # (N, 1, D)
-        group = step.token_group
-        for i, layer in enumerate(self.layers):
-            attn, o_proj, gate_up, down_proj = self._products_of(i)
-            in_norm, post_norm = self._norms[i]
-            x = self._rmsnorm(h, layer.input_layernorm.weight, self.vector(step, in_norm), group)
-            q, k, v = [y for p in attn for y in self._project(x, p, step)]
-            q = q.reshape(n, self.n_heads, self.head_dim)
-            k = k.reshape(n, self.n_kv, self.head_dim)
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
+        rope = {
+            kind: (
+                cos.index_select(0, step.positions)[:, None],
+                sin.index_select(0, step.positions)[:, None],
+            )
+            for kind, (cos, sin) in self.rope.items()
+        }  # (N, 1, R) each
+        for i in range(len(self.layers)):
+            x = self._norm(h, i, "attn_in", step)
+            q, k, v = self._group(x, i, "qkv", self.qkv_splits, step)
+            q = self._norm(q.reshape(n, self.n_heads, self.head_dim), i, "q", step)
+            k = self._norm(k.reshape(n, self.n_kv, self.head_dim), i, "k", step)
             v = v.reshape(n, self.n_kv, self.head_dim)
+            cos, sin = rope[self.attn[i].rope]
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             self.kv.write_(i, step.slots, step.positions, k, v)
-            h = h + self._project(self._attention(i, q, step), o_proj, step)[0]
-            w = layer.post_attention_layernorm.weight
-            x = self._rmsnorm(h, w, self.vector(step, post_norm), group)
-            gate, up = [y for p in gate_up for y in self._project(x, p, step)]
-            h = h + self._project(F.silu(gate) * up, down_proj, step)[0]
+            (o_proj,) = self._products[i]["o"]
+            a = self._project(self._attention(i, q, step), o_proj, step)
+            h = h + self._norm(a, i, "attn_out", step)
+            x = self._norm(h, i, "mlp_in", step)
+            gate, up = self._group(x, i, "gate_up", self.gate_up_splits, step)
+            (down,) = self._products[i]["down"]
+            m = self._project(self.act(gate) * up, down, step)
+            h = h + self._norm(m, i, "mlp_out", step)
         last = h.index_select(0, step.logits_idx)
         final = self.vector(step, self.final_norm_name)
         last = self._rmsnorm(last, self.norm.weight, final, step.row_group)
         logits = F.linear(last, self.lm_head.weight)
         step.head_deltas.spmm_add_(logits, last, self.slot_of[self.head_name])
+        if self.final_cap is not None:
+            logits = _softcap(logits, self.final_cap)
         return logits.float()

@@ -15,7 +15,10 @@ from deltastore.format import load_delta, save_delta
 from deltastore.materialize import materialize
 from deltastore.methods import Method
 from deltastore.sources import open_finetune, open_model
-from deltastore.testing import reference_text  # the server tests import it from here
+from deltastore.testing import (
+    reference_text,  # noqa: F401  (the server tests import it from here)
+    reference_texts,
+)
 from server.app import ThreadedServer
 from server.config import Settings
 from tests.conftest import perturbed, save
@@ -59,7 +62,7 @@ def materialized(tiny_dirs, variant_files, tmp_path_factory) -> dict[str | None,
 def references(materialized) -> dict[str | None, dict[str, str]]:
     """Greedy text per (variant, prompt) from the fine-tune materialized and loaded
     with transformers; None is the base."""
-    return {name: {p: reference_text(d, p) for p in PROMPTS} for name, d in materialized.items()}
+    return {name: reference_texts(d, PROMPTS) for name, d in materialized.items()}
 
 
 class LiveServer(ThreadedServer):
@@ -129,6 +132,6 @@ def nine_variants(
         files[name] = root / f"{name}.delta.safetensors"
         save_delta(files[name], delta)
         mat = materialize(base, load_delta(files[name]), root / f"mat{i}", progress=False)
-        refs[name] = {p: reference_text(mat, p) for p in PROMPTS}
+        refs[name] = reference_texts(mat, PROMPTS)
     assert len(files) >= 9
     return files, refs

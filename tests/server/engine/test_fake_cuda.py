@@ -1,9 +1,12 @@
-"""Engine v2's step on device "cuda", traced without a GPU (tests/server/engine/fake_cuda.py):
-a prompt chunk, decode rows of nine variants and the base, one variant merged in place
-beside them, the embedding and head deltas, vector deltas, and sampling with every
-processor, logprobs and prompt scoring. Every tensor of the step is on the device (a
-mix raises), no op depends on data for its shape (that raises too), and the step
-moves one copy in and one copy out, with no other host read of a device value."""
+"""Engine v2's step on device "cuda", traced without a GPU (tests/server/engine/fake_cuda.py),
+for a Llama (tied and untied head) and the families whose forward differs most (Gemma 2's
+soft-capped attention and sandwich norms, Gemma 3's per-head norms and two ropes, Phi-3's
+fused checkpoint tensors, Qwen2's biases): a prompt chunk, decode rows of nine variants
+and the base, one variant merged in place beside them, the embedding and head deltas,
+vector deltas, and sampling with every processor, logprobs and prompt scoring. Every
+tensor of the step is on the device (a mix raises), no op depends on data for its
+shape (that raises too), and the step moves one copy in and one copy out, with no other
+host read of a device value."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 
 from deltastore.apply import FlatWeights, apply_delta_, bind, revert_delta_
 from deltastore.format import Delta, DeltaMeta, TensorDelta
+from deltastore.testing import family_model
 from server.engine.batch import Packing, pack
 from server.engine.job import Job, SamplingParams
 from server.engine.kv_cache import KVCache
@@ -45,9 +49,16 @@ def _sequence(
     return Sequence(job, slot, tiny_tokenizer(), {256})
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "own-head"])
-def test_a_mixed_step_runs_on_the_device_with_one_copy_each_way(tied):
-    model = make_model(0, tie_word_embeddings=tied).to(torch.bfloat16)
+MODELS = {
+    "llama-tied-head": lambda: make_model(0, tie_word_embeddings=True),
+    "llama-own-head": lambda: make_model(0, tie_word_embeddings=False),
+    **{f: lambda f=f: family_model(f) for f in ("gemma2", "gemma3", "phi3", "qwen2")},
+}
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_a_mixed_step_runs_on_the_device_with_one_copy_each_way(kind):
+    model = MODELS[kind]().to(torch.bfloat16)
     names = [f"v{i}" for i in range(N_VARIANTS)]
     deltas = {n: random_delta(model, seed=i) for i, n in enumerate(names)}
     params = [
@@ -75,7 +86,7 @@ def test_a_mixed_step_runs_on_the_device_with_one_copy_each_way(tied):
         kv = KVCache(
             2,
             cfg.num_key_value_heads,
-            cfg.hidden_size // cfg.num_attention_heads,
+            8,
             64,
             1 << 24,
             16,
@@ -83,7 +94,10 @@ def test_a_mixed_step_runs_on_the_device_with_one_copy_each_way(tied):
             CUDA,
         )
         runner = ModelRunner(model, kv)
-        assert runner.fused, "q/k/v and gate/up run as one product each"
+        if kind == "phi3":  # fused in the checkpoint: a delta names the fused tensor
+            assert "model.layers.0.self_attn.qkv_proj.weight" in runner.matrix_names
+        else:  # separate weights stacked (Qwen2's biased q/k/v stay three products)
+            assert runner.fused, "q/k/v and gate/up run as one product each"
         assert runner.matrix_names == host_runner.matrix_names
         layouts: dict[str, VariantLayout] = {n: lay.to(CUDA) for n, lay in host_layouts.items()}
         assert all(lay.data.device.type == "cuda" for lay in layouts.values())
