@@ -1,5 +1,5 @@
-"""Engine v2 serving comparison: many variants against the base alone, beside today's
-engine and vLLM's CPU build serving the same base with LoRA adapters.
+"""Engine v2 serving comparison: many variants against the base alone, beside vLLM's CPU
+build serving the same base with LoRA adapters.
 
     python -m benchmarks.engine_v2 --variants 16 64
     python -m benchmarks.engine_v2 --variants 16 --vllm /path/to/vllm-venv/bin/vllm
@@ -12,8 +12,9 @@ Every server runs in its own process on 127.0.0.1, gets one warm-up request per
 model it serves first (excluded), and is stopped after its run.
 
 Configurations (each in the same run, so ratios compare like with like):
-- deltaserve v2 / v1 on the base alone, and on N full fine-tunes (SFT-scale deltas
-  over every matrix, mean |Δ| 2e-4, DARE p = 0.99);
+- deltaserve v2 on the base alone, and on N full fine-tunes (SFT-scale deltas over
+  every matrix, mean |Δ| 2e-4, DARE p = 0.99); (engine v1, one variant per batch, ran
+  beside it until it was retired: its rows in BENCHMARKS.md are from those runs);
 - deltaserve v2 on N LoRA adapters (r=8 q/v) densified and DARE-pruned (p = 0.99);
 - vLLM's CPU build (given by --vllm, in its own environment, never a dependency of
   this project) on the base alone and with the same N LoRA adapters
@@ -139,7 +140,6 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--dtype", default="bfloat16", help="deltaserve's resident dtype")
     ap.add_argument("--vllm", type=Path, default=None, help="the vllm executable of its venv")
-    ap.add_argument("--skip-v1", action="store_true")
     ap.add_argument("--skip-lora", action="store_true")
     ap.add_argument("--skip-base", action="store_true", help="no base-alone rows")
     ap.add_argument(
@@ -180,10 +180,7 @@ def main() -> None:
     empty.mkdir(parents=True, exist_ok=True)
 
     def ds2(store: Path) -> list[str]:  # engine v2 in the chosen dtype
-        return [*ds, "--engine", "v2", "--dtype", args.dtype, "--store", str(store)]
-
-    def ds1(store: Path) -> list[str]:  # today's engine as it ran before: fp32 on CPU
-        return [*ds, "--engine", "v1", "--dtype", "float32", "--store", str(store)]
+        return [*ds, "--dtype", args.dtype, "--store", str(store)]
 
     vllm_env = {
         "VLLM_TARGET_DEVICE": "cpu",
@@ -238,8 +235,6 @@ def main() -> None:
     configs: list[tuple[str, list[str], dict[str, str], str, list[str]]] = []
     if not args.skip_base:
         configs.append(("deltaserve v2: base alone", ds2(empty), {}, "/ready", [base]))
-        if not args.skip_v1:
-            configs.append(("deltaserve v1: base alone", ds1(empty), {}, "/ready", [base]))
         if args.vllm:
             configs.append(("vLLM CPU: base alone", vllm([]), vllm_env, "/v1/models", [base]))
     for n in args.variants:
@@ -258,10 +253,6 @@ def main() -> None:
                     "/ready",
                     names,
                 )
-            )
-        if not args.skip_v1:
-            configs.append(
-                (f"deltaserve v1: {n} full fine-tunes", ds1(stores["deltas"]), {}, "/ready", names)
             )
         if not args.skip_lora:
             configs.append(
@@ -331,6 +322,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary(result["rows"])
+    # (deltaserve v1: rows of results from before engine v1 was retired)
     colors = {"deltaserve v2": "tab:blue", "deltaserve v1": "tab:gray", "vLLM CPU": "tab:orange"}
     fig, ax = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.2))
     labels = [r["config"] for r in rows][::-1]

@@ -70,7 +70,7 @@ def run_once(engine: Engine, settings: Settings, d: int, rows: int, max_tokens: 
         jobs.append(job)
         sched.submit(job)
     # the steps run on this thread, the one that loaded the model: torch compute from
-    # another thread runs ~40% slower with this build's OpenMP (server/engine/v1.py)
+    # another thread runs ~40% slower with this build's OpenMP (server/engine/llm_engine.py)
     step_times = []
     while any(j.finish_reason is None for j in jobs):
         t = time.perf_counter()
@@ -203,7 +203,6 @@ def main() -> None:
                 store=store,
                 device="cpu",
                 dtype=dtype,
-                engine="v2",
                 merge_policy=policy,
                 max_batch_size=args.rows,
                 demo=False,

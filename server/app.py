@@ -23,8 +23,8 @@ from deltastore.store import DeltaStore
 from server import errors
 from server.config import Settings
 from server.engine.core import Engine
-from server.engine.llm_engine import EngineAPI
-from server.engine.v1 import Scheduler as EngineV1
+from server.engine.llm_engine import LLMEngine
+from server.engine.model_runner import family_of
 from server.metrics import Metrics
 from server.middleware import Guard
 from server.routes import admin, health, openai
@@ -34,12 +34,13 @@ log = logging.getLogger(__name__)
 
 
 def _load_and_serve(state: AppState) -> None:
-    """Load the base, then run the scheduler on this same thread (see scheduler.py)."""
+    """Load the base, then run the engine's loop on this same thread (llm_engine.py)."""
     try:
         base_dir = state.settings.base or ensure_embedded_base(progress=True)
         state.base_dir = base_dir
         state.base_name = base_dir.name
         source = open_model(base_dir)
+        family_of(source.config)  # a model the engine does not serve fails before loading
         state.tokenizer = source.load_tokenizer()  # the HTTP side's own (state.tokenize)
         engine = Engine(source, state.store, state.settings, state.compositions)
         scheduler = make_scheduler(engine, state.settings, state.metrics)
@@ -81,18 +82,16 @@ def _install_demos(state: AppState, base_dir: Path) -> None:
         log.exception("making the demo variants failed")
 
 
-def make_scheduler(engine: Engine, settings: Settings, metrics: Metrics) -> EngineAPI:
-    """The engine `settings.engine` names; v2 falls back to v1 (saying why) for a
-    model its runner does not support."""
-    if settings.engine == "v2":
-        from server.engine.llm_engine import LLMEngine
-        from server.engine.model_runner import UnsupportedModel
+def make_scheduler(engine: Engine, settings: Settings, metrics: Metrics) -> LLMEngine:
+    """The engine's worker over the loaded base (a model type outside the runner's
+    family table raises UnsupportedModel, naming the supported ones)."""
+    return LLMEngine(engine, settings, metrics)
 
-        try:
-            return LLMEngine(engine, settings, metrics)
-        except UnsupportedModel as e:
-            log.warning("engine v2 unavailable (%s): serving with engine v1", e)
-    return EngineV1(engine, settings, metrics)
+
+def check_servable(base: Path) -> None:
+    """Refuse, from its config alone, a base whose model type the engine does not
+    serve (UnsupportedModel names the supported ones)."""
+    family_of(open_model(base).config)
 
 
 def start(settings: Settings) -> tuple[AppState, threading.Thread]:

@@ -94,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from deltastore.demo import install_demos
     from deltastore.embedded import ensure_embedded_base
     from deltastore.store import DeltaStore
-    from server.app import create_app
+    from server.app import check_servable, create_app
 
     overrides = {
         n: getattr(args, n)
@@ -102,6 +102,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if getattr(args, n, None) is not None and n not in ("admin_token", "api_keys")
     }
     settings = Settings(**overrides)
+    if settings.base is not None:  # a model the engine does not serve: an error now
+        check_servable(settings.base)
     sock = None
     if not args.ray:  # the port first: a busy one fails at once, before any loading
         try:

@@ -64,44 +64,36 @@ class Settings(BaseSettings):
     host_delta_cache_bytes: int = Field(
         GiB, ge=0, description="budget for decoded deltas in host memory"
     )
-    engine: Literal["v1", "v2"] = Field(
-        "v2",
-        description="v2: continuous batching, requests of many variants share every step; "
-        "v1: one variant per batch (the first engine)",
-    )
     max_batch_size: int = Field(
-        8, ge=1, description="requests batched together (v1: of one variant; v2: in one step)"
+        8, ge=1, description="sequences running together (requests of any variants, one step)"
     )
     max_step_tokens: int = Field(
-        256, ge=16, description="v2: tokens per step (decode rows plus prefill chunks)"
+        256, ge=16, description="tokens per step (decode rows plus prefill chunks)"
     )
     kv_cache_bytes: int = Field(
-        2 * GiB, ge=1, description="v2: budget of the preallocated KV cache (static slots)"
+        2 * GiB, ge=1, description="budget of the preallocated KV cache (static slots)"
     )
     mixed_cache_bytes: int = Field(
-        GiB, ge=0, description="v2: budget for deltas laid out for mixed-variant steps"
+        GiB, ge=0, description="budget for deltas laid out for mixed-variant steps"
     )
     loader_depth: int = Field(
-        4, ge=1, description="v2: variant loads asked of the loader thread at a time"
+        4, ge=1, description="variant loads asked of the loader thread at a time"
     )
     load_wait_s: float = Field(
         10.0,
         gt=0,
-        description="v2: longest a request lets later ones go ahead while its variant loads "
+        description="longest a request lets later ones go ahead while its variant loads "
         "(then it is loaded on the step loop)",
     )
     delta_kernel: Literal["auto", "native", "torch"] = Field(
         "auto",
-        description="v2: sparse delta products by the device's native kernel (C on CPU, "
+        description="sparse delta products by the device's native kernel (C on CPU, "
         "Triton on CUDA; auto: when it works here, else torch), or the torch reference",
     )
     merge_policy: Literal["auto", "never", "always"] = Field(
         "auto",
-        description="v2: merge the dominant variant into the weights per step by the cost "
+        description="merge the dominant variant into the weights per step by the cost "
         "model (auto), never, or always",
-    )
-    time_slice_s: float = Field(
-        2.0, gt=0, description="longest a variant holds the model while others wait"
     )
     queue_limit: int = Field(64, ge=1, description="queued requests before 429")
     max_composition_members: int = Field(

@@ -44,11 +44,9 @@ def soak_settings(base: Path, store: Path, **kw: Any) -> Settings:
         admin_token=ADMIN_TOKEN,
         host="127.0.0.1",
         port=0,
-        engine="v2",
         materialized_cache_bytes=150_000,  # one materialized variant of the tiny model
         max_batch_size=4,
         queue_limit=8,
-        time_slice_s=0.05,
         max_new_tokens=DISCONNECT_MAX_TOKENS,
         demo=False,
     )

@@ -45,14 +45,10 @@ def server_leftovers(state: Any) -> dict[str, Any]:
         "retiring": sorted(state.retiring),
     }
     # private state, read strictly: a renamed attribute fails here, never passes
-    if hasattr(sched, "kv"):  # engine v2
-        out["waiting"] = len(sched._waiting)
-        out["kv_used"] = sched.kv.used
-    else:  # engine v1: one queue per variant, no KV slots
-        out["waiting"] = sum(len(q) for q in sched._queues.values())
-        out["kv_used"] = 0
+    out["waiting"] = len(sched._waiting)
+    out["kv_used"] = sched.kv.used
     out["running"] = len(sched._running)
-    held = getattr(sched, "_held", None)
+    held = sched._held
     out["layouts_in_use"] = [e.name for e in engine.layouts.list() if e.in_use and e.name != held]
     out["materialized_in_use"] = [
         e.name for e in engine.materialized.list() if e.in_use and e.name != engine.active

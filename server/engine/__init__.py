@@ -4,14 +4,14 @@
 - sampling.py      the batched sampler on the device: logits processors, logprobs
 - core.py          the Engine: resident weights, delta tiers, transactional swaps
 - cache.py         byte-budgeted LRU tiers
-- scheduler.py     engine v2: iteration-level batching over mixed variants
+- llm_engine.py    the interface the HTTP side uses, and the worker's step loop
+- scheduler.py     iteration-level batching over mixed variants (policy only)
 - batch.py         one step packed into a StepInput on the device (one copy)
 - transfer.py      host -> device: a step's inputs in one copy
 - sequence.py      per-choice state (prompt progress, detokenization, stops)
-- model_runner.py  one step's forward over packed tokens of many variants
+- model_runner.py  one step's forward over packed tokens of many variants; the family table
 - sparse.py        deltas laid out for mixed steps, a step's delta work items
 - kernels/         the sparse ops (torch.library): C on CPU, Triton on CUDA, torch reference
 - kv_cache.py      static KV slots
 - policy.py        merged or unmerged: the cost model
-- v1.py            engine v1: one variant per batch (generate.py runs a batch)
 """

@@ -1,7 +1,7 @@
-"""A request as the engines see it: its sampling parameters, its events, its result.
+"""A request as the engine sees it: its sampling parameters, its events, its result.
 
-Both engines (v1 in server/engine/generate.py, v2 in server/engine/) run `Job`s and report
-through `Job.emit`; the HTTP layer renders them (server/routes/openai.py)."""
+The engine (llm_engine.py) runs `Job`s and reports through `Job.emit`; the HTTP layer
+renders them (server/routes/openai.py)."""
 
 from __future__ import annotations
 

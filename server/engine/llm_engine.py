@@ -1,9 +1,9 @@
 """The engine as the HTTP side sees it, and engine v2's worker.
 
 The interface (`EngineAPI`: submit, control, in_flight, variants_in_flight, start,
-serve_forever, stop; `QueueFull`) is what server/ imports; both engines implement it
-(engine v1 in v1.py). `LLMEngine` is engine v2: iteration-level batching over mixed
-variants. Every step (one forward pass) its worker thread:
+serve_forever, stop; `QueueFull`) is what server/ imports; `LLMEngine` implements it
+(engine v2, the one engine): iteration-level batching over mixed variants. Every step
+(one forward pass) its worker thread:
 1. runs pending admin actions (control jobs, `run_controls`);
 2. drops cancelled sequences, admits waiting requests into free KV slots (FIFO across
    all variants: requests of different variants share every step, so no variant holds

@@ -318,21 +318,3 @@ def sample_on_host(
     p = Packer()
     batch.pack(p)
     return batch.read(batch.run(logits, p.send(logits.device)).cpu())
-
-
-def sample_rows(
-    logits: torch.Tensor, rows: list[Row], vocab: int
-) -> list[tuple[int, TokenLogprob | None] | Exception]:
-    """Every row in one batch; if the batch fails, each row alone, so a row that fails
-    gets its exception and the others their tokens (engine v1's rows)."""
-    try:
-        return list(sample_on_host(SamplingBatch(rows, [], vocab), logits)[0])
-    except Exception:
-        out: list[tuple[int, TokenLogprob | None] | Exception] = []
-        for r in rows:
-            one = SamplingBatch([Row(0, r.choice, r.generated)], [], vocab)
-            try:
-                out.append(sample_on_host(one, logits[r.logit_row : r.logit_row + 1])[0][0])
-            except Exception as e:
-                out.append(e)
-        return out

@@ -91,7 +91,6 @@ def make_settings(base: Path, store: Path, **kw: object) -> Settings:
         port=0,
         materialized_cache_bytes=150_000,  # one materialized variant of the tiny model
         max_batch_size=4,
-        time_slice_s=0.05,
         max_new_tokens=64,
         demo=False,
     )
@@ -99,14 +98,14 @@ def make_settings(base: Path, store: Path, **kw: object) -> Settings:
     return Settings(**defaults)  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["v1", "v2"])
-def live(request, tiny_dirs, variant_files, tmp_path) -> Iterator[LiveServer]:
-    """A ready server whose store holds v0..v4, on each engine."""
+@pytest.fixture
+def live(tiny_dirs, variant_files, tmp_path) -> Iterator[LiveServer]:
+    """A ready server whose store holds v0..v4."""
     store = tmp_path / "store"
     store.mkdir()
     for name, path in variant_files.items():
         shutil.copy(path, store / f"{name}.delta.safetensors")
-    srv = LiveServer(make_settings(tiny_dirs["base"], store, engine=request.param))
+    srv = LiveServer(make_settings(tiny_dirs["base"], store))
     srv.wait_ready()
     yield srv
     srv.stop()

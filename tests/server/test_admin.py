@@ -357,14 +357,14 @@ def test_full_queue_answers_429(tiny_dirs, tmp_path):
     )
     try:
         srv.wait_ready()
-        model = srv.state.engine.model
-        forward = model.forward
+        runner = srv.state.scheduler.runner  # every step's forward
+        forward = runner.forward
 
         def slow(*a, **k):
             time.sleep(0.01)
             return forward(*a, **k)
 
-        model.forward = slow
+        runner.forward = slow
         body = {"model": srv.state.base_name, "prompt": "a", "max_tokens": 30}
         with ThreadPoolExecutor(6) as pool:
             codes = list(
@@ -383,9 +383,6 @@ def test_cache_shows_each_variants_mixed_step_layout(live):
     assert live.client.post("/v1/completions", json=body).status_code == 200
     cache = live.admin.get("/admin/cache").json()
     mixed = next(t for t in cache["tiers"] if t["tier"] == "mixed")
-    if live.state.settings.engine == "v1":  # one variant per batch: nothing laid out
-        assert mixed["entries"] == []
-        return
     (entry,) = [e for e in mixed["entries"] if e["name"] == "v3"]
     layout = entry["layout"]
     assert layout["kept_entries"] > 0 and layout["matrices"] > 0

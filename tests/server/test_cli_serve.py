@@ -152,3 +152,42 @@ def test_the_base_serves_while_the_demos_are_made(tiny_dirs, variant_files, tmp_
     finally:
         release.set()
         srv.stop()
+
+
+def _gpt2_dir(path):
+    """A tiny model of a type the engine does not serve (GPT-2)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=260)).save_pretrained(path)
+    return path
+
+
+def test_a_model_type_the_engine_does_not_serve_is_refused_at_startup(tmp_path, capsys):
+    from server.cli import main
+    from server.engine.model_runner import SUPPORTED
+
+    base = _gpt2_dir(tmp_path / "gpt2")
+    code = main(["serve", "--base", str(base), "--store", str(tmp_path / "s"), "--port", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'gpt2' is not served" in err
+    assert all(kind in err for kind in SUPPORTED)
+
+
+def test_the_app_refuses_it_too_and_never_falls_back(tmp_path):
+    """Started without the CLI's check (a Ray replica, an ASGI server), the base's load
+    fails with the same error and /ready says loading failed: nothing serves it."""
+    from server.app import ThreadedServer
+    from tests.server.conftest import make_settings
+
+    base = _gpt2_dir(tmp_path / "gpt2")
+    srv = ThreadedServer(make_settings(base, tmp_path / "store"))
+    try:
+        try:
+            srv.wait_ready(timeout=60)
+            raise AssertionError("a gpt2 base became ready")
+        except RuntimeError as e:
+            assert "UnsupportedModel" in str(e) and "'gpt2' is not served" in str(e)
+        r = httpx.get(f"{srv.url}/ready")
+        assert r.status_code == 503 and "failed" in r.text
+    finally:
+        srv.stop()

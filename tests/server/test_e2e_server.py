@@ -32,8 +32,7 @@ def _variant(embedded_base, path, seed=0):
     return path
 
 
-@pytest.mark.parametrize("engine", ["v1", "v2"])
-def test_serve_the_real_base_and_a_variant(embedded_base, tmp_path, engine):
+def test_serve_the_real_base_and_a_variant(embedded_base, tmp_path):
     delta = _variant(embedded_base, tmp_path / "noisy.delta.safetensors")
     srv = LiveServer(
         make_settings(
@@ -41,7 +40,6 @@ def test_serve_the_real_base_and_a_variant(embedded_base, tmp_path, engine):
             tmp_path / "store",
             max_new_tokens=32,
             materialized_cache_bytes=0,
-            engine=engine,
         )
     )
     try:
@@ -65,11 +63,9 @@ def test_serve_the_real_base_and_a_variant(embedded_base, tmp_path, engine):
         text = "".join(p["choices"][0]["delta"].get("content", "") for p in parts)
         assert text == answer["choices"][0]["message"]["content"]
         metrics = srv.client.get("/metrics").text
-        if engine == "v1":
-            assert 'deltaserve_swap_seconds_count{mode="inplace"} 1.0' in metrics
-        else:  # the variant's rows ran beside the resident base
-            assert "deltaserve_step_variants_count" in metrics
-            assert 'deltaserve_steps_total{mode="unmerged"}' in metrics
+        # the variant's rows ran beside the resident base
+        assert "deltaserve_step_variants_count" in metrics
+        assert 'deltaserve_steps_total{mode="unmerged"}' in metrics
     finally:
         srv.stop()
 
@@ -102,7 +98,6 @@ def test_mixed_steps_on_the_real_base_match_materialized_finetunes(
     settings = make_settings(
         embedded_base,
         store,
-        engine="v2",
         merge_policy=merge_policy,
         max_batch_size=8,
         max_new_tokens=16,

@@ -154,9 +154,8 @@ def test_a_base_that_cannot_be_restored_refuses_to_serve(tiny_dirs, variant_file
 # --------------------------------------------------------------------------- isolation
 
 
-@pytest.mark.parametrize("engine", ["v1", "v2"])
 def test_one_failing_request_never_fails_its_neighbours(
-    engine, tiny_dirs, variant_files, references, tmp_path, monkeypatch
+    tiny_dirs, variant_files, references, tmp_path, monkeypatch
 ):
     """The sampling of one request raises (injected on its seed): that request alone
     gets an error with a request id; the requests batched with it are exact."""
@@ -172,7 +171,7 @@ def test_one_failing_request_never_fails_its_neighbours(
     monkeypatch.setattr(ChoiceSampling, "draw", draw)
     store = tmp_path / "store"
     shutil.copytree(variant_files["v0"].parent, store)
-    srv = LiveServer(make_settings(tiny_dirs["base"], store, engine=engine, max_batch_size=8))
+    srv = LiveServer(make_settings(tiny_dirs["base"], store, max_batch_size=8))
     srv.wait_ready()
     try:
         bodies = [{"model": "v0", "prompt": PROMPT, "temperature": 0, "max_tokens": 12}] * 5
@@ -195,11 +194,11 @@ def test_one_failing_request_never_fails_its_neighbours(
 def test_a_step_that_fails_is_retried_row_by_row(
     tiny_dirs, variant_files, references, tmp_path, monkeypatch
 ):
-    """Engine v2: a forward that fails whenever one poisoned request is in it ends
+    """A forward that fails whenever one poisoned request is in it ends
     that request alone; the others, run one per step until cleared, are exact."""
     store = tmp_path / "store"
     shutil.copytree(variant_files["v0"].parent, store)
-    srv = LiveServer(make_settings(tiny_dirs["base"], store, engine="v2", max_batch_size=8))
+    srv = LiveServer(make_settings(tiny_dirs["base"], store, max_batch_size=8))
     srv.wait_ready()
     runner = srv.state.scheduler.runner
     real = runner.forward
@@ -321,7 +320,7 @@ def test_a_merged_variant_whose_file_changed_is_reloaded(tiny_dirs, variant_file
     and must still be reloaded when its file changes."""
     store = tmp_path / "store"
     shutil.copytree(variant_files["v0"].parent, store)
-    srv = LiveServer(make_settings(tiny_dirs["base"], store, engine="v2", merge_policy="always"))
+    srv = LiveServer(make_settings(tiny_dirs["base"], store, merge_policy="always"))
     srv.wait_ready()
     try:
         body = {"prompt": PROMPT, "temperature": 0, "max_tokens": 12}
@@ -340,13 +339,12 @@ def test_a_merged_variant_whose_file_changed_is_reloaded(tiny_dirs, variant_file
 
 def test_evicting_a_variant_in_use_is_409_not_500(live):
     e, sched = live.state.engine, live.state.scheduler
-    if live.state.settings.engine == "v2":  # v2 holds a layout per running request
-        sched.control(lambda eng: eng.acquire_layout("v1")).result(timeout=30)
-        try:
-            r = live.admin.post("/admin/deltas/v1/evict")
-            assert r.status_code == 409 and r.json()["error"]["code"] == "in_use"
-        finally:
-            sched.control(lambda eng: eng.release_layout("v1")).result(timeout=30)
+    sched.control(lambda eng: eng.acquire_layout("v1")).result(timeout=30)  # as a request
+    try:
+        r = live.admin.post("/admin/deltas/v1/evict")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "in_use"
+    finally:
+        sched.control(lambda eng: eng.release_layout("v1")).result(timeout=30)
     assert live.admin.post("/admin/deltas/v1/evict").status_code == 200
     assert e.tier_of("v1") == "disk"
 

@@ -72,10 +72,7 @@ def test_closed_loop_report_json_and_plot(live, tmp_path, capsys):
     assert sum(rep["per_model"].values()) == 24 and len(rep["per_model"]) >= 3
     assert rep["tokens_per_s"] > 0 and rep["ttft_ms"]["p50"] <= rep["e2e_ms"]["p99"]
     assert rep["server"]["generated_tokens"] > 0
-    if live.state.settings.engine == "v1":  # one variant per batch: it swaps
-        assert rep["server"]["swaps"] > 0
-    else:  # many variants per step: it steps
-        assert rep["server"]["steps"] > 0
+    assert rep["server"]["steps"] > 0  # many variants per step: it steps
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -134,9 +131,7 @@ def test_a_run_that_generates_nothing_fails_loudly(live, capsys, monkeypatch):
     """A model that ends at once: without ignore_eos the run measured nothing, and
     says so with exit 1; with it (the default) every request generates its tokens."""
     everything = set(range(live.state.engine.model.config.vocab_size))
-    monkeypatch.setattr("server.engine.generate.end_token_ids", lambda model, tok: everything)  # v1
-    if hasattr(live.state.scheduler, "eos"):
-        monkeypatch.setattr(live.state.scheduler, "eos", everything)  # v2
+    monkeypatch.setattr(live.state.scheduler, "eos", everything)
     args = ["loadtest", "--url", live.url, "--models", "v0", "--requests", "4"]
     assert main([*args, "--max-tokens", "5", "--no-ignore-eos"]) == 1
     captured = capsys.readouterr()

@@ -73,13 +73,9 @@ def test_interleaved_concurrent_requests(live, references, tiny_dirs):
     for (v, p), text in results:
         assert text == references[v][p], (v, p)
     metrics = live.client.get("/metrics").text
-    if live.state.settings.engine == "v1":  # one variant per batch: both kinds of swap
-        assert 'deltaserve_swap_seconds_count{mode="materialized"}' in metrics
-        assert 'deltaserve_swap_seconds_count{mode="inplace"}' in metrics
-    else:  # engine v2: steps with rows of several variants
-        steps = _sample(metrics, "deltaserve_step_variants_count")
-        at_most_one = _sample(metrics, 'deltaserve_step_variants_bucket{le="1.0"}')
-        assert steps - at_most_one > 0, "no step mixed variants"
+    steps = _sample(metrics, "deltaserve_step_variants_count")  # steps of several variants
+    at_most_one = _sample(metrics, 'deltaserve_step_variants_bucket{le="1.0"}')
+    assert steps - at_most_one > 0, "no step mixed variants"
     _base_is_pristine(live, tiny_dirs["base"])
 
 
@@ -285,15 +281,14 @@ def _generated(live) -> float:
 def test_a_client_that_disconnects_frees_its_slot(live, stream, monkeypatch):
     import httpx
 
-    runner = getattr(live.state.scheduler, "runner", None)  # engine v2 steps by its runner
-    model = runner or live.state.engine.model
-    forward = model.forward
+    runner = live.state.scheduler.runner  # every step's forward
+    forward = runner.forward
 
     def slow_forward(*args, **kwargs):  # 64 tokens now take >= 1.3 s
         time.sleep(0.02)
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(model, "forward", slow_forward)
+    monkeypatch.setattr(runner, "forward", slow_forward)
     base = live.state.base_name  # greedy on "a" runs to max_tokens (no early EOS)
     long = {"model": base, "prompt": "a", "max_tokens": 64, "temperature": 0.0, "stream": stream}
     before = _generated(live)

@@ -452,7 +452,7 @@ def server(tiny_dirs, variant_files, tmp_path) -> Iterator[LiveServer]:
     store.mkdir()
     for name in (*KEPT, SACRIFICE):
         shutil.copy(variant_files[name], store / f"{name}.delta.safetensors")
-    settings_ = make_settings(tiny_dirs["base"], store, engine="v2", max_new_tokens=MAX_NEW_TOKENS)
+    settings_ = make_settings(tiny_dirs["base"], store, max_new_tokens=MAX_NEW_TOKENS)
     assert settings_.host == "127.0.0.1"
     srv = LiveServer(settings_)
     srv.wait_ready()

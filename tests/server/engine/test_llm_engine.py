@@ -22,7 +22,7 @@ from deltastore.store import DeltaStore
 from server.engine.core import Engine
 from server.engine.job import INTERNAL, Job, SamplingParams
 from server.engine.kernels import KernelUnavailable, load_kernels
-from server.engine.llm_engine import LLMEngine
+from server.engine.llm_engine import LLMEngine, QueueFull
 from server.metrics import Metrics
 from tests.server.conftest import MAX_TOKENS, PROMPTS, make_settings, reference_text
 
@@ -48,7 +48,7 @@ def serving(tiny_dirs, files: dict[str, Path], tmp_path: Path, **kw: Any) -> Ite
     store.mkdir(parents=True)
     for name, path in files.items():
         shutil.copy(path, store / f"{name}.delta.safetensors")
-    settings = make_settings(tiny_dirs["base"], store, engine="v2", **kw)
+    settings = make_settings(tiny_dirs["base"], store, **kw)
     engine = Engine(open_model(tiny_dirs["base"]), DeltaStore(store), settings)
     metrics = Metrics()
     scheduler = LLMEngine(engine, settings, metrics)
@@ -321,3 +321,50 @@ def test_a_cold_variant_loads_beside_running_requests_without_stalling_them(
         assert reg.get_sample_value("deltaserve_layout_wait_seconds_sum") >= 2.5
     assert long.outcome == "done" and long.job.completion_tokens == 48
     assert_matches_reference(cold, refs)
+
+
+# --------------------------------------------------------------------------- the queue
+
+
+def test_admission_is_fifo_across_variants_so_none_starves(tiny_dirs, nine_variants, tmp_path):
+    """Two KV slots; a hot variant's requests arrive before and after one request of a
+    cold variant: the cold one is admitted in its turn, so it ends before the hot
+    requests that arrived after it (no variant holds the model while others wait)."""
+    files, _ = nine_variants
+    short = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    order: list[Request] = []
+    with serving(tiny_dirs, files, tmp_path, max_batch_size=2, queue_limit=16) as srv:
+        for name in ("v0", "v1"):  # laid out ahead: admission order is the queue's alone
+            srv.engine.layout(name)
+
+        def ended(r: Request, kind: str) -> None:
+            if kind in ("done", "error"):
+                order.append(r)
+
+        hot = [request(srv.engine, "v0", PROMPTS[i % 5], short, ended) for i in range(10)]
+        cold = request(srv.engine, "v1", PROMPTS[0], short, ended)
+        run(srv, [*hot[:5], cold, *hot[5:]])
+    assert all(r.outcome == "done" for r in order) and len(order) == 11
+    assert order.index(cold) < max(order.index(r) for r in hot[5:])
+    assert order.index(cold) < len(order) - 2, "the cold request waited for the hot queue"
+
+
+def test_the_queue_limit_refuses_the_next_request(tiny_dirs, nine_variants, tmp_path):
+    files, _ = nine_variants
+    with serving(tiny_dirs, files, tmp_path, queue_limit=3) as srv:  # not started: all queue
+        for _ in range(3):
+            srv.scheduler.submit(request(srv.engine, "v0", PROMPTS[0]).job)
+        with pytest.raises(QueueFull, match="3 requests queued"):
+            srv.scheduler.submit(request(srv.engine, "v0", PROMPTS[0]).job)
+
+
+def test_admin_actions_run_on_the_worker_and_return_their_errors(
+    tiny_dirs, nine_variants, tmp_path
+):
+    files, _ = nine_variants
+    with serving(tiny_dirs, files, tmp_path) as srv:
+        srv.scheduler.start()
+        name = srv.scheduler.control(lambda e: threading.current_thread().name).result(30)
+        assert name == "deltaserve-worker"
+        with pytest.raises(ZeroDivisionError):
+            srv.scheduler.control(lambda e: 1 / 0).result(30)
