@@ -102,7 +102,24 @@ def test_the_table_covers_every_family_the_tests_build():
 
 @pytest.mark.parametrize("family", sorted(set(FAMILY_CONFIGS) - ROPE_BY_LENGTH))
 def test_logits_equal_transformers(family):
-    model = family_model(family, seed=3)
+    _check_logits(family_model(family, seed=3))
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        dict(rope_type="linear", rope_theta=10000.0, factor=4.0),
+        dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8),
+    ],
+    ids=["linear", "yarn"],
+)
+def test_the_other_static_rope_scalings_equal_transformers(rope):
+    _check_logits(family_model("llama3", seed=3, rope_parameters=rope))
+
+
+def _check_logits(model: Any) -> None:
+    """A prompt in two chunks (the second reaches past every window), a second prompt
+    beside it, then decode rows of both: logits as transformers' full forward."""
     a_ids, b_ids = list(range(5, 19)), [40, 41, 42]
     want_a, want_b = _hf_logits(model, a_ids), _hf_logits(model, [*b_ids, 43])
     runner, how = _runner(model)
