@@ -6,6 +6,11 @@ fp32 delta of each tensor against a base, streaming: at most one tensor of each
 model is in memory at a time, so a 7B fine-tune compresses on a 24 GB machine.
 Tensor names are those of the transformers model; a tied ``lm_head.weight`` is
 not a tensor of its own (one tensor, one delta).
+
+A fine-tune must keep the base's vocabulary: every variant is served with the base's
+tokenizer and its deltas have the base's shapes, so one that added tokens (a resized
+embedding, or a tokenizer with tokens the base's lacks) is refused with the sizes and
+tokens named (README, "Fine-tunes that add tokens", says how to serve them).
 """
 
 from __future__ import annotations
@@ -238,6 +243,53 @@ class FinetuneSource(ABC):
         return model.to(dtype)
 
 
+VOCAB_HELP = (
+    "a delta keeps the base's vocabulary; serve the fine-tune as a base of its own, or "
+    "make a base that carries its tokens (README: Fine-tunes that add tokens)"
+)
+
+
+def _vocab_rows(source: ModelSource) -> int | None:
+    embed = next((n for n in source.names() if n.endswith(TIED_EMBED_SUFFIX)), None)
+    return source.shape(embed)[0] if embed is not None else None
+
+
+def _tokenizer_vocab(load: Callable[[], Any]) -> dict[str, int] | None:
+    """The tokenizer's token -> id map, or None when there is no tokenizer to read."""
+    try:
+        vocab: dict[str, int] = load().get_vocab()
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        log.debug("no tokenizer to compare: %s", e)
+        return None
+    return vocab
+
+
+def check_vocabulary(
+    base: ModelSource, path: Path, rows: int | None, tokenizer: Callable[[], Any]
+) -> None:
+    """Refuse a fine-tune (at `path`) whose embedding has `rows` rows where the base's
+    has another number, or whose tokenizer has tokens the base's lacks or numbers
+    differently (compared when both have one)."""
+    base_rows = _vocab_rows(base)
+    if rows is not None and base_rows is not None and rows != base_rows:
+        raise SourceError(
+            f"{path}: the fine-tune resized the vocabulary from {base_rows} to {rows} "
+            f"tokens ({rows - base_rows:+d}); {VOCAB_HELP}"
+        )
+    mine = _tokenizer_vocab(tokenizer)
+    theirs = _tokenizer_vocab(base.load_tokenizer) if mine is not None else None
+    if mine is None or theirs is None:
+        return
+    added = sorted((i, t) for t, i in mine.items() if theirs.get(t) != i)
+    if added:
+        some = ", ".join(f"{t!r} (id {i})" for i, t in added[:5])
+        raise SourceError(
+            f"{path}: its tokenizer has {len(added)} tokens the base's lacks or numbers "
+            f"differently ({some}); the server reads and writes text with the base's "
+            f"tokenizer, so {VOCAB_HELP}"
+        )
+
+
 class FullFinetune(FinetuneSource):
     def __init__(self, base: ModelSource, finetuned: ModelSource):
         self.base, self.path, self._ft = base, finetuned.path, finetuned
@@ -245,6 +297,7 @@ class FullFinetune(FinetuneSource):
         b = getattr(finetuned.config, "model_type", None)
         if a != b:
             raise SourceError(f"architecture mismatch: base is {a!r}, fine-tune is {b!r}")
+        check_vocabulary(base, self.path, _vocab_rows(finetuned), finetuned.load_tokenizer)
         base_names, ft_names = set(base.names()), set(finetuned.names())
         if base_names != ft_names:
             missing = sorted(base_names - ft_names)[:5]
@@ -272,6 +325,7 @@ class LoraFinetune(FinetuneSource):
     scale = lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA)."""
 
     _PREFIX = "base_model.model."
+    _FACTORS = (".lora_A.weight", ".lora_B.weight")
 
     def __init__(self, base: ModelSource, path: Path):
         self.base, self.path = base, path
@@ -304,6 +358,14 @@ class LoraFinetune(FinetuneSource):
         )
         if not self._modules:
             raise SourceError(f"{weights}: no lora_A/lora_B weights found")
+        other = sorted(k for k in self._tensors if not k.endswith(self._FACTORS))
+        if other:
+            raise SourceError(
+                f"{weights}: tensors other than LoRA factors ({other[:3]}): trainable "
+                "tokens, biases and saved modules are not read; merge the adapter into the "
+                "model and pass the model directory"
+            )
+        check_vocabulary(base, path, None, lambda: _adapter_tokenizer(path))
         base_names = set(base.names())
         for m in self._modules:
             if f"{m}.weight" not in base_names:
@@ -331,6 +393,15 @@ class LoraFinetune(FinetuneSource):
                     f"{name}: LoRA delta shape {tuple(delta.shape)}, base {self.base.shape(name)}"
                 )
             yield name, delta
+
+
+def _adapter_tokenizer(path: Path) -> Any:
+    """The tokenizer saved beside an adapter (an OSError when there is none)."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise OSError(f"{path}: no tokenizer beside the adapter")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def open_finetune(base: ModelSource, path: str | os.PathLike[str]) -> FinetuneSource:

@@ -99,7 +99,7 @@ class LLMEngine:
         engine.matrix_names = self.runner.matrix_names
         engine.fused_matrices = self.runner.fused
         engine.vector_slots = self.runner.vector_slots
-        self.native = use_native(settings.delta_kernel, engine.device)
+        self.native = use_native(settings.delta_kernel, engine.device, engine.dtype)
         self.packing = Packing(
             engine.layout,
             int(model.config.vocab_size),

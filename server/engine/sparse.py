@@ -44,15 +44,15 @@ log = logging.getLogger(__name__)
 ITEM_TOKENS = 64  # longest item: a long prompt chunk is split so its work spreads out
 
 
-def use_native(choice: str, device: torch.device) -> bool:
-    """Whether steps on `device` run the native sparse kernel (`--delta-kernel`): auto
-    takes it when it works here (else the torch reference, with a warning), native
-    insists (raises KernelUnavailable), torch never takes it."""
+def use_native(choice: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    """Whether steps on `device` (weights of `dtype`) run the native sparse kernel
+    (`--delta-kernel`): auto takes it when it works here (else the torch reference,
+    with a warning), native insists (raises KernelUnavailable), torch never takes it."""
     if choice not in ("auto", "native", "torch"):
         raise ValueError(f"delta kernel {choice!r}: choose auto, native or torch")
     if choice == "torch":
         return False
-    why = kernels.native_available(device)
+    why = kernels.native_available(device, dtype)
     if why is None:
         return True
     if choice == "native":

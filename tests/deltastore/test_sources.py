@@ -1,4 +1,6 @@
 import json
+import shutil
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from deltastore.sources import (
     open_finetune,
     open_model,
 )
-from tests.conftest import make_model, save
+from deltastore.testing import FAMILY_CONFIGS, family_model
+from tests.conftest import make_model, perturbed, save, tiny_tokenizer
 
 
 def test_sharded_equals_single(tmp_path):
@@ -132,3 +135,99 @@ def test_finetune_model_is_base_plus_deltas(tiny_dirs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
     x = torch.randint(0, 256, (1, 10))
     torch.testing.assert_close(direct(x).logits, via_deltas(x).logits, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+def test_a_finetune_that_resized_the_vocabulary_is_refused_with_the_sizes(tmp_path, tiny_dirs):
+    base = open_model(tiny_dirs["base"])
+    model = base.load_model()
+    model.resize_token_embeddings(262)  # two added tokens
+    tok = tiny_tokenizer()
+    tok.add_tokens(["<tool>", "</tool>"])
+    ft = tmp_path / "ft"
+    model.save_pretrained(ft)
+    tok.save_pretrained(ft)
+    with pytest.raises(SourceError, match=r"resized the vocabulary from 260 to 262 tokens \(\+2\)"):
+        open_finetune(base, ft)
+
+
+def test_a_tokenizer_with_added_tokens_is_refused_naming_them(tmp_path, tiny_dirs):
+    """The embedding keeps its rows (the tokens went into spare ones), but the server
+    would read and write text with the base's tokenizer: refused, tokens named."""
+    base = open_model(tiny_dirs["base"])
+    tok = tiny_tokenizer()
+    tok.add_tokens(["<tool>"])  # id 258: a row the base's tokenizer has no token for
+    assert len(tok) <= base.config.vocab_size
+    ft = tmp_path / "ft"
+    shutil.copytree(tiny_dirs["ft"], ft)
+    tok.save_pretrained(ft)
+    with pytest.raises(SourceError, match=r"1 tokens the base's lacks.*'<tool>' \(id 258\)"):
+        open_finetune(base, ft)
+    adapter = _peft_adapter(base, tmp_path / "adapter", ["q_proj"])
+    tok.save_pretrained(adapter)  # the same, beside an adapter
+    with pytest.raises(SourceError, match="'<tool>'"):
+        open_finetune(base, adapter)
+
+
+def test_a_base_that_carries_the_added_tokens_serves_their_finetunes(tmp_path, tiny_dirs):
+    """README's way: resize the base to the fine-tunes' vocabulary, with their
+    tokenizer; then they are deltas of it like any other."""
+    tok = tiny_tokenizer()
+    tok.add_tokens(["<tool>", "</tool>"])
+    base_model = open_model(tiny_dirs["base"]).load_model()
+    base_model.resize_token_embeddings(len(tok))
+    base_dir = tmp_path / "base"
+    base_model.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    ft_model = perturbed(base_model, 0.1, seed=3)
+    ft_dir = tmp_path / "ft"
+    ft_model.save_pretrained(ft_dir)
+    tok.save_pretrained(ft_dir)
+    base = open_model(base_dir)
+    names = {n for n, _ in open_finetune(base, ft_dir).deltas()}
+    assert "model.embed_tokens.weight" in names
+
+
+def test_an_adapter_with_tensors_other_than_lora_factors_is_refused(tmp_path, tiny_dirs):
+    from safetensors.torch import load_file, save_file
+
+    base = open_model(tiny_dirs["base"])
+    adapter = _peft_adapter(base, tmp_path / "adapter", ["q_proj"])
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    tensors[key] = torch.zeros(2, 32)  # PEFT's trainable tokens: not a LoRA factor
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(SourceError, match="trainable_tokens_delta"):
+        open_finetune(base, adapter)
+
+
+# --------------------------------------------------------------------------- PEFT per family
+
+
+def _peft_adapter(base: Any, path: Any, targets: Any, seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    get_peft_model(base.load_model(), cfg).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_a_peft_adapter_on_each_family_densifies_to_its_merge(tmp_path, family):
+    """Every linear layer targeted ("all-linear": Phi-3's fused qkv_proj and gate_up_proj
+    among them): base + each densified delta equals PEFT's own merge."""
+    base = open_model(save(family_model(family), tmp_path / "base"))
+    model = base.load_model()
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    )
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = {k: v.clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    seen = set()
+    for name, d in open_finetune(base, tmp_path / "adapter").deltas():
+        seen.add(name)
+        torch.testing.assert_close(base.get(name) + d, merged[name], rtol=1e-5, atol=1e-6)
+    matrices = {n for n in base.names() if len(base.shape(n)) == 2 and "embed" not in n}
+    matrices.discard("lm_head.weight")
+    assert seen == matrices

@@ -101,8 +101,14 @@ spmm_add_ = torch.ops.deltaserve.spmm_add_
 rowgather_add_ = torch.ops.deltaserve.rowgather_add_
 
 
-def native_available(device: torch.device) -> str | None:
-    """None if the native kernel for `device` works here, else why not."""
+CPU_DTYPES = (torch.float32, torch.bfloat16)  # what the C kernel computes in
+
+
+def native_available(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """None if the native kernel for `device` (and weights of `dtype`) works here, else
+    why not."""
+    if device.type == "cpu" and dtype is not None and dtype not in CPU_DTYPES:
+        return f"the CPU kernel computes in float32 and bfloat16, not {dtype}"
     try:
         if device.type == "cpu":
             load_kernels()
