@@ -151,10 +151,6 @@ def family_of(config: Any) -> Family:
     return family
 
 
-def check_supported(model: Any) -> None:
-    family_of(model.config)
-
-
 @dataclass
 class Product:
     """One product of a layer: a matrix, or matrices stacked by rows (q/k/v, gate/up)
@@ -242,10 +238,8 @@ class ModelRunner:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.eps = cfg.rms_norm_eps
         self.act = _activation(cfg, family)
-        self.scale = float(
-            getattr(cfg, family.query_scale) if family.query_scale else self.head_dim
-        )
-        self.scale **= -0.5
+        scaled_by = getattr(cfg, family.query_scale) if family.query_scale else self.head_dim
+        self.scale = float(scaled_by) ** -0.5  # attention logits: q·k times this
         self.attn_cap = (
             getattr(cfg, "attn_logit_softcapping", None) if family.attn_softcap else None
         )
@@ -382,6 +376,9 @@ class ModelRunner:
                     pos = torch.arange(lo, hi, device=like.device)[None]
                     cs = rotary(like, pos, kind) if kind else rotary(like, pos)
                     parts.append(cs)
+            if len(parts) > 1:  # longrope keeps the last call's factors: the short ones back
+                first = torch.arange(1, device=like.device)[None]
+                _ = rotary(like, first, kind) if kind else rotary(like, first)
             tables[kind] = (
                 torch.cat([c[0] for c, _ in parts]),
                 torch.cat([s[0] for _, s in parts]),
