@@ -10,9 +10,9 @@ code behind `deltaserve compress`) at every rate and method; and scores every de
 by exact match on the task's test split, applied to the resident base through the
 engine's apply path (`deltastore.apply`, what the server runs), then reverted.
 
-Everything is cached under ~/.cache/deltaserve/bench/fidelity: fine-tunes, and one
-result per (fine-tune, method, rate) in --out, so an interrupted run resumes where
-it stopped. --report only prints the tables and draws the plot from --out.
+Everything is cached under --work (default ~/.cache/deltaserve/bench/fidelity):
+fine-tunes, and one result per (fine-tune, method, rate) in --out, so an interrupted
+run resumes where it stopped. --report only prints the tables and draws the plot from --out.
 """
 
 from __future__ import annotations
@@ -189,14 +189,24 @@ class Scorer:
             revert_delta_(self.weights, undo)
 
 
-def _work() -> Path:
+def default_work() -> Path:
     return cache_dir() / "bench" / "fidelity"
 
 
-def _task_files(task: str, tokenizer: Any) -> tuple[list[Example], Path, Path]:
+def work_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="cache of fine-tunes, task files and deltas (default ~/.cache/deltaserve/bench/"
+        "fidelity, or under $DELTASERVE_CACHE)",
+    )
+
+
+def _task_files(task: str, tokenizer: Any, work: Path) -> tuple[list[Example], Path, Path]:
     """(test examples in chat format, calibration text, validation JSONL)."""
     _, val, test = splits(task)
-    d = _work() / "data"
+    d = work / "data"
     d.mkdir(parents=True, exist_ok=True)
     calib, val_file = d / f"{task}.calib.txt", d / f"{task}.val.jsonl"
     # calibration: the validation prompts, chat-formatted, without their answers
@@ -210,10 +220,10 @@ def _task_files(task: str, tokenizer: Any) -> tuple[list[Example], Path, Path]:
     )
 
 
-def make_finetune(name: str, base_dir: Path) -> Path:
+def make_finetune(name: str, base_dir: Path, work: Path) -> Path:
     task, cfg = FINETUNES[name]
     train, _, _ = splits(task)
-    return finetune(base_dir, train, _work() / "finetunes" / name, cfg, desc=f"fine-tune {name}")
+    return finetune(base_dir, train, work / "finetunes" / name, cfg, desc=f"fine-tune {name}")
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -234,12 +244,12 @@ def run(args: argparse.Namespace) -> None:
     results = _load(args.out)
     for ft_name in args.finetunes:
         task = FINETUNES[ft_name][0]
-        test, calib, val = _task_files(task, scorer.tokenizer)
+        test, calib, val = _task_files(task, scorer.tokenizer, args.work)
         test = test[: args.n_test]
         if f"base|{task}" not in results:
             results[f"base|{task}"] = {"accuracy": scorer(None, test)}
             _save(args.out, results)
-        ft_dir = make_finetune(ft_name, base_dir)
+        ft_dir = make_finetune(ft_name, base_dir, args.work)
         key = f"finetune|{ft_name}"
         ft = MemoryFinetune(open_finetune(base, ft_dir))
         if key not in results:
@@ -264,7 +274,7 @@ def run(args: argparse.Namespace) -> None:
                 continue
             opts = VARIANTS[variant].options(rate, calib, val)
             out = (
-                _work()
+                args.work
                 / "deltas"
                 / ft_name
                 / f"{variant.replace('/', '_')}-{rate}.delta.safetensors"
@@ -576,12 +586,14 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=Path("benchmarks/results/fidelity.png"))
     ap.add_argument("--report", action="store_true", help="only print tables and plot")
     ap.add_argument("--finetune-only", action="store_true", help="only make the fine-tunes")
+    work_arg(ap)
     args = ap.parse_args()
+    args.work = args.work or default_work()
     torch.manual_seed(0)
     if args.finetune_only:
         base_dir = ensure_embedded_base()
         for name in args.finetunes:
-            make_finetune(name, base_dir)
+            make_finetune(name, base_dir, args.work)
         return
     if not args.report:
         run(args)

@@ -34,7 +34,9 @@ from benchmarks.fidelity import (
     _load,
     _save,
     _task_files,
+    default_work,
     make_finetune,
+    work_arg,
 )
 from deltastore.calib import (
     Objective,
@@ -68,9 +70,9 @@ def run(args: argparse.Namespace) -> None:
     results = _load(args.out)
     for ft_name in args.finetunes:
         task = FINETUNES[ft_name][0]
-        test, calib, val_file = _task_files(task, tokenizer)
+        test, calib, val_file = _task_files(task, tokenizer, args.work)
         test, val = test[: args.n_test], load_examples(val_file, args.n_test)
-        ft = MemoryFinetune(open_finetune(base, make_finetune(ft_name, base_dir)))
+        ft = MemoryFinetune(open_finetune(base, make_finetune(ft_name, base_dir, args.work)))
         ids = load_calibration(calib, tokenizer, 1024, 128)
         ref, stats = collect(ft.load_model(torch.float32).eval(), ids, hidden=True)
         for method in args.methods:
@@ -188,7 +190,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/qcurve.json"))
     ap.add_argument("--plot", type=Path, default=Path("benchmarks/results/qcurve.png"))
     ap.add_argument("--report", action="store_true", help="only print the table and plot")
+    work_arg(ap)
     args = ap.parse_args()
+    args.work = args.work or default_work()
     if not args.report:
         run(args)
     print(report(_load(args.out), args.plot))
