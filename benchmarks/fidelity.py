@@ -59,6 +59,11 @@ FINETUNES: dict[str, tuple[str, FinetuneConfig]] = {
     "arith-large": ("arith", FinetuneConfig(steps=150, lr=3e-4, bf16=True)),
     "extract-large": ("extract", FinetuneConfig(steps=150, lr=3e-4, bf16=True)),
     "topic-large": ("topic", FinetuneConfig(steps=150, lr=3e-4, bf16=True)),
+    # Large deltas whose best q at p = 0.999 lies far above 1-p (DARE's q scores about
+    # 0 there): a learning rate of 1e-3, full fine-tune, as users overshoot it.
+    "arith-high-lr": ("arith", FinetuneConfig(steps=100, lr=1e-3, bf16=True)),
+    "extract-high-lr": ("extract", FinetuneConfig(steps=100, lr=1e-3, bf16=True)),
+    "topic-high-lr": ("topic", FinetuneConfig(steps=100, lr=1e-3, bf16=True)),
     # the same recipe with AdamR-L2: does the pull toward the base still help at this size?
     "arith-large-adamr": ("arith", FinetuneConfig(steps=150, lr=3e-4, bf16=True, **_ADAMR)),
     "extract-large-adamr": ("extract", FinetuneConfig(steps=150, lr=3e-4, bf16=True, **_ADAMR)),
