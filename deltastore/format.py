@@ -128,6 +128,9 @@ class DeltaMeta(BaseModel):
     q: float | None = None
     q_search: dict[str, Any] | None = None
     mix_top: float | None = None  # method mix: share of the kept entries chosen by magnitude
+    # deltastore.fidelity.Estimate as a dict: what the variant keeps of its fine-tune,
+    # estimated without labels when it was compressed (absent in older files)
+    fidelity: dict[str, Any] | None = None
     seed: int | None = None
     policy: dict[str, Any] = Field(default_factory=dict)
     source: str = ""
