@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,8 @@ class Continuations:
     logz: torch.Tensor  # (m, G) fp32
     anchors: tuple[tuple[int, int], ...]  # (row, column) in the calibration ids
     ft_agreement: tuple[float, float]  # the fine-tune's own (tokens, sequences): ~1
+    # KL(fine-tune || base) at each anchor, in nats (empty when not known)
+    shift: tuple[float, ...] = ()
 
     @property
     def prefix(self) -> int:
@@ -352,7 +354,12 @@ def collect(
     )
     per_layer = tuple(torch.cat(hs) for hs in zip(*layers, strict=True)) if layers else ()
     w = torch.cat(weights) if weights else None
-    cont = continuations(model, ids, anchors(w)) if generate and w is not None else None
+    cont = None
+    if generate and w is not None:
+        at = anchors(w)
+        if at:
+            cont = continuations(model, ids, at)
+            cont = replace(cont, shift=tuple(float(w[r, c]) for r, c in at))
     ref = Reference(torch.cat(idx), torch.cat(val), torch.cat(logz), per_layer, w, cont)
     return ref, stats
 

@@ -145,7 +145,7 @@ def add_commands(sub: Any) -> None:
         "--force",
         action="store_true",
         help=f"overwrite OUTPUT if it exists, and write a variant whose fidelity estimate is "
-        f"below {THRESHOLD:.0%} of the fine-tune's gain (refused otherwise)",
+        f"below {100 * THRESHOLD:.0f}%% of the fine-tune's gain (refused otherwise)",
     )
     c.set_defaults(func=cmd_compress)
 

@@ -466,8 +466,10 @@ class Compressor:
         self, tensors: list[TensorDelta], opts: CompressOptions, cal: Calibration
     ) -> Estimate:
         """The fidelity estimate of the variant exactly as stored (bf16 values)."""
-        assert cal.reference is not None and cal.reference.continuations is not None
+        assert cal.reference is not None
         cont = cal.reference.continuations
+        if cont is None:  # no position where the fine-tune differs from the base
+            return Estimate.unchanged()
         model, weights = self.model(opts)
         if cal.base_agreement is None:
             cal.base_agreement = agreement(model, cont)

@@ -35,37 +35,53 @@ THRESHOLD = 0.5
 TARGET = 0.9
 # the rates recommend tries, highest first
 RATES = (0.999, 0.998, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.5)
-# fewer continuations than this that the base does not already reproduce: the
-# fine-tune changed too little of this text for a share of it to mean anything
+# No estimate (and no refusal) when the fine-tune changed too little of the text for
+# a share of it to mean anything: fewer than MIN_GAIN continuations that the base does
+# not already reproduce, or a mean KL(fine-tune || base) below MIN_SHIFT nats at the
+# positions it changed most (the study's fine-tunes: 2-13 nats; an untrained
+# perturbation of a random model, whose greedy tokens are near-ties: 0.03)
 MIN_GAIN = 2
+MIN_SHIFT = 0.5
 
 
 @dataclass(frozen=True)
 class Estimate:
     """What a variant keeps of its fine-tune's agreement above the base's."""
 
-    kept: float | None  # None: the fine-tune's continuations are (nearly) the base's
+    kept: float | None  # None: the fine-tune changed too little of the text to tell
     variant: float  # share of the continuations the variant reproduces
     base: float
     finetune: float
     continuations: int
     tokens: float  # the variant's share of continuation tokens reproduced (shown only)
+    shift: float = math.nan  # mean KL(fine-tune || base) at the anchors, nats
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            k: (None if isinstance(v, float) and math.isnan(v) else v)
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in asdict(self).items()
         }
 
     @classmethod
+    def unchanged(cls) -> Estimate:
+        """No estimate: the fine-tune does not move from the base anywhere on the text."""
+        return cls(None, math.nan, math.nan, math.nan, 0, math.nan, 0.0)
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Estimate:
+        def num(key: str) -> float:
+            v = d.get(key)
+            return math.nan if v is None else float(v)
+
+        kept = d.get("kept")
         return cls(
-            d.get("kept"),
-            float(d["variant"]),
-            float(d["base"]),
-            float(d["finetune"]),
-            int(d["continuations"]),
-            float(d.get("tokens", math.nan)),
+            None if kept is None else float(kept),
+            num("variant"),
+            num("base"),
+            num("finetune"),
+            int(d.get("continuations", 0)),
+            num("tokens"),
+            num("shift"),
         )
 
     @property
@@ -77,13 +93,18 @@ class Estimate:
         return "-" if self.kept is None else f"{100 * self.kept:.0f}%"
 
     def describe(self) -> str:
+        if not self.continuations:
+            return "none: the fine-tune does not move from the base on this text"
         counts = (
             f"{self.continuations} continuations of the calibration text: the variant "
             f"reproduces {self.variant:.0%}, the base {self.base:.0%}, the fine-tune "
             f"{self.finetune:.0%}"
         )
         if self.kept is None:
-            return f"none: the fine-tune barely changes this text ({counts})"
+            return (
+                f"none: the fine-tune barely changes this text (KL from the base "
+                f"{self.shift:.2g} nats where it changes most; {counts})"
+            )
         return f"keeps ~{self.kept:.0%} of the fine-tune's gain over the base ({counts})"
 
 
@@ -104,10 +125,11 @@ def agreement(model: torch.nn.Module, cont: Continuations) -> Agreement:
 def estimate(variant: Agreement, base: Agreement, cont: Continuations) -> Estimate:
     ft = cont.ft_agreement[1]
     m = cont.tokens.shape[0]
+    shift = sum(cont.shift) / len(cont.shift) if cont.shift else math.nan
     kept = None
-    if (ft - base.sequences) * m >= MIN_GAIN:
+    if (ft - base.sequences) * m >= MIN_GAIN and not shift < MIN_SHIFT:
         kept = (variant.sequences - base.sequences) / (ft - base.sequences)
-    return Estimate(kept, variant.sequences, base.sequences, ft, m, variant.tokens)
+    return Estimate(kept, variant.sequences, base.sequences, ft, m, variant.tokens, shift)
 
 
 # --------------------------------------------------------------------------- rates
@@ -126,17 +148,34 @@ def highest_rate(
     rates: Iterable[float] = RATES,
     target: float = TARGET,
 ) -> tuple[float | None, list[RateRow]]:
-    """Walk `rates` from the highest down, compressing at each (`at(rate)` gives the
-    estimate, the q and the seconds it took), and stop at the first whose estimate
-    keeps `target` of the gain. Returns that rate (None if none did) and every row
-    evaluated."""
-    rows = []
-    for rate in sorted(rates, reverse=True):
-        est, q, seconds = at(rate)
-        rows.append(RateRow(rate, est, q, seconds))
-        if est is None or est.kept is None or est.kept >= target:
-            return rate, rows
-    return None, rows
+    """The highest of `rates` whose estimate keeps `target` of the gain, compressing at
+    a rate with `at(rate)` (the estimate, the q and the seconds it took). The highest
+    rate first (ordinary deltas keep everything there); then, as the estimate falls
+    with the rate, a bisection of the rest: about log2(n) compressions, not n. Returns
+    that rate (None if none does) and the rows evaluated, highest rate first."""
+    ladder = sorted(set(rates), reverse=True)
+    rows: dict[float, RateRow] = {}
+
+    def keeps(i: int) -> bool:
+        est, q, seconds = at(ladder[i])
+        rows[ladder[i]] = RateRow(ladder[i], est, q, seconds)
+        return est is None or est.kept is None or est.kept >= target
+
+    def done(picked: float | None) -> tuple[float | None, list[RateRow]]:
+        return picked, [rows[r] for r in sorted(rows, reverse=True)]
+
+    if not ladder:
+        raise ValueError("no rate to try")
+    if keeps(0):
+        return done(ladder[0])
+    lo, hi = 0, len(ladder)  # ladder[lo] falls short; ladder[hi] keeps it (or hi = n)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if keeps(mid):
+            hi = mid
+        else:
+            lo = mid
+    return done(ladder[hi] if hi < len(ladder) else None)
 
 
 def most_kept(rows: list[RateRow]) -> RateRow:

@@ -111,7 +111,7 @@ def test_anchors_are_the_heaviest_positions_apart_and_past_the_row_start():
 
 
 def test_continuations_are_the_finetunes_greedy_text_and_it_reproduces_them(models):
-    base, ft = models
+    _, ft = models
     at = [(0, 4), (1, 9), (2, 15)]  # the first has 5 tokens before it: left-padded
     cont = continuations(ft, IDS, at, prefix=8, length=5)
     assert cont.ids.shape == (3, 8 + cont.tokens.shape[1]) and cont.prefix == 8
