@@ -33,6 +33,7 @@ from deltastore.apply import FlatWeights, apply_delta_, bind, revert_delta_
 from deltastore.calib import DEFAULT_OBJECTIVE, Example, Objective, exact_match
 from deltastore.compress import CompressOptions, compress
 from deltastore.embedded import ensure_embedded_base
+from deltastore.fidelity import THRESHOLD
 from deltastore.finetune import FinetuneConfig, finetune, format_prompt
 from deltastore.format import TensorDelta, load_delta, save_delta
 from deltastore.methods import MIX_TOP, Method
@@ -74,6 +75,7 @@ SCORE_BATCH = 8  # every test score in the results file was taken at this batch 
 
 
 KL, HIDDEN = Objective.KL, Objective.HIDDEN
+WKL, GKL, AGREE = Objective.WEIGHTED_KL, Objective.GENERATED_KL, Objective.AGREEMENT
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,22 @@ VARIANTS: dict[str, Variant] = {
     ),
     "mix/kl": Variant(Method.MIX, QSearch.UNLABELLED, QGrid.LOG, q_objective=KL),
     "magnitude+q/kl": Variant(Method.MAGNITUDE, QSearch.UNLABELLED, QGrid.LOG, q_objective=KL),
+    # objectives that weigh what the fine-tune learned (the fidelity estimate's study)
+    "darex-q/weighted-kl": Variant(Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, q_objective=WKL),
+    "darex-q/generated-kl": Variant(Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, q_objective=GKL),
+    "darex-q/agreement": Variant(Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, q_objective=AGREE),
+    "darex-q/weighted-kl/module-q": Variant(
+        Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, QGroups.MODULE, q_objective=WKL
+    ),
+    "darex-q/generated-kl/module-q": Variant(
+        Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, QGroups.MODULE, q_objective=GKL
+    ),
+    "magnitude+q/weighted-kl": Variant(
+        Method.MAGNITUDE, QSearch.UNLABELLED, QGrid.LOG, q_objective=WKL
+    ),
+    "magnitude+q/generated-kl": Variant(
+        Method.MAGNITUDE, QSearch.UNLABELLED, QGrid.LOG, q_objective=GKL
+    ),
 }
 PAPER = ["dare", "darex-q/labelled", "darex-q/unlabelled", "darex-q/analytical"]
 PAPER += ["magnitude", "wanda", "structural"]
@@ -298,6 +316,7 @@ def run(args: argparse.Namespace) -> None:
                 "compress_s": round(seconds, 1),
                 "search_evals": len(search.get("grid", []))
                 + search.get("groups", {}).get("evaluations", 0),
+                "fidelity": meta.fidelity,  # the estimate compress recorded
             }
             if out.stat().st_size > 20e6:
                 out.unlink()  # low-rate files are large; the result is what is kept
@@ -342,6 +361,7 @@ def report(results: dict[str, Any], plot: Path | None) -> str:
             sizes.append("-" if c is None else f"{c['file_bytes'] / 1e6:.1f} MB")
         lines.append("| file (dare) | " + " | ".join(sizes) + " |")
     lines += ["", *summary(results, fts), "", *targets(results, fts), "", *costs(results)]
+    lines += ["", *estimate_errors(results, fts)]
     if plot is not None:
         _plot(results, fts, plot)
         large = [ft for ft in fts if results[f"finetune|{ft}"]["mean_abs_delta"] > BIG]
@@ -487,6 +507,38 @@ def targets(results: dict[str, Any], fts: list[str]) -> list[str]:
             f"| {pct(dare)} | {pct(paper)} |"
         )
     return out
+
+
+def estimate_errors(results: dict[str, Any], fts: list[str]) -> list[str]:
+    """The fidelity estimate each compression recorded against the gain it kept on
+    the test split, over every cell that has one."""
+    pairs: list[tuple[str, str, float, float]] = []  # (fine-tune, cell, estimate, true)
+    for ft in fts:
+        info = results[f"finetune|{ft}"]
+        base = results[f"base|{info['task']}"]["accuracy"]
+        for key, c in results.items():
+            fid = c.get("fidelity") if key.startswith(ft + "|") else None
+            if fid is None or fid.get("kept") is None:
+                continue
+            true = _gain_kept(c["accuracy"], base, info["accuracy"])
+            if not math.isnan(true):
+                pairs.append((ft, key, fid["kept"], true))
+    if not pairs:
+        return []
+    err = [e - t for _, _, e, t in pairs]
+    worst = max(pairs, key=lambda p: abs(p[2] - p[3]))
+    flags = [p for p in pairs if p[2] < THRESHOLD]
+    return [
+        f"Fidelity estimate against the gain kept on test, over the {len(pairs)} "
+        f"compressions that recorded one: mean |error| "
+        f"{100 * sum(abs(x) for x in err) / len(err):.0f} points, mean error "
+        f"{100 * sum(err) / len(err):+.0f}, worst {100 * (worst[2] - worst[3]):+.0f} "
+        f"({worst[1]}: estimate {worst[2]:.0%}, kept {worst[3]:.0%}); "
+        f"{len(flags)} flagged below {THRESHOLD:.0%}, of which "
+        f"{sum(1 for p in flags if p[3] >= THRESHOLD)} kept at least that on test; "
+        f"{sum(1 for p in pairs if p[2] >= THRESHOLD and p[3] < THRESHOLD)} not flagged "
+        "that kept less.",
+    ]
 
 
 STYLES = ["o-", "s--", "^-.", "v:", "D-", "x--", "*-."]  # overlapping lines stay visible
