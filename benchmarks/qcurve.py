@@ -71,7 +71,8 @@ ON_CALIBRATION = tuple(o for o in Objective if not o.on_continuations)
 
 def measure_all(model: Any, ids: torch.Tensor, ref: Reference) -> dict[str, Any]:
     """Every objective and agreement measure, and per continuation: the index of the
-    first token the model does not reproduce (-1: all) and the tokens it does."""
+    first token the model does not reproduce (-1: all), the tokens it does, and the
+    KL summed over its tokens."""
     assert ref.continuations is not None
     mask = ref.continuations.mask
     scores = score_continuations(model, ref.continuations)
@@ -82,6 +83,7 @@ def measure_all(model: Any, ids: torch.Tensor, ref: Reference) -> dict[str, Any]
         **scores.values(mask),
         "first_miss": first.tolist(),
         "hits": scores.hit.sum(1).tolist(),
+        "row_kl": [round(x, 5) for x in scores.kl.sum(1).tolist()],
     }
 
 
