@@ -10,8 +10,8 @@ the q search's coarse log grid (1-p, then x sqrt(2) up to 1): apply the pruned d
 rescaled by 1/q to the resident base, compute every unlabelled objective on the
 calibration text (deltastore.calib.measure: logit MSE, KL with and without its tail
 bucket, hidden-state MSE, the position-weighted KL, the KL on the fine-tune's greedy
-continuations, and the share of those continuations' tokens and of whole
-continuations the candidate reproduces), and score exact match on the validation and
+replies to the calibration prompts, and the share of those replies' tokens and of
+whole replies the candidate reproduces), and score exact match on the validation and
 the test split. The fine-tune and the base are measured the same way once per
 fine-tune: the base's agreement with the fine-tune's continuations is the floor of
 the fidelity estimate (deltastore.fidelity).
@@ -53,6 +53,7 @@ from deltastore.calib import (
     exact_match,
     load_calibration,
     load_examples,
+    load_prompts,
     log_probs,
     measure,
     score_continuations,
@@ -69,22 +70,29 @@ METHODS = {"darex-q": Method.DAREX_Q, "mix": Method.MIX, "magnitude": Method.MAG
 ON_CALIBRATION = tuple(o for o in Objective if not o.on_continuations)
 
 
-def measure_all(model: Any, ids: torch.Tensor, ref: Reference) -> dict[str, Any]:
-    """Every objective and agreement measure, and per continuation: the index of the
-    first token the model does not reproduce (-1: all), the tokens it does, and the
-    KL summed over its tokens."""
+REPLIES = "replies"  # marks points measured on the replies to the calibration prompts
+
+
+def measure_replies(model: Any, ref: Reference) -> dict[str, Any]:
+    """The objectives on the fine-tune's replies to the calibration prompts, and per
+    reply: the index of the first token the model does not reproduce (-1: all), the
+    tokens it does, and the KL summed over its tokens."""
     assert ref.continuations is not None
     mask = ref.continuations.mask
     scores = score_continuations(model, ref.continuations)
     miss = ~scores.hit & mask
     first = torch.where(miss.any(1), miss.to(torch.int64).argmax(1), -1)
     return {
-        **measure(model, ids, ref, ON_CALIBRATION),
         **scores.values(mask),
         "first_miss": first.tolist(),
         "hits": scores.hit.sum(1).tolist(),
         "row_kl": [round(x, 5) for x in scores.kl.sum(1).tolist()],
     }
+
+
+def measure_all(model: Any, ids: torch.Tensor, ref: Reference) -> dict[str, Any]:
+    """Every objective and agreement measure (`measure_replies` for the replies)."""
+    return {**measure(model, ids, ref, ON_CALIBRATION), **measure_replies(model, ref)}
 
 
 def grid(q_min: float, q_max: float = 1.0) -> list[float]:
@@ -106,9 +114,12 @@ def run(args: argparse.Namespace) -> None:
         ft = MemoryFinetune(open_finetune(base, make_finetune(ft_name, base_dir, args.work)))
         ids = load_calibration(calib, tokenizer, 1024, 128)
         ft_model = ft.load_model(torch.float32).eval()
-        ref, stats = collect(ft_model, ids, hidden=True, base=log_probs(model, ids), generate=True)
+        prompts = load_prompts(calib, tokenizer)
+        ref, stats = collect(
+            ft_model, ids, hidden=True, base=log_probs(model, ids), prompts=prompts
+        )
         key = f"ref|{ft_name}"
-        if key not in results:
+        if key not in results or not results[key].get(REPLIES):
             results[key] = {
                 "task": task,
                 "mean_abs_delta": recommend(delta_stats(ft, progress=False)).mean_abs,
@@ -122,7 +133,8 @@ def run(args: argparse.Namespace) -> None:
                     "val": exact_match(model, tokenizer, val, batch=SCORE_BATCH),
                     **measure_all(model, ids, ref),
                 },
-                "continuations": _describe(ref, ids, tokenizer),
+                "continuations": _describe(ref, tokenizer),
+                REPLIES: True,
             }
             _save(args.out, results)
         del ft_model
@@ -134,10 +146,15 @@ def run(args: argparse.Namespace) -> None:
                 sparse = [t.name for t in pruned.tensors if not t.dense]
                 for q in tqdm(grid(opts.q_min), desc=f"{ft_name} {method} {rate}"):
                     key = f"{ft_name}|{method}|{rate}|{q}"
-                    if key in results:
+                    old = results.get(key)
+                    if old is not None and old.get(REPLIES):
                         continue
                     t0 = time.perf_counter()
                     with trial.scaled(dict.fromkeys(sparse, 1.0 / q)) as m:
+                        if old is not None:  # measured on continuations of another kind
+                            results[key] = {**old, **measure_replies(m, ref), REPLIES: True}
+                            _save(args.out, results)
+                            continue
                         point = measure_all(m, ids, ref)
                         acc_val = exact_match(m, tokenizer, val, batch=SCORE_BATCH)
                         acc_test = exact_match(m, tokenizer, test, batch=SCORE_BATCH)
@@ -146,24 +163,22 @@ def run(args: argparse.Namespace) -> None:
                         "val": acc_val,
                         "test": acc_test,
                         "seconds": round(time.perf_counter() - t0, 1),
+                        REPLIES: True,
                     }
                     _save(args.out, results)
                 del trial, pruned
 
 
-def _describe(ref: Reference, ids: torch.Tensor, tokenizer: Any) -> list[dict[str, Any]]:
-    """Each continuation: its anchor, weight, the text before it and its tokens."""
+def _describe(ref: Reference, tokenizer: Any) -> list[dict[str, Any]]:
+    """Each reply: the end of its prompt, its text and length."""
     cont = ref.continuations
-    assert cont is not None and ref.weights is not None
-    flat, cols = ids.reshape(-1), ids.shape[1]
+    assert cont is not None
     out = []
-    for (r, c), toks, m in zip(cont.anchors, cont.tokens, cont.mask, strict=True):
-        at = r * cols + c + 1
+    for prompt, toks, m in zip(cont.ids, cont.tokens, cont.mask, strict=True):
+        before = prompt[: cont.prefix][-24:]
         out.append(
             {
-                "anchor": [r, c],
-                "weight": round(float(ref.weights[r, c]), 3),
-                "before": tokenizer.decode(flat[max(0, at - 12) : at]),
+                "prompt_end": tokenizer.decode(before),
                 "text": tokenizer.decode(toks[m]),
                 "tokens": int(m.sum()),
             }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -76,10 +76,10 @@ class Objective(StrEnum):
     # the KL at each position weighted by how far the fine-tune moved from the base
     # there (KL(fine-tune || base)): the positions it did not change do not dominate
     WEIGHTED_KL = "weighted-kl"
-    # the KL on the fine-tune's own greedy continuations of the calibration text, from
-    # the positions where it differs most from the base (what it will be asked to do)
+    # the KL on the fine-tune's own greedy replies to the calibration prompts (what it
+    # will be asked to produce), teacher-forced
     GENERATED_KL = "generated-kl"
-    # the share of those continuation tokens the candidate reproduces (teacher-forced)
+    # the share of those replies' tokens the candidate reproduces (teacher-forced)
     AGREEMENT = "agreement"
 
     @property
@@ -88,8 +88,8 @@ class Objective(StrEnum):
 
     @property
     def needs_base(self) -> bool:
-        """Needs the base's outputs on the calibration text (weights, anchors)."""
-        return self in (Objective.WEIGHTED_KL, Objective.GENERATED_KL, Objective.AGREEMENT)
+        """Needs the base's outputs on the calibration text (the positions' weights)."""
+        return self is Objective.WEIGHTED_KL
 
     @property
     def on_continuations(self) -> bool:
@@ -111,33 +111,58 @@ def parse_objective(value: str) -> Objective:
         ) from None
 
 
-# The fine-tune's greedy continuations: from up to ANCHORS positions of the calibration
-# text where it differs most from the base (at least ANCHOR_GAP tokens apart in a row),
-# each with the PREFIX_TOKENS before it, for up to CONTINUATION_TOKENS tokens or its end.
-ANCHORS = 32
-ANCHOR_GAP = 16
-PREFIX_TOKENS = 48
+# The fine-tune's greedy replies to the first PROMPTS prompts of the calibration text
+# (each cut after the chat template's generation header, at most PREFIX_TOKENS tokens
+# of it kept), for up to CONTINUATION_TOKENS tokens or its end token.
+PROMPTS = 32
+PREFIX_TOKENS = 128
 CONTINUATION_TOKENS = 32
+
+
+def generation_header(tokenizer: Any) -> str:
+    """The text the chat template puts before a reply (for SmolLM2 "<|im_start|>",
+    "assistant" and a newline); "" without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ""
+    turn = [{"role": "user", "content": "x"}]
+    reply = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    plain = tokenizer.apply_chat_template(turn, add_generation_prompt=False, tokenize=False)
+    return str(reply[len(plain) :]) if str(reply).startswith(str(plain)) else ""
+
+
+def load_prompts(path: Path, tokenizer: Any, n: int = PROMPTS) -> list[list[int]]:
+    """The first n prompts of a calibration text written in the chat format: the text
+    cut after each generation header (what the fine-tune replies to), each piece's
+    leading whitespace stripped and at most its last PREFIX_TOKENS tokens kept. Empty
+    without a chat template or when the text holds no header."""
+    header = generation_header(tokenizer)
+    if not header:
+        return []
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"calibration file {path}: unreadable ({e})") from e
+    pieces = text.split(header)[:-1][:n]
+    ids = [tokenizer(p.lstrip() + header, add_special_tokens=False)["input_ids"] for p in pieces]
+    return [x[-PREFIX_TOKENS:] for x in ids]
 
 
 @dataclass(frozen=True)
 class Continuations:
-    """The fine-tune's greedy continuations and its outputs on them (teacher-forced).
+    """The fine-tune's greedy replies to the calibration prompts and its outputs on
+    them (teacher-forced).
 
-    Row i is a left-padded prefix of PREFIX columns, then its continuation; the logits
-    at columns PREFIX-1 .. PREFIX+G-2 predict the continuation's G tokens."""
+    Row i is the left-padded prompt (`prefix` columns), then its reply; the logits at
+    columns prefix-1 .. prefix+G-2 predict the reply's G tokens."""
 
     ids: torch.Tensor  # (m, P+G) int64
     attention: torch.Tensor  # (m, P+G) int64: 1 on real tokens
-    tokens: torch.Tensor  # (m, G) int64: the continuation
+    tokens: torch.Tensor  # (m, G) int64: the reply
     mask: torch.Tensor  # (m, G) bool: tokens up to and including the end token
     index: torch.Tensor  # (m, G, k) int64: the fine-tune's top-k tokens at each step
     value: torch.Tensor  # (m, G, k) fp32: their logits
     logz: torch.Tensor  # (m, G) fp32
-    anchors: tuple[tuple[int, int], ...]  # (row, column) in the calibration ids
-    ft_agreement: tuple[float, float]  # the fine-tune's own (tokens, sequences): ~1
-    # KL(fine-tune || base) at each anchor, in nats (empty when not known)
-    shift: tuple[float, ...] = ()
+    ft_agreement: tuple[float, float]  # the fine-tune's own (tokens, replies): ~1
 
     @property
     def prefix(self) -> int:
@@ -207,24 +232,6 @@ def log_probs(model: nn.Module, ids: torch.Tensor, batch: int = 4) -> torch.Tens
     return torch.cat(out)
 
 
-def anchors(
-    weights: torch.Tensor, n: int = ANCHORS, gap: int = ANCHOR_GAP
-) -> list[tuple[int, int]]:
-    """Up to n (row, column) positions with the largest positive weight, at least
-    `gap` apart within a row, the first `gap` columns of a row left out (too little
-    context there for a weight to mean much); sorted."""
-    cols = weights.shape[1]
-    picked: list[tuple[int, int]] = []
-    for flat in torch.argsort(weights.reshape(-1), descending=True).tolist():
-        r, c = divmod(flat, cols)
-        if weights[r, c] <= 0 or len(picked) == n:
-            break
-        if c < min(gap, cols - 1) or any(r == r2 and abs(c - c2) < gap for r2, c2 in picked):
-            continue
-        picked.append((r, c))
-    return sorted(picked)
-
-
 def _top(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     top = torch.topk(logits, min(TOP_K_KL, logits.shape[-1]), dim=-1)
     return top.indices, top.values, torch.logsumexp(logits, dim=-1)
@@ -233,28 +240,24 @@ def _top(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 @torch.no_grad()
 def continuations(
     model: Any,
-    ids: torch.Tensor,
-    at: list[tuple[int, int]],
+    prompts: list[list[int]],
     batch: int = 8,
-    prefix: int = PREFIX_TOKENS,
     length: int = CONTINUATION_TOKENS,
 ) -> Continuations:
-    """The model's greedy continuations of the calibration text after each anchor
-    (the `prefix` tokens up to and including it, read across row boundaries: the rows
-    are consecutive slices of one text), and its own outputs on them, teacher-forced."""
-    if not at:
-        raise ValueError("no anchor to continue from")
-    flat, cols = ids.reshape(-1), ids.shape[1]
+    """The model's greedy replies to the prompts (token ids), and its own outputs on
+    them, teacher-forced."""
+    if not prompts:
+        raise ValueError("no prompt to reply to")
     eos = _eos_ids(model)
     pad = eos[0] if eos else 0
-    starts = [(r * cols + c + 1) for r, c in at]
-    pre = torch.full((len(at), prefix), pad, dtype=torch.int64)
-    attention = torch.zeros((len(at), prefix), dtype=torch.int64)
-    for i, end in enumerate(starts):
-        piece = flat[max(0, end - prefix) : end]
-        pre[i, prefix - piece.numel() :], attention[i, prefix - piece.numel() :] = piece, 1
+    prefix = max(len(p) for p in prompts)
+    pre = torch.full((len(prompts), prefix), pad, dtype=torch.int64)
+    attention = torch.zeros((len(prompts), prefix), dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        pre[i, prefix - len(p) :] = torch.tensor(p, dtype=torch.int64)
+        attention[i, prefix - len(p) :] = 1
     gen = []
-    for i in range(0, len(at), batch):
+    for i in range(0, len(prompts), batch):
         out = model.generate(
             input_ids=pre[i : i + batch],
             attention_mask=attention[i : i + batch],
@@ -275,7 +278,7 @@ def continuations(
     full = torch.cat([pre, tokens], 1)
     full_attention = torch.cat([attention, torch.ones_like(tokens)], 1)
     idx, val, logz = [], [], []
-    for i in range(0, len(at), batch):
+    for i in range(0, len(prompts), batch):
         sl = slice(i, i + batch)
         logits = _logits(model, full[sl], full_attention[sl]).logits
         logits = logits[:, prefix - 1 : prefix - 1 + width].to(torch.float32)
@@ -295,7 +298,6 @@ def continuations(
         index,
         torch.cat(val),
         torch.cat(logz),
-        tuple(at),
         (ft_tokens, ft_sequences),
     )
 
@@ -307,15 +309,13 @@ def collect(
     batch: int = 4,
     hidden: bool = False,
     base: torch.Tensor | None = None,
-    generate: bool = False,
+    prompts: list[list[int]] | None = None,
 ) -> tuple[Reference, InputStats]:
     """One pass of the (fine-tuned) model over the calibration tokens; `hidden` also
     keeps every layer's hidden state (for Objective.HIDDEN). With the base's
     log-probabilities on the same ids (`log_probs`), each position is weighted by
-    KL(fine-tune || base) there, and `generate` continues the text greedily from the
-    positions weighted most (`anchors`, `continuations`)."""
-    if generate and base is None:
-        raise ValueError("continuations start where the fine-tune differs from the base")
+    KL(fine-tune || base) there; with calibration prompts (`load_prompts`), the
+    model's greedy replies to them are kept too (`continuations`)."""
     sq: dict[str, torch.Tensor] = {}
     sm: dict[str, torch.Tensor] = {}
     count = 0
@@ -354,12 +354,7 @@ def collect(
     )
     per_layer = tuple(torch.cat(hs) for hs in zip(*layers, strict=True)) if layers else ()
     w = torch.cat(weights) if weights else None
-    cont = None
-    if generate and w is not None:
-        at = anchors(w)
-        if at:
-            cont = continuations(model, ids, at)
-            cont = replace(cont, shift=tuple(float(w[r, c]) for r, c in at))
+    cont = continuations(model, prompts) if prompts else None
     ref = Reference(torch.cat(idx), torch.cat(val), torch.cat(logz), per_layer, w, cont)
     return ref, stats
 
@@ -399,8 +394,10 @@ def measure(
         raise ValueError("the weighted KL needs a reference collected with the base's outputs")
     cont = ref.continuations
     if any(o.on_continuations for o in which) and cont is None:
+        needs = ", ".join(o.value for o in which if o.on_continuations)
         raise ValueError(
-            f"{', '.join(o.value for o in which)}: needs the fine-tune's continuations"
+            f"{needs}: needs the fine-tune's replies to calibration prompts in the chat "
+            "format (a text that holds the chat template's reply header after each prompt)"
         )
     out: dict[str, float] = {}
     if any(not o.on_continuations for o in which):

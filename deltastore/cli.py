@@ -315,7 +315,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if meta.q_search:
         print(format_search(meta.q_search))
     est = None if meta.fidelity is None else Estimate.from_dict(meta.fidelity)
-    print(format_fidelity(est, "--no-estimate" if args.no_estimate else "it needs --calib FILE"))
+    print(format_fidelity(est, _why_none(opts, args.no_estimate)))
     if est is not None and est.below and not args.force:
         print(f"not written: below {THRESHOLD:.0%}; what `deltaserve recommend --calib` picks:")
         lower = tuple(r for r in RATES if r < opts.rate)
@@ -341,6 +341,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def _kept_at(rec: Recommendation) -> str:
     row = next((r for r in rec.estimates if r.rate == rec.rate), None)
     return "-" if row is None or row.estimate is None else row.estimate.short()
+
+
+def _why_none(opts: CompressOptions, skipped: bool) -> str:
+    if skipped:
+        return "--no-estimate"
+    if opts.calib is None:
+        return "it needs --calib FILE: prompts in the chat format"
+    return (
+        f"{opts.calib} holds no prompt in the chat format: each prompt followed by the chat "
+        "template's reply header, as `deltaserve finetune` writes calib.txt"
+    )
 
 
 def format_fidelity(est: Estimate | None, why_none: str = "made without --calib") -> str:
@@ -477,7 +488,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from deltastore.calib import load_examples
-    from deltastore.finetune import FinetuneConfig, finetune
+    from deltastore.finetune import FinetuneConfig, finetune, format_prompt
     from deltastore.tasks import TASKS, splits
 
     if args.output.exists() and not args.force:
@@ -506,7 +517,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.force and args.output.exists():
         shutil.rmtree(args.output)
     out = finetune(Path(args.base), train, args.output, cfg, progress=True, desc="fine-tune")
-    (out / "calib.txt").write_text("\n".join(f"{e.prompt} {e.answer}" for e in held_out) + "\n")
+    # the held-out prompts as the fine-tune sees them (the chat format, no answers): the
+    # q search's calibration text, and the prompts the fidelity estimate replies to
+    tokenizer = open_model(Path(args.base)).load_tokenizer()
+    prompts = [format_prompt(tokenizer, e.prompt, cfg.chat) for e in held_out]
+    (out / "calib.txt").write_text("\n".join(prompts) + "\n")
     print(out)
     return 0
 

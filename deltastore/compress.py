@@ -1,16 +1,16 @@
 """`deltaserve compress`: fine-tune -> pruned delta file.
 
 Stages, each with at most one whole model in memory:
-1. (wanda, q search, fidelity estimate) calibration: one pass of the base over the
-   calibration text (its next-token distributions, to weigh positions by how far the
-   fine-tune moved there), then one pass of the fine-tuned model: input statistics
-   per Linear, its top-64 logits, and its greedy continuations from the positions
-   where it differs most from the base; each model is freed after its pass;
+1. (wanda, q search, fidelity estimate) calibration: (for the weighted KL) one pass
+   of the base over the calibration text, to weigh positions by how far the
+   fine-tune moved there; then one pass of the fine-tuned model: input statistics per
+   Linear, its top-64 logits, and its greedy replies to the calibration prompts (the
+   text cut after each chat reply header); each model is freed after its pass;
 2. stream the fp32 deltas tensor by tensor, keep the mask's entries (and, for the
    analytical q, per-row statistics);
 3. (q search) load the base and search q by applying the pruned delta under trial
    scales and reverting it exactly;
-4. (fidelity estimate) the share of the fine-tune's continuations the stored variant
+4. (fidelity estimate) the share of the fine-tune's replies the stored variant
    reproduces, against the base's (deltastore.fidelity).
 
 `Compressor` keeps the calibration and the base model between compressions of one
@@ -40,8 +40,10 @@ from deltastore.calib import (
     Reference,
     collect,
     exact_match,
+    generation_header,
     load_calibration,
     load_examples,
+    load_prompts,
     log_probs,
     objectives,
 )
@@ -208,7 +210,7 @@ class CompressOptions:
             self.needs_val and self.val,
             self.val_limit,
             o is Objective.HIDDEN,
-            self.estimates or (o is not None and o.needs_base),
+            o is not None and o.needs_base,
             self.estimates or (o is not None and o.on_continuations),
         )
 
@@ -238,8 +240,16 @@ def _calibrate(
     dtype = getattr(torch, opts.search_dtype)
     cal.ids = load_calibration(opts.calib, tokenizer, opts.calib_tokens, opts.seq_len)
     o = opts.objective_in_use
+    prompts = None
+    if opts.estimates or (o is not None and o.on_continuations):
+        prompts = load_prompts(opts.calib, tokenizer)
+        if not prompts and o is not None and o.on_continuations:
+            raise ValueError(
+                f"--q-objective {o}: {opts.calib} holds no prompt in the chat format (text "
+                f"that holds the chat template's reply header {generation_header(tokenizer)!r})"
+            )
     base_lp = None
-    if opts.estimates or (o is not None and o.needs_base):
+    if o is not None and o.needs_base:
         log.info("calibration: %s tokens through the base", cal.ids.numel())
         model = base.load_model(dtype)
         base_lp = log_probs(model, cal.ids)
@@ -252,7 +262,7 @@ def _calibrate(
         cal.ids,
         hidden=o is Objective.HIDDEN,
         base=base_lp,
-        generate=opts.estimates or (o is not None and o.on_continuations),
+        prompts=prompts,
     )
     del model, base_lp
     gc.collect()
@@ -464,12 +474,13 @@ class Compressor:
 
     def _estimate(
         self, tensors: list[TensorDelta], opts: CompressOptions, cal: Calibration
-    ) -> Estimate:
-        """The fidelity estimate of the variant exactly as stored (bf16 values)."""
+    ) -> Estimate | None:
+        """The fidelity estimate of the variant exactly as stored (bf16 values); None
+        when the calibration text holds no prompt in the chat format."""
         assert cal.reference is not None
         cont = cal.reference.continuations
-        if cont is None:  # no position where the fine-tune differs from the base
-            return Estimate.unchanged()
+        if cont is None:
+            return None
         model, weights = self.model(opts)
         if cal.base_agreement is None:
             cal.base_agreement = agreement(model, cont)

@@ -1,14 +1,14 @@
 """The fidelity estimate: how much of its fine-tune a compressed variant keeps, told
 without labels, and the highest drop rate that keeps enough of it.
 
-The reference is the fine-tune's own greedy continuations of the calibration text,
-from the positions where it differs most from the base (`calib.continuations`). A
-model reproduces a continuation when its greedy token is the fine-tune's at every
-step of it, teacher-forced: exactly when greedy decoding from that prefix would
-produce the same text. Agreement is the share of continuations reproduced; the
-base's agreement is the floor (what the fine-tune added nothing to), the fine-tune's
-(1 up to rounding) the ceiling, and the estimate is the share of the difference the
-variant keeps:
+The reference is the fine-tune's own greedy replies to the calibration prompts (a
+calibration text in the chat format, cut after each reply header:
+`calib.load_prompts`, `calib.continuations`). A model reproduces a reply when its
+greedy token is the fine-tune's at every step of it, teacher-forced: exactly when
+greedy decoding of that prompt would produce the same text. Agreement is the share
+of replies reproduced; the base's agreement is the floor (what the fine-tune added
+nothing to), the fine-tune's (1 up to rounding) the ceiling, and the estimate is the
+share of the difference the variant keeps:
 
     kept = (agreement(variant) - agreement(base)) / (agreement(fine-tune) - agreement(base))
 
@@ -35,11 +35,11 @@ THRESHOLD = 0.5
 TARGET = 0.9
 # the rates recommend tries, highest first
 RATES = (0.999, 0.998, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.5)
-# No estimate (and no refusal) when the fine-tune changed too little of the text for
-# a share of it to mean anything: fewer than MIN_GAIN continuations that the base does
-# not already reproduce, or a mean KL(fine-tune || base) below MIN_SHIFT nats at the
-# positions it changed most (the study's fine-tunes: 2-13 nats; an untrained
-# perturbation of a random model, whose greedy tokens are near-ties: 0.03)
+# No estimate (and no refusal) when the fine-tune changed too little for a share of it
+# to mean anything: fewer than MIN_GAIN replies that the base does not already
+# reproduce, or a mean KL(fine-tune || base) below MIN_SHIFT nats over the replies'
+# tokens (a fine-tune that learnt its task moves far more; a few steps on a random
+# tiny model, whose greedy tokens are near-ties, move ~0.05)
 MIN_GAIN = 2
 MIN_SHIFT = 0.5
 
@@ -48,24 +48,19 @@ MIN_SHIFT = 0.5
 class Estimate:
     """What a variant keeps of its fine-tune's agreement above the base's."""
 
-    kept: float | None  # None: the fine-tune changed too little of the text to tell
-    variant: float  # share of the continuations the variant reproduces
+    kept: float | None  # None: the fine-tune changed too little to tell
+    variant: float  # share of the replies the variant reproduces
     base: float
     finetune: float
-    continuations: int
-    tokens: float  # the variant's share of continuation tokens reproduced (shown only)
-    shift: float = math.nan  # mean KL(fine-tune || base) at the anchors, nats
+    continuations: int  # replies (calibration prompts)
+    tokens: float  # the variant's share of the replies' tokens reproduced (shown only)
+    shift: float = math.nan  # mean KL(fine-tune || base) over the replies' tokens, nats
 
     def as_dict(self) -> dict[str, Any]:
         return {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in asdict(self).items()
         }
-
-    @classmethod
-    def unchanged(cls) -> Estimate:
-        """No estimate: the fine-tune does not move from the base anywhere on the text."""
-        return cls(None, math.nan, math.nan, math.nan, 0, math.nan, 0.0)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Estimate:
@@ -93,43 +88,39 @@ class Estimate:
         return "-" if self.kept is None else f"{100 * self.kept:.0f}%"
 
     def describe(self) -> str:
-        if not self.continuations:
-            return "none: the fine-tune does not move from the base on this text"
         counts = (
-            f"{self.continuations} continuations of the calibration text: the variant "
-            f"reproduces {self.variant:.0%}, the base {self.base:.0%}, the fine-tune "
-            f"{self.finetune:.0%}"
+            f"the fine-tune's greedy replies to {self.continuations} calibration prompts: "
+            f"the variant reproduces {self.variant:.0%}, the base {self.base:.0%}, the "
+            f"fine-tune {self.finetune:.0%}"
         )
         if self.kept is None:
             return (
-                f"none: the fine-tune barely changes this text (KL from the base "
-                f"{self.shift:.2g} nats where it changes most; {counts})"
+                f"none: the fine-tune barely moves from the base on these prompts (KL "
+                f"{self.shift:.2g} nats per token; {counts})"
             )
         return f"keeps ~{self.kept:.0%} of the fine-tune's gain over the base ({counts})"
 
 
 @dataclass(frozen=True)
 class Agreement:
-    sequences: float
-    tokens: float
+    sequences: float  # share of the replies reproduced whole
+    tokens: float  # share of their tokens
+    kl: float  # mean KL(fine-tune || model) per token
 
 
 def agreement(model: torch.nn.Module, cont: Continuations) -> Agreement:
-    """The share of the fine-tune's continuations (and of their tokens) `model`
-    reproduces."""
-    scores = score_continuations(model, cont)
-    values = scores.values(cont.mask)
-    return Agreement(values["sequence-agreement"], values["agreement"])
+    """How much of the fine-tune's replies `model` reproduces."""
+    values = score_continuations(model, cont).values(cont.mask)
+    return Agreement(values["sequence-agreement"], values["agreement"], values["generated-kl"])
 
 
 def estimate(variant: Agreement, base: Agreement, cont: Continuations) -> Estimate:
     ft = cont.ft_agreement[1]
     m = cont.tokens.shape[0]
-    shift = sum(cont.shift) / len(cont.shift) if cont.shift else math.nan
     kept = None
-    if (ft - base.sequences) * m >= MIN_GAIN and not shift < MIN_SHIFT:
+    if (ft - base.sequences) * m >= MIN_GAIN and base.kl >= MIN_SHIFT:
         kept = (variant.sequences - base.sequences) / (ft - base.sequences)
-    return Estimate(kept, variant.sequences, base.sequences, ft, m, variant.tokens, shift)
+    return Estimate(kept, variant.sequences, base.sequences, ft, m, variant.tokens, base.kl)
 
 
 # --------------------------------------------------------------------------- rates

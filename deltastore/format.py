@@ -18,11 +18,11 @@ The rescale (1/q) is per tensor in the metadata, so it is exactly 1/q and never
 baked into rounded values. The JSON metadata (``__metadata__["deltaserve"]``)
 also carries the base fingerprint, method, p, q, q-search record, seed, the fidelity
 estimate made when it was compressed (``fidelity``, absent in older files, which read
-as before), per-tensor counts, and a sha256 over every stored byte (``payload_sha256``). Format 2 adds
-``__metadata__["deltaserve_sha256"]``, the sha256 of the metadata JSON exactly as
-stored: one checksum chain over metadata (each tensor's scale included) and payload,
-so a truncated or corrupted file is refused instead of silently producing a wrong
-model. Format 1 files (payload checksum only) are still read.
+as before), per-tensor counts, and a sha256 over every stored byte
+(``payload_sha256``). Format 2 adds ``__metadata__["deltaserve_sha256"]``, the
+sha256 of the metadata JSON exactly as stored: one checksum chain over metadata (each
+tensor's scale included) and payload, so a truncated or corrupted file is refused
+instead of silently producing a wrong model. Format 1 files (payload checksum only) are still read.
 
 Decoding is bounded: every zlib stream inflates to at most the size its metadata
 implies, and a caller can check the metadata (names, shapes, base) before any

@@ -5,9 +5,10 @@ import torch.nn.functional as F
 from deltastore import calib
 from deltastore.calib import (
     Objective,
-    anchors,
     collect,
     continuations,
+    generation_header,
+    load_prompts,
     log_probs,
     measure,
     objectives,
@@ -18,7 +19,7 @@ from deltastore.compress import CompressOptions, compress
 from deltastore.methods import Method
 from deltastore.qsearch import QSearch
 from deltastore.sources import open_finetune, open_model
-from tests.conftest import make_model, perturbed
+from tests.conftest import make_model, perturbed, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +29,12 @@ def models():
 
 
 IDS = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+PROMPTS = [IDS[0, :5].tolist(), IDS[1].tolist(), IDS[2, :11].tolist()]  # unequal: left-padded
 
 
 def _full(base, ft, ids=IDS):
-    """Both reference forms: with the base's outputs (weights) and continuations."""
-    return collect(ft, ids, hidden=True, base=log_probs(base, ids), generate=True)[0]
+    """Every reference part: the base's outputs (weights) and the replies to prompts."""
+    return collect(ft, ids, hidden=True, base=log_probs(base, ids), prompts=PROMPTS)[0]
 
 
 def test_every_objective_is_zero_on_the_reference_model_and_positive_off_it(models):
@@ -102,46 +104,58 @@ def test_positions_are_weighted_by_how_far_the_finetune_moved_from_the_base(mode
     assert weighted["weighted-kl"] > weighted["kl"]  # base is wrong most where ft moved
 
 
-def test_anchors_are_the_heaviest_positions_apart_and_past_the_row_start():
-    w = torch.zeros(2, 40)
-    w[0, 20], w[0, 22], w[0, 35], w[1, 3], w[1, 30] = 5.0, 4.0, 3.0, 9.0, 1.0
-    assert anchors(w, n=8, gap=8) == [(0, 20), (0, 35), (1, 30)]  # (0,22) too close, (1,3) early
-    assert anchors(w, n=2, gap=8) == [(0, 20), (0, 35)]
-    assert anchors(torch.zeros(2, 40)) == []
+def test_prompts_are_the_text_cut_after_each_reply_header(tmp_path):
+    tok = tiny_tokenizer()
+    header = generation_header(tok)
+    assert header == "<assistant>"  # the tiny template's reply header
+    prompts = ["the cat sat", "on a mat", "and then ran"]
+    chat = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
+    path = tmp_path / "calib.txt"
+    path.write_text("\n".join(chat) + "\ntrailing text, no prompt")
+    got = load_prompts(path, tok)
+    assert [tok.decode(p) for p in got] == chat  # each exactly as the fine-tune saw it
+    assert len(load_prompts(path, tok, n=2)) == 2
+    path.write_text("no chat here, just text")
+    assert load_prompts(path, tok) == []
+    tok.chat_template = None
+    assert generation_header(tok) == "" and load_prompts(path, tok) == []
 
 
-def test_continuations_are_the_finetunes_greedy_text_and_it_reproduces_them(models):
+def test_replies_are_the_finetunes_greedy_text_and_it_reproduces_them(models):
     _, ft = models
-    at = [(0, 4), (1, 9), (2, 15)]  # the first has 5 tokens before it: left-padded
-    cont = continuations(ft, IDS, at, prefix=8, length=5)
-    assert cont.ids.shape == (3, 8 + cont.tokens.shape[1]) and cont.prefix == 8
-    flat = IDS.reshape(-1)
-    for i, (r, c) in enumerate(at):
-        end = r * 16 + c + 1  # the prefix reads across row boundaries
-        prefix = flat[max(0, end - 8) : end][None]
-        want = ft.generate(input_ids=prefix, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    cont = continuations(ft, PROMPTS, length=5)
+    assert cont.prefix == 16 and cont.ids.shape == (3, 16 + cont.tokens.shape[1])
+    for i, prompt in enumerate(PROMPTS):
+        want = ft.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=5, do_sample=False, pad_token_id=0
+        )
         n = int(cont.mask[i].sum())
-        assert torch.equal(cont.tokens[i, :n], want[0, prefix.shape[1] :][:n])
+        assert torch.equal(cont.tokens[i, :n], want[0, len(prompt) :][:n])  # padding is inert
     assert cont.ft_agreement == (1.0, 1.0)
     scores = score_continuations(ft, cont)
     assert bool(scores.hit[cont.mask].all()) and float(scores.kl.abs().max()) < 1e-4
     assert not bool(scores.hit[~cont.mask].any())
-    # a continuation ends at the end token: nothing after it is scored
+    # a reply ends at the end token: nothing after it is scored
     eos = ft.config.eos_token_id
     ended = cont.tokens == eos
     for row, m in zip(ended, cont.mask, strict=True):
         if row.any():
             assert int(m.sum()) == int(row.to(torch.int64).argmax()) + 1
+    with pytest.raises(ValueError, match="no prompt"):
+        continuations(ft, [])
 
 
-def test_generation_needs_the_base(models):
+def test_objectives_say_what_their_reference_lacks(models):
     _, ft = models
-    with pytest.raises(ValueError, match="base"):
-        collect(ft, IDS, generate=True)
     ref, _ = collect(ft, IDS)
     with pytest.raises(ValueError, match="weighted"):
         measure(ft, IDS, ref, (Objective.WEIGHTED_KL,))
-    with pytest.raises(ValueError, match="continuations"):
+    with pytest.raises(ValueError, match="chat format"):
         measure(ft, IDS, ref, (Objective.AGREEMENT,))
 
 
@@ -199,7 +213,7 @@ def test_compress_searches_on_the_chosen_objective(tiny_dirs, objective):
         0.9,
         q_search=QSearch.UNLABELLED,
         q_objective=objective,
-        calib=tiny_dirs["calib"],
+        calib=tiny_dirs["chat_calib"],  # prompts in the chat format: the replies' objectives
         calib_tokens=256,
         seq_len=64,
         progress=False,
@@ -213,10 +227,14 @@ def test_compress_searches_on_the_chosen_objective(tiny_dirs, objective):
     from deltastore.apply import FlatWeights, apply_delta_, bind
     from deltastore.calib import load_calibration
 
-    ids = load_calibration(tiny_dirs["calib"], base.load_tokenizer(), 256, 64)
+    ids = load_calibration(tiny_dirs["chat_calib"], base.load_tokenizer(), 256, 64)
     model = base.load_model(torch.float32)
     ref, _ = collect(
-        ft.load_model(torch.float32), ids, hidden=True, base=log_probs(model, ids), generate=True
+        ft.load_model(torch.float32),
+        ids,
+        hidden=True,
+        base=log_probs(model, ids),
+        prompts=load_prompts(tiny_dirs["chat_calib"], base.load_tokenizer()),
     )
     weights = FlatWeights.from_module(model)
     apply_delta_(weights, bind(delta, weights))

@@ -132,11 +132,25 @@ def test_no_estimate_when_the_finetune_barely_moves(tiny_dirs):
     base = open_model(tiny_dirs["base"])
     ft = open_finetune(base, tiny_dirs["ft"])
     opts = CompressOptions(
-        Method.DAREX_Q, 0.99, q=0.05, calib=tiny_dirs["calib"], calib_tokens=256, progress=False
+        Method.DAREX_Q, 0.99, q=0.05, calib=tiny_dirs["chat_calib"], calib_tokens=256
     )
-    est = Estimate.from_dict(compress(base, ft, opts).meta.fidelity)
-    assert est.kept is None and est.shift < 0.5 and not est.below
-    assert "barely changes" in est.describe()
+    est = Estimate.from_dict(compress(base, ft, replace(opts, progress=False)).meta.fidelity)
+    assert est.continuations == 32 and est.base < est.finetune  # its replies differ ...
+    assert est.kept is None and est.shift < 0.5 and not est.below  # ... by near-ties
+    assert "barely moves" in est.describe()
+
+
+def test_no_estimate_without_prompts_in_the_chat_format(decisive, tmp_path, capsys):
+    raw = tmp_path / "raw.txt"
+    raw.write_text(" ".join(WORDS * 40))  # task text, but no prompt to reply to
+    out = tmp_path / "raw.delta.safetensors"
+    args = ["compress", decisive["base"], decisive["ft"], "-o", out, "--rate", "0.99"]
+    assert main([str(a) for a in [*args, "--q-search", "unlabelled", "--calib", raw]]) == 0
+    assert "holds no prompt in the chat format" in capsys.readouterr().out
+    assert load_delta(out).meta.fidelity is None
+    bad = [*args, "--force", "--q-search", "unlabelled", "--q-objective", "agreement"]
+    assert main([str(a) for a in [*bad, "--calib", raw]]) == 2
+    assert "no prompt in the chat format" in capsys.readouterr().err
 
 
 def test_recommend_picks_the_highest_rate_keeping_90_percent(decisive):
@@ -207,10 +221,10 @@ def test_the_table_marks_the_pick_and_says_when_none_keeps_the_target():
 def test_estimates_round_trip_and_old_files_have_none():
     est = Estimate(0.75, 0.78, 0.125, 1.0, 32, 0.9, 4.2)
     assert Estimate.from_dict(json.loads(json.dumps(est.as_dict()))) == est
-    none = Estimate.unchanged()
+    none = Estimate(None, 0.1, 0.1, 1.0, 32, math.nan, 0.05)
     back = Estimate.from_dict(json.loads(json.dumps(none.as_dict())))  # NaN -> null -> NaN
-    assert back.kept is None and back.continuations == 0 and math.isnan(back.variant)
-    assert not none.below and "does not move" in none.describe()
+    assert back.kept is None and back.shift == 0.05 and math.isnan(back.tokens)
+    assert not none.below and "barely moves" in none.describe()
     old = DeltaMeta(base_fingerprint="sha256:x", method="dare", rate=0.9)
     assert old.fidelity is None
     assert replace(RateRow(0.9, None, None, 0.0)).estimate is None
