@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.fidelity import FINETUNES, _csv, _work
+from benchmarks.fidelity import FINETUNES, _csv, default_work, work_arg
 from deltastore.embedded import ensure_embedded_base
 from deltastore.recommend import delta_stats, recommend
 from deltastore.sources import open_finetune, open_model
@@ -23,12 +23,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--finetunes", type=_csv(str, FINETUNES), default=list(FINETUNES))
+    work_arg(ap)
     args = ap.parse_args()
+    work = args.work or default_work()
     base = open_model(ensure_embedded_base())
     print("| fine-tune | mean abs Δ | top 1% energy | largest tensors (share of energy; top 1%) |")
     print("|---|---|---|---|")
     for name in args.finetunes:
-        path = _work() / "finetunes" / name
+        path = work / "finetunes" / name
         if not path.is_dir():
             continue
         stats = delta_stats(open_finetune(base, path), progress=False)

@@ -10,9 +10,9 @@ code behind `deltaserve compress`) at every rate and method; and scores every de
 by exact match on the task's test split, applied to the resident base through the
 engine's apply path (`deltastore.apply`, what the server runs), then reverted.
 
-Everything is cached under ~/.cache/deltaserve/bench/fidelity: fine-tunes, and one
-result per (fine-tune, method, rate) in --out, so an interrupted run resumes where
-it stopped. --report only prints the tables and draws the plot from --out.
+Everything is cached under --work (default ~/.cache/deltaserve/bench/fidelity):
+fine-tunes, and one result per (fine-tune, method, rate) in --out, so an interrupted
+run resumes where it stopped. --report only prints the tables and draws the plot from --out.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from deltastore.apply import FlatWeights, apply_delta_, bind, revert_delta_
 from deltastore.calib import DEFAULT_OBJECTIVE, Example, Objective, exact_match
 from deltastore.compress import CompressOptions, compress
 from deltastore.embedded import ensure_embedded_base
+from deltastore.fidelity import THRESHOLD
 from deltastore.finetune import FinetuneConfig, finetune, format_prompt
 from deltastore.format import TensorDelta, load_delta, save_delta
 from deltastore.methods import MIX_TOP, Method
@@ -59,6 +60,11 @@ FINETUNES: dict[str, tuple[str, FinetuneConfig]] = {
     "arith-large": ("arith", FinetuneConfig(steps=150, lr=3e-4, bf16=True)),
     "extract-large": ("extract", FinetuneConfig(steps=150, lr=3e-4, bf16=True)),
     "topic-large": ("topic", FinetuneConfig(steps=150, lr=3e-4, bf16=True)),
+    # Large deltas whose best q at p = 0.999 lies far above 1-p (DARE's q scores about
+    # 0 there): a learning rate of 1e-3, full fine-tune, as users overshoot it.
+    "arith-high-lr": ("arith", FinetuneConfig(steps=100, lr=1e-3, bf16=True)),
+    "extract-high-lr": ("extract", FinetuneConfig(steps=100, lr=1e-3, bf16=True)),
+    "topic-high-lr": ("topic", FinetuneConfig(steps=100, lr=1e-3, bf16=True)),
     # the same recipe with AdamR-L2: does the pull toward the base still help at this size?
     "arith-large-adamr": ("arith", FinetuneConfig(steps=150, lr=3e-4, bf16=True, **_ADAMR)),
     "extract-large-adamr": ("extract", FinetuneConfig(steps=150, lr=3e-4, bf16=True, **_ADAMR)),
@@ -69,6 +75,7 @@ SCORE_BATCH = 8  # every test score in the results file was taken at this batch 
 
 
 KL, HIDDEN = Objective.KL, Objective.HIDDEN
+WKL, GKL, AGREE = Objective.WEIGHTED_KL, Objective.GENERATED_KL, Objective.AGREEMENT
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,22 @@ VARIANTS: dict[str, Variant] = {
     ),
     "mix/kl": Variant(Method.MIX, QSearch.UNLABELLED, QGrid.LOG, q_objective=KL),
     "magnitude+q/kl": Variant(Method.MAGNITUDE, QSearch.UNLABELLED, QGrid.LOG, q_objective=KL),
+    # objectives that weigh what the fine-tune learned (the fidelity estimate's study)
+    "darex-q/weighted-kl": Variant(Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, q_objective=WKL),
+    "darex-q/generated-kl": Variant(Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, q_objective=GKL),
+    "darex-q/agreement": Variant(Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, q_objective=AGREE),
+    "darex-q/weighted-kl/module-q": Variant(
+        Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, QGroups.MODULE, q_objective=WKL
+    ),
+    "darex-q/generated-kl/module-q": Variant(
+        Method.DAREX_Q, QSearch.UNLABELLED, QGrid.LOG, QGroups.MODULE, q_objective=GKL
+    ),
+    "magnitude+q/weighted-kl": Variant(
+        Method.MAGNITUDE, QSearch.UNLABELLED, QGrid.LOG, q_objective=WKL
+    ),
+    "magnitude+q/generated-kl": Variant(
+        Method.MAGNITUDE, QSearch.UNLABELLED, QGrid.LOG, q_objective=GKL
+    ),
 }
 PAPER = ["dare", "darex-q/labelled", "darex-q/unlabelled", "darex-q/analytical"]
 PAPER += ["magnitude", "wanda", "structural"]
@@ -189,14 +212,24 @@ class Scorer:
             revert_delta_(self.weights, undo)
 
 
-def _work() -> Path:
+def default_work() -> Path:
     return cache_dir() / "bench" / "fidelity"
 
 
-def _task_files(task: str, tokenizer: Any) -> tuple[list[Example], Path, Path]:
+def work_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="cache of fine-tunes, task files and deltas (default ~/.cache/deltaserve/bench/"
+        "fidelity, or under $DELTASERVE_CACHE)",
+    )
+
+
+def _task_files(task: str, tokenizer: Any, work: Path) -> tuple[list[Example], Path, Path]:
     """(test examples in chat format, calibration text, validation JSONL)."""
     _, val, test = splits(task)
-    d = _work() / "data"
+    d = work / "data"
     d.mkdir(parents=True, exist_ok=True)
     calib, val_file = d / f"{task}.calib.txt", d / f"{task}.val.jsonl"
     # calibration: the validation prompts, chat-formatted, without their answers
@@ -210,10 +243,10 @@ def _task_files(task: str, tokenizer: Any) -> tuple[list[Example], Path, Path]:
     )
 
 
-def make_finetune(name: str, base_dir: Path) -> Path:
+def make_finetune(name: str, base_dir: Path, work: Path) -> Path:
     task, cfg = FINETUNES[name]
     train, _, _ = splits(task)
-    return finetune(base_dir, train, _work() / "finetunes" / name, cfg, desc=f"fine-tune {name}")
+    return finetune(base_dir, train, work / "finetunes" / name, cfg, desc=f"fine-tune {name}")
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -234,12 +267,12 @@ def run(args: argparse.Namespace) -> None:
     results = _load(args.out)
     for ft_name in args.finetunes:
         task = FINETUNES[ft_name][0]
-        test, calib, val = _task_files(task, scorer.tokenizer)
+        test, calib, val = _task_files(task, scorer.tokenizer, args.work)
         test = test[: args.n_test]
         if f"base|{task}" not in results:
             results[f"base|{task}"] = {"accuracy": scorer(None, test)}
             _save(args.out, results)
-        ft_dir = make_finetune(ft_name, base_dir)
+        ft_dir = make_finetune(ft_name, base_dir, args.work)
         key = f"finetune|{ft_name}"
         ft = MemoryFinetune(open_finetune(base, ft_dir))
         if key not in results:
@@ -264,7 +297,7 @@ def run(args: argparse.Namespace) -> None:
                 continue
             opts = VARIANTS[variant].options(rate, calib, val)
             out = (
-                _work()
+                args.work
                 / "deltas"
                 / ft_name
                 / f"{variant.replace('/', '_')}-{rate}.delta.safetensors"
@@ -283,6 +316,7 @@ def run(args: argparse.Namespace) -> None:
                 "compress_s": round(seconds, 1),
                 "search_evals": len(search.get("grid", []))
                 + search.get("groups", {}).get("evaluations", 0),
+                "fidelity": meta.fidelity,  # the estimate compress recorded
             }
             if out.stat().st_size > 20e6:
                 out.unlink()  # low-rate files are large; the result is what is kept
@@ -327,6 +361,7 @@ def report(results: dict[str, Any], plot: Path | None) -> str:
             sizes.append("-" if c is None else f"{c['file_bytes'] / 1e6:.1f} MB")
         lines.append("| file (dare) | " + " | ".join(sizes) + " |")
     lines += ["", *summary(results, fts), "", *targets(results, fts), "", *costs(results)]
+    lines += ["", *estimate_errors(results, fts)]
     if plot is not None:
         _plot(results, fts, plot)
         large = [ft for ft in fts if results[f"finetune|{ft}"]["mean_abs_delta"] > BIG]
@@ -474,6 +509,38 @@ def targets(results: dict[str, Any], fts: list[str]) -> list[str]:
     return out
 
 
+def estimate_errors(results: dict[str, Any], fts: list[str]) -> list[str]:
+    """The fidelity estimate each compression recorded against the gain it kept on
+    the test split, over every cell that has one."""
+    pairs: list[tuple[str, str, float, float]] = []  # (fine-tune, cell, estimate, true)
+    for ft in fts:
+        info = results[f"finetune|{ft}"]
+        base = results[f"base|{info['task']}"]["accuracy"]
+        for key, c in results.items():
+            fid = c.get("fidelity") if key.startswith(ft + "|") else None
+            if fid is None or fid.get("kept") is None:
+                continue
+            true = _gain_kept(c["accuracy"], base, info["accuracy"])
+            if not math.isnan(true):
+                pairs.append((ft, key, fid["kept"], true))
+    if not pairs:
+        return []
+    err = [e - t for _, _, e, t in pairs]
+    worst = max(pairs, key=lambda p: abs(p[2] - p[3]))
+    flags = [p for p in pairs if p[2] < THRESHOLD]
+    return [
+        f"Fidelity estimate against the gain kept on test, over the {len(pairs)} "
+        f"compressions that recorded one: mean |error| "
+        f"{100 * sum(abs(x) for x in err) / len(err):.0f} points, mean error "
+        f"{100 * sum(err) / len(err):+.0f}, worst {100 * (worst[2] - worst[3]):+.0f} "
+        f"({worst[1]}: estimate {worst[2]:.0%}, kept {worst[3]:.0%}); "
+        f"{len(flags)} flagged below {THRESHOLD:.0%}, of which "
+        f"{sum(1 for p in flags if p[3] >= THRESHOLD)} kept at least that on test; "
+        f"{sum(1 for p in pairs if p[2] >= THRESHOLD and p[3] < THRESHOLD)} not flagged "
+        "that kept less.",
+    ]
+
+
 STYLES = ["o-", "s--", "^-.", "v:", "D-", "x--", "*-."]  # overlapping lines stay visible
 
 
@@ -576,12 +643,14 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=Path("benchmarks/results/fidelity.png"))
     ap.add_argument("--report", action="store_true", help="only print tables and plot")
     ap.add_argument("--finetune-only", action="store_true", help="only make the fine-tunes")
+    work_arg(ap)
     args = ap.parse_args()
+    args.work = args.work or default_work()
     torch.manual_seed(0)
     if args.finetune_only:
         base_dir = ensure_embedded_base()
         for name in args.finetunes:
-            make_finetune(name, base_dir)
+            make_finetune(name, base_dir, args.work)
         return
     if not args.report:
         run(args)

@@ -1,18 +1,25 @@
-"""The q curve: every unlabelled objective and the accuracy, over the whole q range.
+"""The q curve: every unlabelled objective, the fidelity estimate and the accuracy,
+over the whole q range.
 
     python -m benchmarks.qcurve [--finetunes arith-large,...] [--methods darex-q,mix]
-                                [--rates 0.999] [--report]
+                                [--rates 0.99,0.999] [--report]
 
 For one fine-tune of the fidelity study (benchmarks/fidelity.py, same cache), one
 mask (one method and rate, seed 0, as `deltaserve compress` draws it) and each q of
 the q search's coarse log grid (1-p, then x sqrt(2) up to 1): apply the pruned delta
-rescaled by 1/q to the resident base, compute each unlabelled objective on the
-calibration text (deltastore.calib.objectives: logit MSE, KL, hidden-state MSE, in
-one forward pass), and score exact match on the validation and the test split.
+rescaled by 1/q to the resident base, compute every unlabelled objective on the
+calibration text (deltastore.calib.measure: logit MSE, KL with and without its tail
+bucket, hidden-state MSE, the position-weighted KL, the KL on the fine-tune's greedy
+replies to the calibration prompts, and the share of those replies' tokens and of
+whole replies the candidate reproduces), and score exact match on the validation and
+the test split. The fine-tune and the base are measured the same way once per
+fine-tune: the base's agreement with the fine-tune's continuations is the floor of
+the fidelity estimate (deltastore.fidelity).
 
-Then: which q each objective's minimum picks on that grid, and what it scores on
-test, beside the labelled pick (best validation accuracy) and the best test cell.
-That says which objective a search should follow, without running a search per
+Then: which q each objective's optimum picks on that grid, and what it scores on
+test, beside the labelled pick (best validation accuracy) and the best test cell;
+and how far the fidelity estimate is from the gain each point keeps on test. That
+says which objective a search should follow, without running a search per
 objective. Results are resumable (one entry per point in --out).
 """
 
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -34,24 +42,57 @@ from benchmarks.fidelity import (
     _load,
     _save,
     _task_files,
+    default_work,
     make_finetune,
+    work_arg,
 )
 from deltastore.calib import (
     Objective,
+    Reference,
     collect,
     exact_match,
     load_calibration,
     load_examples,
-    objectives,
+    load_prompts,
+    log_probs,
+    measure,
+    score_continuations,
 )
 from deltastore.compress import Calibration, CompressOptions, _prune
 from deltastore.embedded import ensure_embedded_base
 from deltastore.methods import Method
 from deltastore.qsearch import LOG_STEP, ScaledDeltaModel
+from deltastore.recommend import delta_stats, recommend
 from deltastore.sources import open_finetune, open_model
 
 SCORE_BATCH = 8
 METHODS = {"darex-q": Method.DAREX_Q, "mix": Method.MIX, "magnitude": Method.MAGNITUDE}
+ON_CALIBRATION = tuple(o for o in Objective if not o.on_continuations)
+
+
+REPLIES = "replies"  # marks points measured on the replies to the calibration prompts
+
+
+def measure_replies(model: Any, ref: Reference) -> dict[str, Any]:
+    """The objectives on the fine-tune's replies to the calibration prompts, and per
+    reply: the index of the first token the model does not reproduce (-1: all), the
+    tokens it does, and the KL summed over its tokens."""
+    assert ref.continuations is not None
+    mask = ref.continuations.mask
+    scores = score_continuations(model, ref.continuations)
+    miss = ~scores.hit & mask
+    first = torch.where(miss.any(1), miss.to(torch.int64).argmax(1), -1)
+    return {
+        **scores.values(mask),
+        "first_miss": first.tolist(),
+        "hits": scores.hit.sum(1).tolist(),
+        "row_kl": [round(x, 5) for x in scores.kl.sum(1).tolist()],
+    }
+
+
+def measure_all(model: Any, ids: torch.Tensor, ref: Reference) -> dict[str, Any]:
+    """Every objective and agreement measure (`measure_replies` for the replies)."""
+    return {**measure(model, ids, ref, ON_CALIBRATION), **measure_replies(model, ref)}
 
 
 def grid(q_min: float, q_max: float = 1.0) -> list[float]:
@@ -68,11 +109,35 @@ def run(args: argparse.Namespace) -> None:
     results = _load(args.out)
     for ft_name in args.finetunes:
         task = FINETUNES[ft_name][0]
-        test, calib, val_file = _task_files(task, tokenizer)
+        test, calib, val_file = _task_files(task, tokenizer, args.work)
         test, val = test[: args.n_test], load_examples(val_file, args.n_test)
-        ft = MemoryFinetune(open_finetune(base, make_finetune(ft_name, base_dir)))
+        ft = MemoryFinetune(open_finetune(base, make_finetune(ft_name, base_dir, args.work)))
         ids = load_calibration(calib, tokenizer, 1024, 128)
-        ref, stats = collect(ft.load_model(torch.float32).eval(), ids, hidden=True)
+        ft_model = ft.load_model(torch.float32).eval()
+        prompts = load_prompts(calib, tokenizer)
+        ref, stats = collect(
+            ft_model, ids, hidden=True, base=log_probs(model, ids), prompts=prompts
+        )
+        key = f"ref|{ft_name}"
+        if key not in results or not results[key].get(REPLIES):
+            results[key] = {
+                "task": task,
+                "mean_abs_delta": recommend(delta_stats(ft, progress=False)).mean_abs,
+                "finetune": {
+                    "test": exact_match(ft_model, tokenizer, test, batch=SCORE_BATCH),
+                    "val": exact_match(ft_model, tokenizer, val, batch=SCORE_BATCH),
+                    **measure_all(ft_model, ids, ref),
+                },
+                "base": {
+                    "test": exact_match(model, tokenizer, test, batch=SCORE_BATCH),
+                    "val": exact_match(model, tokenizer, val, batch=SCORE_BATCH),
+                    **measure_all(model, ids, ref),
+                },
+                "continuations": _describe(ref, tokenizer),
+                REPLIES: True,
+            }
+            _save(args.out, results)
+        del ft_model
         for method in args.methods:
             for rate in args.rates:
                 opts = CompressOptions(METHODS[method], rate, q=1.0, calib=calib, progress=False)
@@ -81,100 +146,256 @@ def run(args: argparse.Namespace) -> None:
                 sparse = [t.name for t in pruned.tensors if not t.dense]
                 for q in tqdm(grid(opts.q_min), desc=f"{ft_name} {method} {rate}"):
                     key = f"{ft_name}|{method}|{rate}|{q}"
-                    if key in results:
+                    old = results.get(key)
+                    if old is not None and old.get(REPLIES):
                         continue
                     t0 = time.perf_counter()
                     with trial.scaled(dict.fromkeys(sparse, 1.0 / q)) as m:
-                        obj = objectives(m, ids, ref)
+                        if old is not None:  # measured on continuations of another kind
+                            results[key] = {**old, **measure_replies(m, ref), REPLIES: True}
+                            _save(args.out, results)
+                            continue
+                        point = measure_all(m, ids, ref)
                         acc_val = exact_match(m, tokenizer, val, batch=SCORE_BATCH)
                         acc_test = exact_match(m, tokenizer, test, batch=SCORE_BATCH)
                     results[key] = {
-                        **{o.value: v for o, v in obj.items()},
+                        **point,
                         "val": acc_val,
                         "test": acc_test,
                         "seconds": round(time.perf_counter() - t0, 1),
+                        REPLIES: True,
                     }
                     _save(args.out, results)
                 del trial, pruned
 
 
-# --------------------------------------------------------------------------- report
-
-
-def _cases(results: dict[str, Any]) -> dict[tuple[str, str, str], dict[float, dict[str, Any]]]:
-    cases: dict[tuple[str, str, str], dict[float, dict[str, Any]]] = {}
-    for key, v in results.items():
-        ft, method, rate, q = key.split("|")
-        cases.setdefault((ft, method, rate), {})[float(q)] = v
-    return cases
-
-
-PICKS = [o.value for o in Objective] + ["val"]
-
-
-def picks(points: dict[float, dict[str, Any]]) -> dict[str, tuple[float, float]]:
-    """Per objective (and 'val', the labelled pick): (q picked, its test accuracy).
-    Ties go to the smallest q, as the search's first-best rule."""
-    out = {}
-    qs = sorted(points)
-    for name in PICKS:
-        if name == "val":
-            q = max(qs, key=lambda x: (points[x]["val"], -x))
-        else:
-            q = min(qs, key=lambda x: (points[x][name], x))
-        out[name] = (q, points[q]["test"])
+def _describe(ref: Reference, tokenizer: Any) -> list[dict[str, Any]]:
+    """Each reply: the end of its prompt, its text and length."""
+    cont = ref.continuations
+    assert cont is not None
+    out = []
+    for prompt, toks, m in zip(cont.ids, cont.tokens, cont.mask, strict=True):
+        before = prompt[: cont.prefix][-24:]
+        out.append(
+            {
+                "prompt_end": tokenizer.decode(before),
+                "text": tokenizer.decode(toks[m]),
+                "tokens": int(m.sum()),
+            }
+        )
     return out
 
 
+# --------------------------------------------------------------------------- report
+
+Case = tuple[str, str, str]
+
+
+def _cases(results: dict[str, Any]) -> dict[Case, dict[float, dict[str, Any]]]:
+    cases: dict[Case, dict[float, dict[str, Any]]] = {}
+    for key, v in results.items():
+        parts = key.split("|")
+        if len(parts) == 4:
+            ft, method, rate, q = parts
+            cases.setdefault((ft, method, rate), {})[float(q)] = v
+    return cases
+
+
+# every objective the search can follow, today's KL without its tail bucket, and the
+# labelled pick (best validation accuracy)
+PICKS = ["logit-mse", "kl-top", *(o.value for o in Objective if o.value != "logit-mse"), "val"]
+MAXIMISED = {Objective.AGREEMENT.value, "val"}
+
+
+def picks(points: dict[float, dict[str, Any]]) -> dict[str, float]:
+    """Per objective (and 'val', the labelled pick): the q it picks on the grid. Ties
+    go to the smallest q, as the search's first-best rule."""
+    out = {}
+    qs = sorted(points)
+    for name in PICKS:
+        if name not in points[qs[0]]:
+            continue
+        sign = -1.0 if name in MAXIMISED else 1.0
+        out[name] = min(qs, key=lambda x, n=name, s=sign: (s * points[x][n], x))
+    return out
+
+
+def gain(acc: float, base: float, ft: float) -> float:
+    return (acc - base) / (ft - base) if ft > base else math.nan
+
+
+def estimate(point: dict[str, Any], ref: dict[str, Any], key: str) -> float:
+    """The fidelity estimate from an agreement measure: the share of the fine-tune's
+    agreement above the base's that the point keeps."""
+    return gain(point[key], ref["base"][key], ref["finetune"][key])
+
+
 def report(results: dict[str, Any], plot: Path | None) -> str:
-    lines = [
-        "| fine-tune | method | p | "
-        + " | ".join(f"{n}: q → test" for n in PICKS)
-        + " | best test |",
-        "|---|---|---|" + "---|" * (len(PICKS) + 1),
-    ]
     cases = _cases(results)
-    for (ft, method, rate), points in sorted(cases.items()):
+    lines = [
+        "Gain kept on test at the q each objective picks on the coarse grid (picked q "
+        "as a multiple of 1-p):",
+        "",
+        "| fine-tune | mean abs Δ | method | p | " + " | ".join(PICKS) + " | best test |",
+        "|---|---|---|---|" + "---|" * (len(PICKS) + 1),
+    ]
+    misses: dict[str, list[float]] = {n: [] for n in PICKS}
+    for (ft, method, rate), points in sorted(cases.items(), key=_order):
+        ref = results.get(f"ref|{ft}")
+        if ref is None:
+            continue
+        base, top = ref["base"]["test"], ref["finetune"]["test"]
         got = picks(points)
+        one = 1 - float(rate)
         best = max(points, key=lambda x: points[x]["test"])
-        cells = [f"{q:.4g} → {acc:.3f}" for q, acc in (got[n] for n in PICKS)]
+        cells = []
+        for name in PICKS:
+            if name not in got:
+                cells.append("-")
+                continue
+            q = got[name]
+            g = gain(points[q]["test"], base, top)
+            misses[name].append(gain(points[best]["test"], base, top) - g)
+            cells.append(f"{q / one:.3g}× → {100 * g:.0f}%")
         lines.append(
-            f"| {ft} | {method} | {rate} | " + " | ".join(cells) + f" | {best:.4g} → "
-            f"{points[best]['test']:.3f} |"
+            f"| {ft} | {ref['mean_abs_delta']:.1e} | {method} | {rate} | "
+            + " | ".join(cells)
+            + f" | {best / one:.3g}× → {100 * gain(points[best]['test'], base, top):.0f}% |"
         )
+    lines += [
+        "",
+        "Gain lost against the best cell of the grid, per objective (mean / worst over "
+        "the cases above):",
+        "",
+        "| objective | mean | worst |",
+        "|---|---|---|",
+    ]
+    for name, lost in misses.items():
+        lost = [x for x in lost if not math.isnan(x)]
+        if lost:
+            lines.append(
+                f"| {name} | {100 * statistics.mean(lost):.0f}% | {100 * max(lost):.0f}% |"
+            )
+    lines += ["", *estimate_errors(results, cases)]
     if plot is not None and cases:
-        _plot(cases, plot)
+        _plot(results, cases, plot)
     return "\n".join(lines)
 
 
-def _plot(cases: dict[tuple[str, str, str], dict[float, dict[str, Any]]], path: Path) -> None:
+def _order(item: tuple[Case, Any]) -> tuple[int, str, str]:
+    (ft, method, rate), _ = item
+    return (list(FINETUNES).index(ft) if ft in FINETUNES else 99, method, rate)
+
+
+ESTIMATES = {"tokens": Objective.AGREEMENT.value, "sequences": "sequence-agreement"}
+
+
+def estimate_errors(
+    results: dict[str, Any], cases: dict[Case, dict[float, dict[str, Any]]]
+) -> list[str]:
+    """How far each form of the estimate is from the gain kept on test, over every
+    point of every case (and over the points that keep at least half of the gain, or
+    less: where the threshold decides)."""
+    errors: dict[str, list[tuple[float, float]]] = {n: [] for n in ESTIMATES}
+    for (ft, _, _), points in cases.items():
+        ref = results.get(f"ref|{ft}")
+        if ref is None:
+            continue
+        base, top = ref["base"]["test"], ref["finetune"]["test"]
+        for point in points.values():
+            true = gain(point["test"], base, top)
+            for name, key in ESTIMATES.items():
+                est = estimate(point, ref, key)
+                if not (math.isnan(true) or math.isnan(est)):
+                    errors[name].append((est, true))
+    out = [
+        "The fidelity estimate against the gain kept on test, over every point "
+        "(estimate − true, in points of gain):",
+        "",
+        "| estimate from | points | mean abs error | worst | mean signed | "
+        "flags (< 50%) that keep ≥ 50% | misses (≥ 50%) that keep < 50% |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, pairs in errors.items():
+        if not pairs:
+            continue
+        err = [e - t for e, t in pairs]
+        false_flags = sum(1 for e, t in pairs if e < 0.5 <= t)
+        misses = sum(1 for e, t in pairs if t < 0.5 <= e)
+        out.append(
+            f"| {name} | {len(pairs)} | {100 * statistics.mean(abs(x) for x in err):.0f} "
+            f"| {100 * max(abs(x) for x in err):.0f} | {100 * statistics.mean(err):+.0f} "
+            f"| {false_flags} | {misses} |"
+        )
+    return out
+
+
+STYLES = {
+    "logit-mse": "o-",
+    "kl-top": "s--",
+    "kl": "s-",
+    "hidden-mse": "^-.",
+    "weighted-kl": "v-",
+    "generated-kl": "D-",
+    "agreement": "x--",
+}
+
+
+def _plot(
+    results: dict[str, Any], cases: dict[Case, dict[float, dict[str, Any]]], path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(cases)
-    cols = min(3, n)
+    shown = [(c, p) for c, p in sorted(cases.items(), key=_order) if f"ref|{c[0]}" in results]
+    n = len(shown)
+    if not n:
+        return
+    cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
-    for ax, ((ft, method, rate), points) in zip(axes.flat, sorted(cases.items()), strict=False):
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False)
+    for ax, ((ft, method, rate), points) in zip(axes.flat, shown, strict=False):
+        ref = results[f"ref|{ft}"]
+        base, top = ref["base"]["test"], ref["finetune"]["test"]
         qs = sorted(points)
-        for name, style in zip([o.value for o in Objective], ["o-", "s--", "^-."], strict=True):
+        xs = [q / (1 - float(rate)) for q in qs]
+        for name, style in STYLES.items():
+            if name not in points[qs[0]] or name == "kl-top":
+                continue
             v = [points[q][name] for q in qs]
+            if name in MAXIMISED:
+                v = [-x for x in v]
             lo, hi = min(v), max(v)
-            ax.plot(qs, [(x - lo) / (hi - lo or 1) for x in v], style, ms=3, label=name)
-        ax.plot(qs, [points[q]["test"] for q in qs], "k-", lw=2, label="test accuracy")
-        ax.plot(qs, [points[q]["val"] for q in qs], "k:", lw=1.5, label="val accuracy")
+            ax.plot(xs, [(x - lo) / (hi - lo or 1) for x in v], style, ms=3, lw=1, label=name)
+        ax.plot(
+            xs,
+            [gain(points[q]["test"], base, top) for q in qs],
+            "k-",
+            lw=2.2,
+            label="gain kept (test)",
+        )
+        ax.plot(
+            xs,
+            [estimate(points[q], ref, ESTIMATES["sequences"]) for q in qs],
+            color="tab:red",
+            ls=":",
+            lw=2,
+            label="estimate",
+        )
         ax.set_xscale("log")
+        ax.set_ylim(-0.05, 1.1)
         ax.set_title(f"{ft}, {method}, p = {rate}", fontsize=9)
-        ax.set_xlabel("q (rescale 1/q)")
+        ax.set_xlabel("q / (1-p)", fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    axes.flat[0].set_ylabel("objective (scaled to [0, 1]) / accuracy")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
+    axes.flat[0].set_ylabel("objective (scaled, lower is better) / gain", fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main() -> None:
@@ -182,13 +403,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--finetunes", type=_csv(str, FINETUNES), default=["arith-large"])
-    ap.add_argument("--methods", type=_csv(str, METHODS), default=["darex-q", "mix"])
-    ap.add_argument("--rates", type=_csv(float), default=[0.999])
+    ap.add_argument("--methods", type=_csv(str, METHODS), default=["darex-q"])
+    ap.add_argument("--rates", type=_csv(float), default=[0.99, 0.999])
     ap.add_argument("--n-test", type=int, default=64, help="validation and test examples")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/qcurve.json"))
-    ap.add_argument("--plot", type=Path, default=Path("benchmarks/results/qcurve.png"))
-    ap.add_argument("--report", action="store_true", help="only print the table and plot")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/qcurve-objectives.json"))
+    ap.add_argument("--plot", type=Path, default=Path("benchmarks/results/qcurve-objectives.png"))
+    ap.add_argument("--report", action="store_true", help="only print the tables and plot")
+    work_arg(ap)
     args = ap.parse_args()
+    args.work = args.work or default_work()
     if not args.report:
         run(args)
     print(report(_load(args.out), args.plot))

@@ -4,7 +4,9 @@ Where things live:
 - sources.py     read bases and fine-tunes (safetensors, GGUF, PEFT LoRA); fingerprint
 - methods.py     pruning masks (dare, darex-q, magnitude, wanda, structural, mix)
 - qsearch.py     DAREx q search (labelled, unlabelled, analytical per-layer, per group)
-- calib.py       calibration text, input statistics, the unlabelled objectives, exact match
+- calib.py       calibration text, input statistics, the unlabelled objectives, the
+                 fine-tune's greedy continuations, exact match
+- fidelity.py    the fidelity estimate (what a variant keeps, without labels), the rate walk
 - compress.py    the compress pipeline
 - format.py      the delta file (safetensors, gap-coded positions) and its validation
 - apply.py       apply_delta_ / revert_delta_ over flat resident weights (the hot path)

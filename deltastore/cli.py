@@ -8,19 +8,21 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from deltastore.apply import BaseMismatchError
 from deltastore.calib import DEFAULT_OBJECTIVE, parse_objective
-from deltastore.compress import CompressOptions, compress
+from deltastore.compress import CompressOptions, Compressor
+from deltastore.fidelity import RATES, THRESHOLD, Estimate, format_rates
 from deltastore.format import Delta, DeltaMeta, load_delta, save_delta
 from deltastore.materialize import materialize
 from deltastore.merge import MergeMethod, merge
 from deltastore.methods import MIX_TOP, Method, check_rate, parse_method
 from deltastore.progress import show_progress
 from deltastore.qsearch import QGroups, QSearch, parse_q_grid, parse_q_groups, parse_q_search
-from deltastore.recommend import delta_stats, natural_key, recommend
+from deltastore.recommend import Recommendation, delta_stats, natural_key, recommend
 from deltastore.sources import (
     LoraFinetune,
     SafetensorsModel,
@@ -133,7 +135,18 @@ def add_commands(sub: Any) -> None:
     )
     c.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
     c.add_argument("--name", default="", help="source name recorded in the file")
-    c.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    c.add_argument(
+        "--no-estimate",
+        action="store_true",
+        help="skip the fidelity estimate (with --calib, compress estimates what the variant "
+        "keeps of the fine-tune from its greedy continuations of the calibration text)",
+    )
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help=f"overwrite OUTPUT if it exists, and write a variant whose fidelity estimate is "
+        f"below {100 * THRESHOLD:.0f}%% of the fine-tune's gain (refused otherwise)",
+    )
     c.set_defaults(func=cmd_compress)
 
     i = sub.add_parser(
@@ -162,6 +175,17 @@ def add_commands(sub: Any) -> None:
         help="the drop rate you will use: name the method measured best there "
         "(default: recommend a rate too)",
     )
+    r.add_argument(
+        "--calib",
+        type=Path,
+        help="calibration text: compress at each candidate rate (highest first) and "
+        "recommend the highest whose fidelity estimate keeps 90%% of the fine-tune's gain, "
+        "printing the table (a compression per rate tried)",
+    )
+    r.add_argument(
+        "--calib-tokens", type=int, default=1024, help="calibration tokens (default 1024)"
+    )
+    r.add_argument("--seq-len", type=int, default=128, help="calibration sequence length")
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.add_argument("--tensors", action="store_true", help="also the per-tensor statistics")
     r.set_defaults(func=cmd_recommend)
@@ -252,6 +276,10 @@ def add_commands(sub: Any) -> None:
     g.set_defaults(func=cmd_merge)
 
 
+class FidelityRefused(ValueError):
+    """compress would write a variant estimated to have lost its fine-tune."""
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.force:
         raise FileExistsError(f"{args.output} exists (use --force to overwrite)")
@@ -277,14 +305,60 @@ def cmd_compress(args: argparse.Namespace) -> int:
         search_dtype=args.search_dtype,
         progress=show_progress(),
         source_name=args.name,
+        fidelity=not args.no_estimate,
     )
     base = open_model(args.base)
-    delta = compress(base, open_finetune(base, args.finetuned), opts)
-    meta = save_delta(args.output, delta)
+    ft = open_finetune(base, args.finetuned)
+    compressor = Compressor(base, ft)
+    delta = compressor(opts)
+    meta = delta.meta
     if meta.q_search:
         print(format_search(meta.q_search))
+    est = None if meta.fidelity is None else Estimate.from_dict(meta.fidelity)
+    print(format_fidelity(est, _why_none(opts, args.no_estimate)))
+    if est is not None and est.below and not args.force:
+        print(f"not written: below {THRESHOLD:.0%}; what `deltaserve recommend --calib` picks:")
+        lower = tuple(r for r in RATES if r < opts.rate)
+        rec = _recommendation(ft, False)
+        if lower:
+            rec = rec.by_estimate(compressor, opts, lower)
+            print(format_rates(rec.estimates, rec.rate))
+        raise FidelityRefused(
+            f"{args.output} not written: the variant keeps an estimated {est.short()} of "
+            f"the fine-tune's gain over the base, below {THRESHOLD:.0%}. "
+            + (
+                f"recommend picks {_flags(rec)} (estimated {_kept_at(rec)}); "
+                if lower
+                else "no lower rate to try; "
+            )
+            + "--force writes this one anyway"
+        )
+    meta = save_delta(args.output, delta)
     print(format_summary(args.output, meta, delta.count))
     return 0
+
+
+def _kept_at(rec: Recommendation) -> str:
+    row = next((r for r in rec.estimates if r.rate == rec.rate), None)
+    return "-" if row is None or row.estimate is None else row.estimate.short()
+
+
+def _why_none(opts: CompressOptions, skipped: bool) -> str:
+    if skipped:
+        return "--no-estimate"
+    if opts.calib is None:
+        return "it needs --calib FILE: prompts in the chat format"
+    return (
+        f"{opts.calib} holds no prompt in the chat format: each prompt followed by the chat "
+        "template's reply header, as `deltaserve finetune` writes calib.txt"
+    )
+
+
+def format_fidelity(est: Estimate | None, why_none: str = "made without --calib") -> str:
+    if est is None:
+        return f"fidelity estimate: none ({why_none})"
+    flag = f"  BELOW {THRESHOLD:.0%}" if est.below else ""
+    return f"fidelity estimate: {est.describe()}{flag}"
 
 
 def format_search(record: dict[str, Any]) -> str:
@@ -340,6 +414,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     print(format_summary(args.file, meta, delta.count))
     print(f"  created     {meta.created} by deltaserve {meta.tool_version} from {meta.source!r}")
+    est = None if meta.fidelity is None else Estimate.from_dict(meta.fidelity)
+    print(f"  {format_fidelity(est)}")
     if meta.q_search:
         print(format_search(meta.q_search))
     if args.tensors:
@@ -348,26 +424,51 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recommendation(
+    ft: Any, have_labels: bool, rate: float | None = None, progress: bool = False
+) -> Recommendation:
+    return recommend(delta_stats(ft, progress), have_labels, isinstance(ft, LoraFinetune), rate)
+
+
+def _flags(rec: Recommendation) -> str:
+    extra = "" if rec.q_objective == DEFAULT_OBJECTIVE else f" --q-objective {rec.q_objective}"
+    extra += "" if rec.q_groups == "none" else f" --q-groups {rec.q_groups}"
+    return f"--method {rec.method} --q-search {rec.q_search}{extra} --rate {rec.rate}"
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
     base = open_model(args.base)
     ft = open_finetune(base, args.finetuned)
-    rec = recommend(
-        delta_stats(ft, show_progress()),
-        args.have_labels,
-        isinstance(ft, LoraFinetune),
-        args.rate,
-    )
+    rec = _recommendation(ft, args.have_labels, args.rate, show_progress())
+    if args.calib is not None:
+        template = CompressOptions(
+            Method.DAREX_Q,
+            rec.rate,
+            q=0.5,
+            calib=args.calib,
+            calib_tokens=args.calib_tokens,
+            seq_len=args.seq_len,
+            progress=show_progress(),
+        )
+        rates = RATES if args.rate is None else (args.rate,)
+        labelled = rec.q_search
+        rec = rec.by_estimate(Compressor(base, ft), template, rates)
+        if args.have_labels:  # the estimate needs no labels; the search can use them
+            rec = replace(rec, q_search=labelled)
     if args.json:
         out = rec.as_dict()
         if not args.tensors:
             out.pop("tensors")
         print(json.dumps(out, indent=2))
         return 0
-    extra = "" if rec.q_objective == DEFAULT_OBJECTIVE else f" --q-objective {rec.q_objective}"
-    extra += "" if rec.q_groups == "none" else f" --q-groups {rec.q_groups}"
-    print(f"recommended: --method {rec.method} --q-search {rec.q_search}{extra} --rate {rec.rate}")
+    print(f"recommended: {_flags(rec)}")
     print(f"  method: {rec.reason}")
     print(f"  rate:   {rec.rate_reason}")
+    if rec.estimates:
+        print(f"fidelity estimate at each rate tried ({rec.method}, unlabelled q search):")
+        print(format_rates(rec.estimates, rec.rate))
+    elif args.rate is None:
+        print("  (--calib FILE checks the rate with the fidelity estimate on your text)")
     print("  (if you control fine-tuning: train with deltastore.AdamR (L2) and use darex-q)")
     print(
         f"delta: mean |delta| {rec.mean_abs:.3e}, std {rec.std:.3e}, max |delta| "
@@ -387,7 +488,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from deltastore.calib import load_examples
-    from deltastore.finetune import FinetuneConfig, finetune
+    from deltastore.finetune import FinetuneConfig, finetune, format_prompt
     from deltastore.tasks import TASKS, splits
 
     if args.output.exists() and not args.force:
@@ -416,7 +517,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.force and args.output.exists():
         shutil.rmtree(args.output)
     out = finetune(Path(args.base), train, args.output, cfg, progress=True, desc="fine-tune")
-    (out / "calib.txt").write_text("\n".join(f"{e.prompt} {e.answer}" for e in held_out) + "\n")
+    # the held-out prompts as the fine-tune sees them (the chat format, no answers): the
+    # q search's calibration text, and the prompts the fidelity estimate replies to
+    tokenizer = open_model(Path(args.base)).load_tokenizer()
+    prompts = [format_prompt(tokenizer, e.prompt, cfg.chat) for e in held_out]
+    (out / "calib.txt").write_text("\n".join(prompts) + "\n")
     print(out)
     return 0
 

@@ -1,12 +1,20 @@
 """`deltaserve compress`: fine-tune -> pruned delta file.
 
 Stages, each with at most one whole model in memory:
-1. (wanda, q search) one pass of the fine-tuned model over calibration text: input
-   statistics per Linear and the reference top-5 logits; the model is then freed;
+1. (wanda, q search, fidelity estimate) calibration: (for the weighted KL) one pass
+   of the base over the calibration text, to weigh positions by how far the
+   fine-tune moved there; then one pass of the fine-tuned model: input statistics per
+   Linear, its top-64 logits, and its greedy replies to the calibration prompts (the
+   text cut after each chat reply header); each model is freed after its pass;
 2. stream the fp32 deltas tensor by tensor, keep the mask's entries (and, for the
    analytical q, per-row statistics);
 3. (q search) load the base and search q by applying the pruned delta under trial
-   scales and reverting it exactly.
+   scales and reverting it exactly;
+4. (fidelity estimate) the share of the fine-tune's replies the stored variant
+   reproduces, against the base's (deltastore.fidelity).
+
+`Compressor` keeps the calibration and the base model between compressions of one
+fine-tune at several settings (recommend's rates).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from deltastore.apply import FlatWeights, apply_delta_, bind, revert_delta_
 from deltastore.calib import (
     DEFAULT_OBJECTIVE,
     Example,
@@ -31,10 +40,14 @@ from deltastore.calib import (
     Reference,
     collect,
     exact_match,
+    generation_header,
     load_calibration,
     load_examples,
+    load_prompts,
+    log_probs,
     objectives,
 )
+from deltastore.fidelity import Agreement, Estimate, agreement, estimate
 from deltastore.format import Delta, DeltaMeta, TensorDelta, storage_values
 from deltastore.methods import (
     MIX_TOP,
@@ -103,6 +116,7 @@ class CompressOptions:
     search_dtype: str = "float32"  # bfloat16 halves the q search's memory (7B on 24 GB)
     progress: bool = True
     source_name: str = ""
+    fidelity: bool = True  # estimate what the variant keeps (with calibration text)
 
     def __post_init__(self) -> None:
         check_rate(self.rate)
@@ -172,6 +186,34 @@ class CompressOptions:
             or self.q_search is QSearch.ANALYTICAL
         )
 
+    @property
+    def estimates(self) -> bool:
+        """A fidelity estimate comes with the delta (it needs calibration text)."""
+        return self.fidelity and self.calib is not None
+
+    @property
+    def objective_in_use(self) -> Objective | None:
+        """What an unlabelled search (or eta search) minimises; None without one."""
+        unlabelled = self.q_search is QSearch.UNLABELLED or (
+            self.q_search is QSearch.ANALYTICAL and self.eta_search is QSearch.UNLABELLED
+        )
+        return self.q_objective if unlabelled else None
+
+    def calibration_key(self) -> tuple[Any, ...]:
+        """What the calibration pass depends on: equal keys share one."""
+        o = self.objective_in_use
+        return (
+            self.calib if (self.needs_calib or self.estimates) else None,
+            self.calib_tokens,
+            self.seq_len,
+            self.search_dtype,
+            self.needs_val and self.val,
+            self.val_limit,
+            o is Objective.HIDDEN,
+            o is not None and o.needs_base,
+            self.estimates or (o is not None and o.on_continuations),
+        )
+
     def is_dense(self, name: str, delta: torch.Tensor) -> bool:
         return delta.dim() < 2 or any(re.search(p, name) for p in self.dense_patterns)
 
@@ -182,22 +224,47 @@ class Calibration:
     reference: Reference | None = None
     stats: InputStats | None = None
     examples: list[Example] = field(default_factory=list)
+    base_agreement: Agreement | None = None  # the estimate's floor (filled when first used)
 
 
-def _calibrate(ft: FinetuneSource, opts: CompressOptions, tokenizer: Any) -> Calibration:
+def _calibrate(
+    base: ModelSource, ft: FinetuneSource, opts: CompressOptions, tokenizer: Any
+) -> Calibration:
     cal = Calibration()
     if opts.needs_val:
         assert opts.val is not None
         cal.examples = load_examples(opts.val, opts.val_limit)
-    if not opts.needs_calib:
+    if not (opts.needs_calib or opts.estimates):
         return cal
     assert opts.calib is not None
+    dtype = getattr(torch, opts.search_dtype)
     cal.ids = load_calibration(opts.calib, tokenizer, opts.calib_tokens, opts.seq_len)
+    o = opts.objective_in_use
+    prompts = None
+    if opts.estimates or (o is not None and o.on_continuations):
+        prompts = load_prompts(opts.calib, tokenizer)
+        if not prompts and o is not None and o.on_continuations:
+            raise ValueError(
+                f"--q-objective {o}: {opts.calib} holds no prompt in the chat format (text "
+                f"that holds the chat template's reply header {generation_header(tokenizer)!r})"
+            )
+    base_lp = None
+    if o is not None and o.needs_base:
+        log.info("calibration: %s tokens through the base", cal.ids.numel())
+        model = base.load_model(dtype)
+        base_lp = log_probs(model, cal.ids)
+        del model
+        gc.collect()
     log.info("calibration: %s tokens through the fine-tuned model", cal.ids.numel())
-    model = ft.load_model(getattr(torch, opts.search_dtype))
-    hidden = opts.q_objective is Objective.HIDDEN and opts.q_search is not None
-    cal.reference, cal.stats = collect(model, cal.ids, hidden=hidden)
-    del model
+    model = ft.load_model(dtype)
+    cal.reference, cal.stats = collect(
+        model,
+        cal.ids,
+        hidden=o is Objective.HIDDEN,
+        base=base_lp,
+        prompts=prompts,
+    )
+    del model, base_lp
     gc.collect()
     return cal
 
@@ -259,35 +326,38 @@ def _prune(ft: FinetuneSource, opts: CompressOptions, cal: Calibration) -> Prune
 
 
 def _search(
-    base: ModelSource, tokenizer: Any, pruned: Pruned, opts: CompressOptions, cal: Calibration
+    trial: ScaledDeltaModel,
+    rows: dict[str, RowStats],
+    tokenizer: Any,
+    opts: CompressOptions,
+    cal: Calibration,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Returns per-tensor q and the search record for the metadata."""
     assert opts.q_search is not None
-    tensors, rows = pruned.tensors, pruned.rows
-    model = base.load_model(getattr(torch, opts.search_dtype))
-    trial = ScaledDeltaModel(model, tensors, pruned.fixed)
+    tensors = trial.tensors
+    objective = opts.objective_in_use or DEFAULT_OBJECTIVE
 
     def score(scales: dict[str, float], how: QSearch) -> float:
         with trial.scaled(scales) as m:
             if how is QSearch.LABELLED:
                 return exact_match(m, tokenizer, cal.examples)
             assert cal.ids is not None and cal.reference is not None
-            o = opts.q_objective
-            return objectives(m, cal.ids, cal.reference, (o,))[o]
+            return objectives(m, cal.ids, cal.reference, (objective,))[objective]
+
+    def minimise(how: QSearch) -> bool:
+        return how is not QSearch.LABELLED and objective.minimise
 
     sparse = [t.name for t in tensors if not t.dense]
     if opts.q_search is QSearch.ANALYTICAL:
         how = opts.eta_search
-        trace = SearchTrace(
-            "eta", _objective_name(how, opts.q_objective), how is not QSearch.LABELLED
-        )
+        trace = SearchTrace("eta", _objective_name(how, objective), minimise(how))
         eta, qs = search_eta(
             lambda s: score(s, how), rows, tensors, opts.rate, trace, opts.progress
         )
         record = {"mode": "analytical", "eta": eta, **trace.as_dict(), "layer_q": qs}
         return qs, record
     how = opts.q_search
-    trace = SearchTrace("q", _objective_name(how, opts.q_objective), how is not QSearch.LABELLED)
+    trace = SearchTrace("q", _objective_name(how, objective), minimise(how))
     downward = default_q(opts.method, opts.rate) == 1.0  # importance masks start at q = 1
     best = search_q(
         lambda q: score(global_scales(tensors, q), how),
@@ -334,33 +404,94 @@ def _objective_name(how: QSearch, objective: Objective) -> str:
     return "exact_match" if how is QSearch.LABELLED else objective.value.replace("-", "_")
 
 
+class Compressor:
+    """Compresses one fine-tune against one base, at one or more settings: the
+    calibration pass and the base model (with its weights in flat buffers, for trial
+    deltas) are made once and kept between calls."""
+
+    def __init__(self, base: ModelSource, ft: FinetuneSource):
+        self.base, self.ft = base, ft
+        self._tokenizer: Any = None
+        self._calibrations: dict[tuple[Any, ...], Calibration] = {}
+        self._model: tuple[str, Any, FlatWeights] | None = None  # (dtype, model, weights)
+
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = self.base.load_tokenizer()
+        return self._tokenizer
+
+    def calibration(self, opts: CompressOptions) -> Calibration:
+        key = opts.calibration_key()
+        if key not in self._calibrations:
+            self._model = None  # one whole model at a time: the calibration loads two
+            gc.collect()
+            tokenizer = self.tokenizer() if (opts.needs_calib or opts.estimates) else None
+            self._calibrations[key] = _calibrate(self.base, self.ft, opts, tokenizer)
+        return self._calibrations[key]
+
+    def model(self, opts: CompressOptions) -> tuple[Any, FlatWeights]:
+        """The base in the search dtype, its weights re-homed in flat buffers."""
+        if self._model is None or self._model[0] != opts.search_dtype:
+            self._model = None
+            gc.collect()
+            model = self.base.load_model(getattr(torch, opts.search_dtype))
+            self._model = (opts.search_dtype, model, FlatWeights.from_module(model))
+        return self._model[1], self._model[2]
+
+    def __call__(self, opts: CompressOptions) -> Delta:
+        """Compress with `opts` into a decoded `Delta` (save it with save_delta)."""
+        cal = self.calibration(opts)
+        pruned = _prune(self.ft, opts, cal)
+        if not pruned.tensors:
+            raise ValueError("the fine-tune is identical to the base: nothing to compress")
+        q: float | None = opts.start_q
+        record = None
+        scales: dict[str, float] = {}
+        if opts.q_search is not None:
+            model, weights = self.model(opts)
+            trial = ScaledDeltaModel(model, pruned.tensors, pruned.fixed, weights)
+            qs, record = _search(trial, pruned.rows, self.tokenizer(), opts, cal)
+            scales = {n: 1.0 / v for n, v in qs.items()}
+            distinct = set(qs.values())
+            q = distinct.pop() if len(distinct) == 1 else None
+        tensors = pruned.bake(scales)
+        kept = self._estimate(tensors, opts, cal) if opts.estimates else None
+        meta = DeltaMeta(
+            base_fingerprint=fingerprint(self.base),
+            base_numel=sum(math.prod(self.base.shape(n)) for n in self.base.names()),
+            method=opts.method.value,
+            rate=opts.rate,
+            q=q,
+            q_search=record,
+            seed=opts.seed,
+            policy=pruned.policy,
+            source=opts.source_name or self.ft.path.name,
+            tool_version=tool_version(),
+            mix_top=opts.mix_top if opts.method is Method.MIX else None,
+            fidelity=None if kept is None else kept.as_dict(),
+        )
+        return Delta(meta, {t.name: t for t in tensors})
+
+    def _estimate(
+        self, tensors: list[TensorDelta], opts: CompressOptions, cal: Calibration
+    ) -> Estimate | None:
+        """The fidelity estimate of the variant exactly as stored (bf16 values); None
+        when the calibration text holds no prompt in the chat format."""
+        assert cal.reference is not None
+        cont = cal.reference.continuations
+        if cont is None:
+            return None
+        model, weights = self.model(opts)
+        if cal.base_agreement is None:
+            cal.base_agreement = agreement(model, cont)
+        undo = apply_delta_(weights, bind(tensors, weights))
+        try:
+            variant = agreement(model, cont)
+        finally:
+            revert_delta_(weights, undo)
+        return estimate(variant, cal.base_agreement, cont)
+
+
 def compress(base: ModelSource, ft: FinetuneSource, opts: CompressOptions) -> Delta:
     """Compress `ft` against `base` into a decoded `Delta` (save it with save_delta)."""
-    tokenizer = base.load_tokenizer() if (opts.needs_calib or opts.needs_val) else None
-    cal = _calibrate(ft, opts, tokenizer)
-    pruned = _prune(ft, opts, cal)
-    if not pruned.tensors:
-        raise ValueError("the fine-tune is identical to the base: nothing to compress")
-    q: float | None = opts.start_q
-    record = None
-    scales: dict[str, float] = {}
-    if opts.q_search is not None:
-        qs, record = _search(base, tokenizer, pruned, opts, cal)
-        scales = {n: 1.0 / v for n, v in qs.items()}
-        distinct = set(qs.values())
-        q = distinct.pop() if len(distinct) == 1 else None
-    tensors = pruned.bake(scales)
-    meta = DeltaMeta(
-        base_fingerprint=fingerprint(base),
-        base_numel=sum(math.prod(base.shape(n)) for n in base.names()),
-        method=opts.method.value,
-        rate=opts.rate,
-        q=q,
-        q_search=record,
-        seed=opts.seed,
-        policy=pruned.policy,
-        source=opts.source_name or ft.path.name,
-        tool_version=tool_version(),
-        mix_top=opts.mix_top if opts.method is Method.MIX else None,
-    )
-    return Delta(meta, {t.name: t for t in tensors})
+    return Compressor(base, ft)(opts)

@@ -110,6 +110,10 @@ def demo_delta(demo: Demo, base_dir: Path, progress: bool = True) -> Path:
             calib=calib,
             calib_tokens=demo.calib_tokens,
             progress=progress,
+            # no fidelity estimate: its calibration text (prompt and answer, as the demos'
+            # first-run accuracy was measured with) holds no prompt in the chat format,
+            # and the demos' accuracy is measured (BENCHMARKS.md, "First run")
+            fidelity=False,
             source_name=f"demo:{demo.name}",
         )
         save_delta(out, compress(base, open_finetune(base, ft_dir), opts))  # atomic

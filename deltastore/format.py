@@ -16,12 +16,13 @@ Layout (format version 1). For every tensor the delta touches, by its name N in 
 
 The rescale (1/q) is per tensor in the metadata, so it is exactly 1/q and never
 baked into rounded values. The JSON metadata (``__metadata__["deltaserve"]``)
-also carries the base fingerprint, method, p, q, q-search record, seed, per-tensor
-counts, and a sha256 over every stored byte (``payload_sha256``). Format 2 adds
-``__metadata__["deltaserve_sha256"]``, the sha256 of the metadata JSON exactly as
-stored: one checksum chain over metadata (each tensor's scale included) and payload,
-so a truncated or corrupted file is refused instead of silently producing a wrong
-model. Format 1 files (payload checksum only) are still read.
+also carries the base fingerprint, method, p, q, q-search record, seed, the fidelity
+estimate made when it was compressed (``fidelity``, absent in older files, which read
+as before), per-tensor counts, and a sha256 over every stored byte
+(``payload_sha256``). Format 2 adds ``__metadata__["deltaserve_sha256"]``, the
+sha256 of the metadata JSON exactly as stored: one checksum chain over metadata (each
+tensor's scale included) and payload, so a truncated or corrupted file is refused
+instead of silently producing a wrong model. Format 1 files (payload checksum only) are still read.
 
 Decoding is bounded: every zlib stream inflates to at most the size its metadata
 implies, and a caller can check the metadata (names, shapes, base) before any
@@ -128,6 +129,9 @@ class DeltaMeta(BaseModel):
     q: float | None = None
     q_search: dict[str, Any] | None = None
     mix_top: float | None = None  # method mix: share of the kept entries chosen by magnitude
+    # deltastore.fidelity.Estimate as a dict: what the variant keeps of its fine-tune,
+    # estimated without labels when it was compressed (absent in older files)
+    fidelity: dict[str, Any] | None = None
     seed: int | None = None
     policy: dict[str, Any] = Field(default_factory=dict)
     source: str = ""

@@ -217,16 +217,18 @@ class ScaledDeltaModel:
 
     `fixed`: per tensor, a bool over its kept entries that the scale must not touch
     (the mix's magnitude part). Such a tensor's values are the raw delta here; each
-    trial folds them with `fix_values`, as the file stores them."""
+    trial folds them with `fix_values`, as the file stores them. `weights`: the model's
+    parameters already re-homed in flat buffers (else they are, here)."""
 
     def __init__(
         self,
         model: nn.Module,
         tensors: list[TensorDelta],
         fixed: dict[str, torch.Tensor] | None = None,
+        weights: FlatWeights | None = None,
     ):
         self.model = model
-        self.weights = FlatWeights.from_module(model)
+        self.weights = weights if weights is not None else FlatWeights.from_module(model)
         self.tensors = tensors
         self.fixed = fixed or {}
 

@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from deltastore.calib import DEFAULT_OBJECTIVE
+from deltastore.calib import DEFAULT_OBJECTIVE, Objective
+from deltastore.compress import CompressOptions, Compressor
+from deltastore.fidelity import RATES, TARGET, Estimate, RateRow, highest_rate, most_kept
+from deltastore.methods import MIX_TOP, Method
+from deltastore.qsearch import QGroups, QSearch
 from deltastore.sources import FinetuneSource
 
 # Between the paper's "large" (~1e-2) and "small" (~1e-3 or less): the geometric middle.
@@ -72,9 +77,71 @@ class Recommendation:
     relative: float  # mean |delta| / mean |base weight|
     top_energy: float  # pooled TensorStats.top_energy (weighted by each tensor's energy)
     tensors: list[TensorStats]
+    low_rank: bool = False
+    # the rates tried with the fidelity estimate (recommend --calib), highest first
+    estimates: list[RateRow] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    def options(self, template: CompressOptions, rate: float) -> CompressOptions:
+        """`template` with the method, q search and objective this delta gets at `rate`
+        (without labels: the fidelity estimate needs none either)."""
+        pick = choose(self.mean_abs, False, self.low_rank, self.top_energy, rate)
+        return replace(
+            template,
+            method=Method(pick.method),
+            rate=rate,
+            q=None,
+            q_search=QSearch(pick.q_search),
+            q_objective=Objective(pick.q_objective),
+            q_groups=QGroups(pick.q_groups),
+            mix_top=MIX_TOP,
+        )
+
+    def by_estimate(
+        self,
+        compressor: Compressor,
+        template: CompressOptions,
+        rates: tuple[float, ...] = RATES,
+    ) -> Recommendation:
+        """The highest of `rates` whose fidelity estimate keeps fidelity.TARGET of the
+        gain, compressing at each from the highest down (`template` gives the
+        calibration text and everything else); if none does, the one that keeps most."""
+
+        def at(rate: float) -> tuple[Estimate | None, float | None, float]:
+            t0 = time.perf_counter()
+            delta = compressor(self.options(template, rate))
+            fid = delta.meta.fidelity
+            est = None if fid is None else Estimate.from_dict(fid)
+            return est, delta.meta.q, time.perf_counter() - t0
+
+        picked, rows = highest_rate(at, rates)
+        rate = picked if picked is not None else most_kept(rows).rate
+        kept = next(r.estimate for r in rows if r.rate == rate)
+        if picked is None:
+            why = (
+                f"no rate tried keeps {TARGET:.0%} of the gain by the fidelity estimate; "
+                f"p = {rate:g} keeps the most ({'-' if kept is None else kept.short()})"
+            )
+        else:
+            why = (
+                f"the highest rate whose fidelity estimate keeps at least {TARGET:.0%} of the "
+                f"fine-tune's gain on the calibration text "
+                f"({'-' if kept is None else kept.short()}; the table below)"
+            )
+        pick = choose(self.mean_abs, False, self.low_rank, self.top_energy, rate)
+        return replace(
+            self,
+            method=pick.method,
+            q_search=pick.q_search,
+            reason=pick.reason,
+            q_objective=pick.q_objective,
+            q_groups=pick.q_groups,
+            rate=rate,
+            rate_reason=why,
+            estimates=rows,
+        )
 
 
 def delta_stats(ft: FinetuneSource, progress: bool = True) -> list[TensorStats]:
@@ -245,6 +312,7 @@ def recommend(
         relative,
         top,
         stats,
+        low_rank,
     )
 
 

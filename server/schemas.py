@@ -239,6 +239,29 @@ class StreamChunk(BaseModel):
         return f"data: {data}\n\n"
 
 
+class Fidelity(BaseModel):
+    """The fidelity estimate a delta file records (deltastore.fidelity.Estimate): the
+    share of its fine-tune's gain over the base the variant keeps, estimated without
+    labels when it was compressed from its greedy continuations of the calibration
+    text (`kept`: None when the fine-tune changed too little of that text to tell)."""
+
+    kept: float | None = None
+    variant: float | None = None  # share of the continuations the variant reproduces
+    base: float | None = None  # ... the base
+    finetune: float | None = None  # ... the fine-tune (1 up to rounding)
+    continuations: int = 0
+    tokens: float | None = None  # share of the continuations' tokens the variant reproduces
+    shift: float | None = None  # mean KL(fine-tune || base) where it differs most, nats
+
+    @classmethod
+    def of(cls, recorded: dict[str, Any] | None) -> Fidelity | None:
+        """From a file's metadata; None for files made without an estimate (or before
+        estimates were recorded)."""
+        if recorded is None:
+            return None
+        return cls.model_validate({k: v for k, v in recorded.items() if k in cls.model_fields})
+
+
 class DeltaSummary(BaseModel):
     """A variant's delta, as `GET /v1/models/{id}` shows it."""
 
@@ -249,6 +272,7 @@ class DeltaSummary(BaseModel):
     kept_entries: int
     sha256: str
     parent: str
+    fidelity: Fidelity | None = None
 
 
 class ModelCard(BaseModel):
@@ -312,6 +336,7 @@ class DeltaInfo(BaseModel):
     source: str
     tier: str
     pinned: bool
+    fidelity: Fidelity | None = None
 
 
 class TierInfo(BaseModel):

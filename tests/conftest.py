@@ -58,12 +58,24 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         for _ in range(600)
     )
     (root / "calib.txt").write_text(text)
+    # the same words as prompts in the chat format (what the fidelity estimate replies to)
+    words = text.split()
+    chat = [
+        tiny_tokenizer().apply_chat_template(
+            [{"role": "user", "content": " ".join(words[i : i + 6])}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for i in range(0, 240, 6)
+    ]
+    (root / "chat_calib.txt").write_text("\n".join(chat))
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(4)]
     (root / "val.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return {
         "base": save(base, root / "base"),
         "ft": save(ft, root / "ft"),
         "calib": root / "calib.txt",
+        "chat_calib": root / "chat_calib.txt",
         "val": root / "val.jsonl",
         "root": root,
     }

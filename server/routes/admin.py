@@ -31,7 +31,7 @@ from server.engine.cache import ByteLRU, CacheFull, EntryInfo
 from server.engine.core import Engine, InUse, WeightsUnavailable
 from server.errors import APIError
 from server.routes.openai import check_members, store_names
-from server.schemas import CacheInfo, CompositionRequest, DeltaInfo, TierInfo
+from server.schemas import CacheInfo, CompositionRequest, DeltaInfo, Fidelity, TierInfo
 from server.state import AppState
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -67,6 +67,7 @@ def _info(state: AppState, name: str) -> DeltaInfo:
         source=m.source,
         tier=engine.tier_of(name) if engine else "disk",
         pinned=bool(engine and engine.host.is_pinned(name)),
+        fidelity=Fidelity.of(m.fidelity),
     )
 
 

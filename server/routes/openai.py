@@ -48,6 +48,7 @@ from server.schemas import (
     DeltaSummary,
     DetokenizeRequest,
     DetokenizeResponse,
+    Fidelity,
     ModelCard,
     ModelList,
     StreamChunk,
@@ -328,6 +329,7 @@ async def model(model_id: str, state: StateDep) -> ModelCard:
             kept_entries=sum(t.count for t in m.tensors.values()),
             sha256=info.sha256,
             parent=state.base_name,
+            fidelity=Fidelity.of(m.fidelity),
         )
     return card
 

@@ -183,8 +183,10 @@ def test_finetune_then_compress_with_its_calibration_text(tmp_path, tiny_dirs, c
     args = ["finetune", tiny_dirs["base"], "--task", "arith", "-o", out, "--steps", "2"]
     assert _run(*args, "--examples", "16", "--batch-size", "4") == 0
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
-    calib = (out / "calib.txt").read_text().splitlines()
-    assert calib and all("What is" in line for line in calib)
+    # the held-out prompts as the fine-tune sees them: chat format, no answers
+    calib = (out / "calib.txt").read_text().split("<assistant>")[:-1]
+    assert len(calib) == 64 and all("<user>What is" in prompt for prompt in calib)  # val split
+    assert "only.\n" in calib[0] and "only. " not in calib[0]
     delta = tmp_path / "ft.delta.safetensors"
     rc = _run(
         "compress",

@@ -387,3 +387,23 @@ def test_cache_shows_each_variants_mixed_step_layout(live):
     layout = entry["layout"]
     assert layout["kept_entries"] > 0 and layout["matrices"] > 0
     assert layout["bytes"] == entry["nbytes"] <= mixed["used_bytes"]
+
+
+def test_the_fidelity_estimate_a_file_records_is_shown(live, variant_files, tmp_path):
+    """`GET /admin/deltas` and `GET /v1/models/{id}` show the estimate compress recorded;
+    a file made without one (or before they were recorded) shows null."""
+    from deltastore.format import load_delta
+
+    delta = load_delta(variant_files["v1"])
+    recorded = {"kept": 0.42, "variant": 0.5, "base": 0.125, "finetune": 1.0}
+    recorded |= {"continuations": 32, "tokens": 0.8, "shift": 3.1}
+    path = tmp_path / "est.delta.safetensors"
+    save_delta(path, Delta(delta.meta.model_copy(update={"fidelity": recorded}), delta.tensors))
+    r = live.admin.post("/admin/deltas", params={"name": "est"}, content=path.read_bytes())
+    assert r.status_code == 201, r.text
+    assert r.json()["fidelity"] == recorded
+    listed = {d["name"]: d for d in live.admin.get("/admin/deltas").json()}
+    assert listed["est"]["fidelity"] == recorded
+    assert live.client.get("/v1/models/est").json()["delta"]["fidelity"] == recorded
+    assert live.client.get("/v1/models/v1").json()["delta"]["fidelity"] is None
+    assert live.admin.delete("/admin/deltas/est").status_code == 200
