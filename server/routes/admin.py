@@ -42,7 +42,7 @@ def _name(state: AppState, name: str, must_exist: bool = True) -> str:
     try:
         check_name(name)
     except NameError_ as e:
-        raise APIError(400, str(e), "invalid_name") from e
+        raise APIError(400, str(e), "invalid_name", "name") from e
     if must_exist and (name in state.retiring or not state.store.exists(name)):
         raise APIError(404, f"no delta named {name!r}", "not_found")
     return name
@@ -121,7 +121,9 @@ async def upload(
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"upload of {declared} bytes exceeds {limit}", "too_large")
     if not replace and name not in state.retiring and state.store.exists(name):  # early out
-        raise APIError(409, f"a delta named {name!r} exists (replace=true overwrites)", "exists")
+        raise APIError(
+            409, f"a delta named {name!r} exists (replace=true overwrites)", "exists", "name"
+        )
     if state.compositions.stamp(name) is not None:
         raise APIError(409, f"{name!r} is a registered composition", "exists")
     upload = state.store.new_upload()
