@@ -18,6 +18,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from deltastore.embedded import ensure_embedded_base
+from deltastore.hub import resolve_ref
 from deltastore.sources import open_model
 from deltastore.store import DeltaStore
 from server import errors
@@ -34,10 +35,13 @@ log = logging.getLogger(__name__)
 
 def _load_and_serve(state: AppState) -> None:
     """Load the base, then run the scheduler on this same thread (see scheduler.py)."""
+    settings = state.settings
     try:
-        base_dir = state.settings.base or ensure_embedded_base(progress=True)
+        if settings.base is None:
+            base_dir = ensure_embedded_base(progress=True)
+        else:  # a directory, or a Hub id (from the Hub cache, downloaded unless offline)
+            base_dir = resolve_ref(settings.base, settings.revision)
         state.base_dir = base_dir
-        state.base_name = base_dir.name
         source = open_model(base_dir)
         state.tokenizer = source.load_tokenizer()  # the HTTP side's own (state.tokenize)
         engine = Engine(source, state.store, state.settings, state.compositions)
@@ -45,7 +49,8 @@ def _load_and_serve(state: AppState) -> None:
         state.engine, state.scheduler = engine, scheduler
         state.ready_at = time.time()
         log.info(
-            "ready: base %s on %s (%s) in %.1fs; %d variants in %s; admin API %s; %s",
+            "ready: base %s (%s) on %s (%s) in %.1fs; %d variants in %s; admin API %s; %s",
+            state.base_name,
             base_dir,
             engine.device,
             engine.dtype,
@@ -98,8 +103,7 @@ def start(settings: Settings) -> tuple[AppState, threading.Thread]:
     """The app's state, with the base loading (then the scheduler running) on a worker
     thread of its own. The lifespan starts one; so does each Ray replica."""
     state = AppState(settings, DeltaStore(settings.store), Metrics())
-    if settings.base is not None:
-        state.base_name = settings.base.name
+    state.base_name = settings.served_name()
     state.metrics.watch_engine(lambda: state.engine)
     worker = threading.Thread(
         target=_load_and_serve, args=(state,), name="deltaserve-worker", daemon=True

@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
+from deltastore.clihelp import RawHelpFormatter
 from deltastore.progress import show_progress
 
 DEFAULT_DURATION_S = 60.0
@@ -435,7 +436,7 @@ def add_command(sub: Any) -> None:
         "loadtest",
         help="drive a server with completion requests and report latency and throughput",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawHelpFormatter,
     )
     p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     p.add_argument(

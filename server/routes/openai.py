@@ -345,7 +345,7 @@ def models(state: StateDep) -> ModelList:
     return ModelList(data=[c for c in cards if c is not None])
 
 
-@router.get("/v1/models/{model_id}")
+@router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, state: StateDep) -> ModelCard:
     """One model (the OpenAI client's `models.retrieve`); a variant's card carries its
     delta: method, rate, q, size, checksum and parent; a composition's its members."""
