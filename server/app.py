@@ -22,12 +22,13 @@ from deltastore.hub import resolve_ref
 from deltastore.sources import open_model
 from deltastore.store import DeltaStore
 from server import errors
+from server.adapters import install_lora_modules
 from server.config import Settings
 from server.engine.core import Engine
 from server.engine.v1 import Scheduler, SchedulerAPI
 from server.metrics import Metrics
 from server.middleware import Guard
-from server.routes import admin, health, openai
+from server.routes import adapters, admin, health, openai
 from server.state import AppState
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,13 @@ def _load_and_serve(state: AppState) -> None:
         threading.Thread(
             target=_install_demos, args=(state, base_dir), name="deltaserve-demos", daemon=True
         ).start()
+    if state.settings.lora_modules:
+        threading.Thread(
+            target=_install_lora_modules,
+            args=(state, base_dir),
+            name="deltaserve-lora-modules",
+            daemon=True,
+        ).start()
     scheduler.serve_forever()
 
 
@@ -83,6 +91,19 @@ def _install_demos(state: AppState, base_dir: Path) -> None:
     except Exception as e:
         state.demos = f"failed: {type(e).__name__}: {e}"
         log.exception("making the demo variants failed")
+
+
+def _install_lora_modules(state: AppState, base_dir: Path) -> None:
+    """Compress --lora-modules into the store while the base serves (once: a module
+    already compressed from the same content is kept); each appears in /v1/models
+    when it is in the store."""
+    state.lora_modules = "building"
+    try:
+        install_lora_modules(state.settings, base_dir, state.store)
+        state.lora_modules = "ready"
+    except Exception as e:
+        state.lora_modules = f"failed: {type(e).__name__}: {e}"
+        log.exception("compressing --lora-modules failed")
 
 
 def make_scheduler(engine: Engine, settings: Settings, metrics: Metrics) -> SchedulerAPI:
@@ -149,6 +170,7 @@ def create_app(settings: Settings, state: AppState | None = None) -> FastAPI:
     app.add_middleware(Guard)  # request ids, the body limit, the last-resort 500
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(adapters.router)
     app.include_router(health.router)
     return app
 

@@ -106,6 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from deltastore.demo import install_demos
     from deltastore.embedded import ensure_embedded_base
     from deltastore.store import DeltaStore
+    from server.adapters import install_lora_modules
     from server.app import create_app
 
     overrides = {
@@ -134,6 +135,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 install_demos(base_dir, DeltaStore(settings.store))
         else:
             base_dir = resolve_ref(settings.base, settings.revision)
+        if settings.lora_modules:  # compressed once, before the replicas read the store
+            install_lora_modules(settings, base_dir, DeltaStore(settings.store))
         update = {"base": base_dir, "revision": None, "served_model_name": settings.served_name()}
         return serve_on_ray(settings.model_copy(update=update), args)
     # the port answers at once: /health is live, /ready says what is loading; the
