@@ -48,6 +48,12 @@ def add_serve(sub: Any) -> None:
         description="Serve the base and every delta in the store over an OpenAI-compatible "
         "HTTP API. Each flag overrides its DELTASERVE_<NAME> environment variable.",
     )
+    s.add_argument(
+        "model",
+        nargs="?",
+        help="the base model, as vllm serve takes it (a directory or a Hub id org/name): "
+        "the same as --base",
+    )
     for name, info in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         extra = info.json_schema_extra
@@ -114,6 +120,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for n in Settings.model_fields
         if getattr(args, n, None) is not None and n not in ("admin_token", "api_keys")
     }
+    if args.model is not None:  # `deltaserve serve org/name`, as `vllm serve org/name`
+        if args.base is not None:
+            raise ValueError(f"give the base once: {args.model} or --base {args.base}")
+        overrides["base"] = Path(args.model)
     settings = Settings(**overrides)
     check_base(settings)
     sock = None
