@@ -214,11 +214,15 @@ def add_commands(sub: Any) -> None:
     )
     f.add_argument("base", help="base model: a safetensors model directory or a Hub id org/name")
     _revisions(f)
-    f.add_argument("--task", required=True, help="arith | extract | topic | FILE.jsonl")
+    f.add_argument(
+        "--task",
+        required=True,
+        help="arith | extract | topic | FILE.jsonl (also extract-v1, the study's first form)",
+    )
     f.add_argument("-o", "--output", required=True, type=Path, help="directory to create")
     f.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
     f.add_argument("--lr", type=float, default=5e-5, help="learning rate (default 5e-5)")
-    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--batch-size", type=int, default=8, help="rows per step")
     f.add_argument(
         "--max-len",
         type=int,
@@ -233,14 +237,23 @@ def add_commands(sub: Any) -> None:
         help="adamr decays toward the base: its deltas prune better",
     )
     f.add_argument("--lora-r", type=int, default=0, help="> 0: a LoRA adapter of this rank")
-    f.add_argument("--bf16", action="store_true", help="bf16 matmuls (autocast; weights stay fp32)")
+    f.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 matmuls under autocast, weights and optimizer in fp32 (default: on when "
+        "the CPU has native bf16, AVX-512 BF16 or AMX, where it is ~1.4x faster per step; "
+        "off elsewhere, where it is slower)",
+    )
     f.add_argument(
         "--freeze-embeddings",
-        action="store_true",
-        help="leave the token embedding (and a tied head) as the base's",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="leave the token embedding (and a tied head) as the base's: ~1.2x faster per "
+        "step, and the demos' recipe",
     )
     f.add_argument("--examples", type=int, default=512, help="training rows (built-in tasks)")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0, help="seeds the rows' order and the init")
     f.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     f.set_defaults(func=cmd_finetune)
 
@@ -430,7 +443,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from deltastore.calib import load_examples
-    from deltastore.finetune import FinetuneConfig, finetune
+    from deltastore.finetune import FinetuneConfig, finetune, native_bf16
     from deltastore.tasks import TASKS, splits
 
     if args.output.exists() and not args.force:
@@ -453,7 +466,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         seed=args.seed,
         lora_r=args.lora_r,
-        bf16=args.bf16,
+        bf16=native_bf16() if args.bf16 is None else args.bf16,
         train_embeddings=not args.freeze_embeddings,
     )
     if args.force and args.output.exists():
