@@ -150,6 +150,8 @@ def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "hf-home"
     hub = home / "hub"
     hub.mkdir(parents=True)
+    # a Hub snapshot's fingerprint is recorded under the cache dir: a private one
+    monkeypatch.setenv("DELTASERVE_CACHE", str(tmp_path / "deltaserve-cache"))
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
