@@ -79,10 +79,11 @@ def run(keep_base: bool, test_rows: int, timeout: float) -> dict:
     log = (root / "serve.log").open("w")
     start = time.perf_counter()
     proc = subprocess.Popen([str(exe), "serve"], cwd=work, env=env, stdout=log, stderr=log)
-    out: dict = {"keep_base": keep_base, "times_s": {}}
+    out: dict = {"keep_base": keep_base, "times_s": {}, "load_average_at_start": os.getloadavg()}
     t = out["times_s"]
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=60) as client:
+        # a long read timeout: on a loaded machine one answer can take tens of seconds
+        with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=600) as client:
             t["health"] = _wait(
                 "/health", lambda: client.get("/health").status_code == 200, start, 60, proc
             )
@@ -119,7 +120,10 @@ def run(keep_base: bool, test_rows: int, timeout: float) -> dict:
                     "exact_match": round(right / len(rows), 3),
                     "wrong_examples": wrong,
                 }
+    except Exception as e:  # the timeline so far is still worth keeping
+        out["error"] = f"{type(e).__name__}: {e}"
     finally:
+        out["load_average_at_end"] = os.getloadavg()
         proc.terminate()
         try:
             proc.wait(30)
