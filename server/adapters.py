@@ -52,8 +52,18 @@ def _real_roots(roots: list[Path]) -> list[Path]:
 
 def confine(ref: str, roots: list[Path], revision: str | None = None) -> Path:
     """The real path `ref` names, if it and every file in it lie within `roots`;
-    Forbidden otherwise (or when there are no roots). NotFound for an allowed path
-    that does not exist."""
+    Forbidden otherwise (or when there are no roots, or `ref` is no path at all: a
+    NUL byte, too long, an unknown user's ~). NotFound for an allowed path that does
+    not exist."""
+    try:
+        return _confine(ref, roots, revision)
+    except (OSError, ValueError, RuntimeError) as e:
+        if isinstance(e, SourceError):
+            raise
+        raise Forbidden from None
+
+
+def _confine(ref: str, roots: list[Path], revision: str | None) -> Path:
     real_roots = _real_roots(roots)
     given = Path(ref).expanduser()
     if not real_roots:

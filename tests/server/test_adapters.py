@@ -159,6 +159,9 @@ def test_lora_path_is_confined_and_a_refusal_reveals_nothing(server, refs):
         str(allowed / "lora" / ".." / "lora"),  # .. even when it stays inside
         str(allowed / "leaky"),  # a file inside linked out
         os.path.relpath(outside / "lora"),  # relative
+        str(allowed / "lora") + "\x00",  # no path at all: the same answer
+        str(allowed / ("x" * 5000)),
+        "~no-such-user/lora",
     ]
     bodies = set()
     for path in refused:
