@@ -5,9 +5,11 @@ test split and, for json-extract, on the held-out phrasings (`extract-phrasings`
 sentence shapes no training row has).
 
     python -m benchmarks.demo_accuracy [--rows 100] [--steps N --lr LR] [NAME ...]
+    python -m benchmarks.demo_accuracy --shipped --rows 200     # the files the package ships
 
 `--steps` / `--lr` / `--batch-size` override the recipe (to try one); the delta is
-made in a fresh cache directory and removed afterwards.
+made in a fresh cache directory and removed afterwards. `--shipped` scores the
+shipped files instead of making them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from deltastore.demo import DEMOS, demo_delta
+from deltastore.demo import DEMOS, demo_delta, shipped_delta
 from deltastore.embedded import ensure_embedded_base
 from deltastore.format import load_delta
 from deltastore.materialize import materialize
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="override the recipe's steps")
     ap.add_argument("--lr", type=float, help="override the recipe's learning rate")
     ap.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    ap.add_argument("--shipped", action="store_true", help="score the shipped demo files")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     base = ensure_embedded_base()
@@ -64,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         os.symlink(base, root / "cache" / "models" / base.name)
         try:
             t0 = time.perf_counter()
-            path = demo_delta(demo, base)
+            shipped = shipped_delta(demo, base) if args.shipped else None
+            if args.shipped and shipped is None:
+                raise SystemExit(f"no shipped file fits {demo.name}'s recipe and this base")
+            path = shipped or demo_delta(demo, base, rebuild=True)
             made = time.perf_counter() - t0
             model_dir = materialize(open_model(base), load_delta(path), root / "model", False)
             acc = {demo.task: score_local(model_dir, rows_of(demo.task, args.rows), True)}
@@ -77,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         run = {
             "demo": demo.name,
             "config": asdict(demo.config),
+            "shipped": path.name if args.shipped else None,
             "seconds_to_make": round(made, 1),
             "rows": args.rows,
             "exact_match": acc,

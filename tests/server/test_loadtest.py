@@ -173,16 +173,16 @@ def test_plot_without_matplotlib_fails_before_the_run(monkeypatch, tmp_path, cap
 
     from tests.conftest import free_port
 
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     out = tmp_path / "report.json"
     args = ["loadtest", "--url", f"http://127.0.0.1:{free_port()}", "--models", "m"]
-    args += ["--requests", "50", "--out", str(out), "--plot", str(tmp_path / "r.png")]
-    rc = main(args)
+    args += ["--requests", "50", "--out", str(out), "--plot"]
+    with monkeypatch.context() as mp:
+        mp.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+        rc = main([*args, str(tmp_path / "r.png")])
+        err = capsys.readouterr()
+        assert rc == 2 and "--plot needs matplotlib" in err.err
+        assert "sent" not in err.out and not out.exists()  # nothing was run or written
+    # with matplotlib: a PNG whose directory does not exist fails before the run too
+    rc = main([*args, str(tmp_path / "missing" / "r.png")])
     err = capsys.readouterr()
-    assert rc == 2 and "--plot needs matplotlib" in err.err
-    assert "sent" not in err.out and not out.exists()  # nothing was run or written
-    rc = main([*args[:-1], str(tmp_path / "missing" / "r.png")])
-    assert rc == 2
-    monkeypatch.delitem(sys.modules, "matplotlib")
-    rc = main([*args[:-1], str(tmp_path / "missing" / "r.png")])
-    assert rc == 2 and "no directory" in capsys.readouterr().err
+    assert rc == 2 and "no directory" in err.err and not out.exists()
