@@ -1,7 +1,7 @@
 """OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models,
 and vLLM's /tokenize and /detokenize.
 
-`model` names a variant in the store, or the base by its directory name. Both
+`model` names a variant in the store, or the base by its served name. Both
 completion routes share one pipeline: resolve the model -> tokenize the prompts ->
 sampling parameters per choice (prompts x n) -> submit every choice -> render (a
 response, or a stream of chunks).
