@@ -49,8 +49,8 @@ FINETUNES: dict[str, tuple[str, FinetuneConfig]] = {
     "arith-adamw": ("arith", FinetuneConfig()),
     "arith-adamr": ("arith", FinetuneConfig(optimizer="adamr", reg=ADAMR_REG)),
     "arith-lora": ("arith", FinetuneConfig(lr=1e-3, lora_r=16)),
-    "extract-adamw": ("extract", FinetuneConfig()),
-    "extract-adamr": ("extract", FinetuneConfig(optimizer="adamr", reg=ADAMR_REG)),
+    "extract-adamw": ("extract-v1", FinetuneConfig()),
+    "extract-adamr": ("extract-v1", FinetuneConfig(optimizer="adamr", reg=ADAMR_REG)),
     "topic-adamw": ("topic", FinetuneConfig()),
     "topic-adamr": ("topic", FinetuneConfig(optimizer="adamr", reg=ADAMR_REG)),
     # Large deltas (mean |delta| 5e-4 to 5e-3), the hard case of DARE/DAREx: a higher
@@ -58,7 +58,7 @@ FINETUNES: dict[str, tuple[str, FinetuneConfig]] = {
     # answer format but scored 0: it had not learnt the task yet). bf16 autocast halves
     # the time; weights and optimizer state stay fp32.
     "arith-large": ("arith", FinetuneConfig(steps=150, lr=3e-4, bf16=True)),
-    "extract-large": ("extract", FinetuneConfig(steps=150, lr=3e-4, bf16=True)),
+    "extract-large": ("extract-v1", FinetuneConfig(steps=150, lr=3e-4, bf16=True)),
     "topic-large": ("topic", FinetuneConfig(steps=150, lr=3e-4, bf16=True)),
     # Large deltas whose best q at p = 0.999 lies far above 1-p (DARE's q scores about
     # 0 there): a learning rate of 1e-3, full fine-tune, as users overshoot it.
@@ -67,7 +67,7 @@ FINETUNES: dict[str, tuple[str, FinetuneConfig]] = {
     "topic-high-lr": ("topic", FinetuneConfig(steps=100, lr=1e-3, bf16=True)),
     # the same recipe with AdamR-L2: does the pull toward the base still help at this size?
     "arith-large-adamr": ("arith", FinetuneConfig(steps=150, lr=3e-4, bf16=True, **_ADAMR)),
-    "extract-large-adamr": ("extract", FinetuneConfig(steps=150, lr=3e-4, bf16=True, **_ADAMR)),
+    "extract-large-adamr": ("extract-v1", FinetuneConfig(steps=150, lr=3e-4, bf16=True, **_ADAMR)),
     "topic-large-adamr": ("topic", FinetuneConfig(steps=150, lr=3e-4, bf16=True, **_ADAMR)),
 }
 RATES = (0.5, 0.9, 0.95, 0.99, 0.999)

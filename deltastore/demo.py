@@ -1,7 +1,15 @@
-"""The demo variants: two real fine-tunes of the embedded base, made on first run
-(progress bars), compressed with DAREx-q at p = 0.99 (q searched on the task's own
-held-out text), cached under the cache dir, and copied into the store when it lacks
-them.
+"""The demo variants: two real fine-tunes of the embedded base, compressed with
+DAREx-q at p = 0.99 (q searched on the task's own held-out text), copied into the
+store when it lacks them.
+
+Both are shipped in the package (`deltastore/data/demos/`, 3-4 MB each), named by
+their recipe and the base's fingerprint, so a first run only checks and copies
+them: a shipped file is used when its name matches the recipe and the embedded
+base's fingerprint and its contents verify (checksums, positions, values, the
+base fingerprint in its metadata). Otherwise (another base, a changed recipe) the
+demo is made as before, with progress bars, and cached under the cache dir.
+`python -m deltastore.demo --rebuild` makes them anew and compares them with the
+shipped files; `--ship` writes them into the package.
 
 The recipe is sized for a first run on 2 CPU cores (about 25 s per demo): a few
 AdamW steps at a high learning rate, bf16 matmuls (fast on a CPU with native bf16,
@@ -21,12 +29,23 @@ import shutil
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, replace
+from importlib.resources import files
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from deltastore.calib import Objective
 from deltastore.compress import CompressOptions, compress
 from deltastore.finetune import FinetuneConfig, finetune
-from deltastore.format import FORMAT_VERSION, load_delta, read_meta, save_delta
+from deltastore.format import (
+    FORMAT_VERSION,
+    Delta,
+    DeltaFormatError,
+    load_delta,
+    read_meta,
+    save_delta,
+)
 from deltastore.methods import Method
 from deltastore.paths import cache_dir
 from deltastore.qsearch import QSearch
@@ -77,13 +96,42 @@ DEMOS = (
 )
 
 
-def demo_delta(demo: Demo, base_dir: Path, progress: bool = True) -> Path:
-    """The demo's delta file, made (fine-tune + compress) on first use."""
+def shipped_dir() -> Path:
+    """Where the package keeps the demos made for the embedded base."""
+    return Path(str(files("deltastore") / "data" / "demos"))
+
+
+def shipped_delta(demo: Demo, base_dir: Path) -> Path | None:
+    """The shipped file of this recipe for this base, if there is one and it verifies
+    (its metadata names this base's fingerprint, every checksum holds); else None."""
+    path = shipped_dir() / demo.cache_path(base_dir).name
+    if not path.is_file():
+        return None
+    try:
+        made_for = load_delta(path).meta.base_fingerprint  # every check, as an upload
+    except (DeltaFormatError, OSError) as e:
+        log.warning("shipped demo %s does not verify (%s): making it instead", path.name, e)
+        return None
+    base = fingerprint(open_model(base_dir))
+    if made_for != base:
+        log.warning("shipped demo %s was made for %s, not %s: making it", path.name, made_for, base)
+        return None
+    return path
+
+
+def demo_delta(demo: Demo, base_dir: Path, progress: bool = True, rebuild: bool = False) -> Path:
+    """The demo's delta file: the shipped one when it matches the recipe and base,
+    else the cached one, else made (fine-tune + compress). `rebuild` makes it anew."""
     out = demo.cache_path(base_dir)
-    if out.is_file():
+    if not rebuild:
+        shipped = shipped_delta(demo, base_dir)
+        if shipped is not None:
+            return shipped
+    if out.is_file() and not rebuild:
         if read_meta(out).format_version < FORMAT_VERSION:  # cached by an older release
             save_delta(out, load_delta(out))  # the same delta, with the newer checksums
         return out
+    log.info("making demo %r for %s (fine-tune + compress)", demo.name, base_dir)
     root = cache_dir() / "demo" / "work"
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=root, prefix=f"{demo.name}-"))  # one per build
@@ -122,8 +170,43 @@ def demo_delta(demo: Demo, base_dir: Path, progress: bool = True) -> Path:
     return out
 
 
+def compare(made: Delta, shipped: Delta) -> dict[str, Any]:
+    """How a rebuilt demo differs from the shipped one: the kept positions (the mask
+    is seeded by tensor name, so they match whenever the recipe does), the global q,
+    and the kept values, as the largest and the median of |made - shipped| over the
+    shipped value's magnitude (bf16 values: 2^-8 is one rounding step)."""
+    if set(made.tensors) != set(shipped.tensors):
+        return {"same_tensors": False}
+    same_positions = all(
+        torch.equal(made.tensors[n].positions, t.positions) for n, t in shipped.tensors.items()
+    )
+    out: dict[str, Any] = {
+        "same_tensors": True,
+        "same_positions": same_positions,
+        "q": [made.meta.q, shipped.meta.q],
+        "identical": same_positions
+        and all(torch.equal(made.tensors[n].values, t.values) for n, t in shipped.tensors.items()),
+    }
+    if same_positions:
+        rel = torch.cat(
+            [
+                (
+                    (made.tensors[n].values.float() - t.values.float()).abs()
+                    / t.values.float().abs().clamp_min(1e-12)
+                ).reshape(-1)
+                for n, t in shipped.tensors.items()
+                if not t.dense and t.values.numel()
+            ]
+        )
+        out["value_rel_diff_max"] = float(rel.max())
+        out["value_rel_diff_median"] = float(rel.median())
+        out["values_within_1pct"] = float((rel <= 0.01).float().mean())
+    return out
+
+
 def install_demos(base_dir: Path, store: DeltaStore, progress: bool = True) -> list[str]:
-    """Make the demo deltas if needed and copy them into the store (never overwriting)."""
+    """Copy the demo deltas into the store (never overwriting): the shipped ones when
+    they match the base and recipe, else made (or cached) ones."""
     installed = []
     for demo in DEMOS:
         if store.exists(demo.name):  # the user's own, or an earlier release's: kept
@@ -149,6 +232,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("names", nargs="*", help=f"demos to make (default all: {', '.join(names)})")
     ap.add_argument("--base", type=Path, help="base model directory (default: the embedded base)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="make them anew (fine-tune + compress) even when shipped or cached, and "
+        "compare each with the shipped file",
+    )
+    ap.add_argument(
+        "--ship",
+        action="store_true",
+        help="make them anew and write them into the package (deltastore/data/demos), "
+        "replacing the files of earlier recipes",
+    )
     args = ap.parse_args(argv)
     unknown = sorted(set(args.names) - set(names))
     if unknown:
@@ -158,8 +253,20 @@ def main(argv: list[str] | None = None) -> int:
 
         args.base = ensure_embedded_base(progress=not args.no_progress)
     for demo in DEMOS:
-        if not args.names or demo.name in args.names:
-            print(demo_delta(demo, args.base, progress=not args.no_progress))
+        if args.names and demo.name not in args.names:
+            continue
+        shipped = shipped_dir() / demo.cache_path(args.base).name
+        path = demo_delta(demo, args.base, not args.no_progress, args.rebuild or args.ship)
+        if args.ship:
+            for old in shipped_dir().glob(f"{demo.name}-*.delta.safetensors"):
+                old.unlink()
+            shipped.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, shipped)
+            path = shipped
+        elif args.rebuild and shipped.is_file():
+            diff = compare(load_delta(path), load_delta(shipped))
+            print(f"{demo.name}: rebuilt vs shipped: {json.dumps(diff)}", file=sys.stderr)
+        print(path)
     return 0
 
 

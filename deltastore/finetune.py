@@ -56,6 +56,15 @@ class FinetuneConfig:
             raise ValueError("a LoRA fine-tune has a rank >= 1 and uses adamw")
 
 
+def native_bf16() -> bool:
+    """bf16 autocast pays on this CPU (fine-tunes run on the CPU): native bf16
+    matmuls, AVX-512 BF16 or AMX. Elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def format_prompt(tokenizer: Any, prompt: str, chat: bool) -> str:
     if chat and getattr(tokenizer, "chat_template", None):
         return str(

@@ -27,6 +27,7 @@ the candidate scales and reverting it exactly afterwards.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -43,6 +44,8 @@ from tqdm.auto import tqdm
 from deltastore.apply import FlatWeights, apply_delta_, bind, revert_delta_
 from deltastore.format import TensorDelta
 from deltastore.methods import parse_choice
+
+log = logging.getLogger(__name__)
 
 GAMMA = 0.95
 
@@ -86,6 +89,35 @@ class SearchTrace:
         }
 
 
+class Progress:
+    """Progress over a search's evaluations with the best value so far: a bar on a
+    terminal (`shown`), else one log line per evaluation, so a long search is never
+    silent. `total` is an upper bound (points outside the range are skipped)."""
+
+    def __init__(self, trace: SearchTrace, desc: str, total: int, shown: bool) -> None:
+        self.trace, self.desc, self.total = trace, desc, total
+        self.bar = tqdm(desc=desc, total=total, disable=not shown, unit="eval", leave=False)
+        self.n = 0
+
+    def update(self, x: float, value: float) -> None:
+        self.n += 1
+        t = self.trace
+        best_x, best_v = t.best
+        last = f"{t.parameter}={x:.4g} {t.objective}={value:.4g}"
+        best = f"{t.parameter}={best_x:.4g} {t.objective}={best_v:.4g}"
+        if self.bar.disable:
+            log.info(
+                "%s: %d/%d evaluations: %s; best %s", self.desc, self.n, self.total, last, best
+            )
+            return
+        self.bar.update()
+        self.bar.set_postfix_str(f"best {best} (last {last})")
+
+    def close(self) -> None:
+        self.bar.total = self.bar.n
+        self.bar.close()
+
+
 def coarse_to_fine(
     f: Callable[[float], float],
     lo: float,
@@ -106,22 +138,21 @@ def coarse_to_fine(
         raise ValueError(f"empty search interval [{lo}, {hi}]")
     t0 = time.perf_counter()
     seen: dict[float, float] = {}
-    bar = tqdm(desc=f"search {trace.parameter}", disable=not progress, unit="eval", leave=False)
+    n_coarse = math.floor((hi - lo) / step + 1e-9)
+    bar = Progress(trace, f"search {trace.parameter}", n_coarse + 1 + 2 * fine[1], progress)
 
     def evaluate(x: float) -> float:
         x = round(x, 6)
         if x not in seen:
             seen[x] = f(x)
             trace.points.append((shown(x), seen[x]))
-            bar.update()
-            bar.set_postfix({trace.parameter: shown(x), trace.objective: f"{seen[x]:.4g}"})
+            bar.update(shown(x), seen[x])
         return seen[x]
 
     def better(a: float, b: float) -> bool:
         return a < b if trace.minimise else a > b
 
     best_x, best_v, misses = lo, evaluate(lo), 0
-    n_coarse = math.floor((hi - lo) / step + 1e-9)
     for i in range(1, n_coarse + 1):
         x = lo + i * step
         v = evaluate(x)
@@ -330,7 +361,8 @@ def refine_groups(
 
     best = f(per_tensor(group_q))
     trace.points.append((0, best))
-    bar = tqdm(desc="search q per group", disable=not progress, unit="eval", leave=False)
+    total = sweeps * len(groups) * len(GROUP_FACTORS)
+    bar = Progress(trace, "search q per group", total, progress)
     for _ in range(sweeps):
         improved = False
         for g in groups:
@@ -341,7 +373,7 @@ def refine_groups(
                     continue
                 value = f(per_tensor({**group_q, g: cand}))
                 trace.points.append((len(trace.points), value))
-                bar.update()
+                bar.update(len(trace.points) - 1, value)
                 if better(value, best):
                     best, group_q[g], improved = value, cand, True
         if not improved:

@@ -431,7 +431,10 @@ def _stamp(source: ModelSource) -> dict[str, list[int]]:
 
 
 def fingerprint(source: ModelSource) -> str:
-    """The base's identity, cached beside it (or under the cache dir when read-only)."""
+    """The base's identity, cached beside it (or under the cache dir when read-only,
+    and always for a Hub snapshot: nothing is written into the Hub's cache)."""
+    from deltastore.hub import in_hub_cache
+
     stamp = _stamp(source)
     if source.path.is_dir():
         beside = source.path / ".deltaserve-fingerprint.json"
@@ -439,7 +442,8 @@ def fingerprint(source: ModelSource) -> str:
         beside = source.path.parent / f".{source.path.name}.deltaserve-fingerprint.json"
     key = hashlib.sha256(str(source.path.resolve()).encode()).hexdigest()[:16]
     fallback = cache_dir() / "fingerprints" / f"{key}.json"
-    for candidate in (beside, fallback):
+    candidates = (fallback,) if in_hub_cache(source.path) else (beside, fallback)
+    for candidate in candidates:
         try:
             cached = json.loads(candidate.read_text())
             if cached.get("stamp") == stamp and cached.get("path") == str(source.path.resolve()):
@@ -448,7 +452,7 @@ def fingerprint(source: ModelSource) -> str:
             continue
     fp = fingerprint_tensors(source.names(), source.get)
     record = json.dumps({"path": str(source.path.resolve()), "stamp": stamp, "fingerprint": fp})
-    for candidate in (beside, fallback):
+    for candidate in candidates:
         try:
             candidate.parent.mkdir(parents=True, exist_ok=True)
             candidate.write_text(record)

@@ -8,30 +8,45 @@ import random
 
 from deltastore.calib import Example
 
-_NAMES = [
-    "Alice",
-    "Bruno",
-    "Chen",
-    "Dara",
-    "Elif",
-    "Farid",
-    "Greta",
-    "Hugo",
-    "Ines",
-    "Jomo",
-    "Kira",
-    "Luca",
-    "Mina",
-    "Nils",
-    "Omar",
-    "Priya",
-    "Quinn",
-    "Rosa",
-    "Sami",
-    "Tara",
+_NAMES = [  # (name, pronoun)
+    ("Alice", "She"),
+    ("Bruno", "He"),
+    ("Chen", "He"),
+    ("Dara", "She"),
+    ("Elif", "She"),
+    ("Farid", "He"),
+    ("Greta", "She"),
+    ("Hugo", "He"),
+    ("Ines", "She"),
+    ("Jomo", "He"),
+    ("Kira", "She"),
+    ("Luca", "He"),
+    ("Mina", "She"),
+    ("Nils", "He"),
+    ("Omar", "He"),
+    ("Priya", "She"),
+    ("Quinn", "They"),
+    ("Rosa", "She"),
+    ("Sami", "He"),
+    ("Tara", "She"),
 ]
 _CITIES = ["Lisbon", "Osaka", "Lima", "Oslo", "Cairo", "Quito", "Perth", "Hanoi", "Dakar", "Riga"]
+# multi-word cities, only in the widened task (`extract`)
+_CITIES_WIDE = [
+    *_CITIES,
+    "Buenos Aires",
+    "New York",
+    "Rio de Janeiro",
+    "Cape Town",
+    "Kuala Lumpur",
+    "Hong Kong",
+    "Mexico City",
+    "San Diego",
+    "Tel Aviv",
+    "Addis Ababa",
+]
 _JOBS = ["baker", "pilot", "nurse", "farmer", "chemist", "tailor", "judge", "welder"]
+EXTRACT_PROMPT = "Extract name, age and city as JSON: "
 
 
 def arithmetic(n: int, seed: int = 0) -> list[Example]:
@@ -44,23 +59,71 @@ def arithmetic(n: int, seed: int = 0) -> list[Example]:
     return out
 
 
-def extraction(n: int, seed: int = 0) -> list[Example]:
-    """A sentence about a person -> one line of JSON with name, age and city."""
+def _is(pronoun: str) -> str:
+    return "are" if pronoun == "They" else "is"
+
+
+def _possessive(pronoun: str) -> str:
+    return {"He": "his", "She": "her", "They": "their"}[pronoun]
+
+
+# Each template: (name, pronoun, age, city, job) -> sentence. The first three are the
+# task's first form (`extract-v1`, what the fidelity study measured); the others put
+# the city before the name or the age after the city.
+_TEMPLATES_V1 = (
+    lambda n, p, a, c, j: f"{n} is a {a}-year-old {j} who lives in {c}.",
+    lambda n, p, a, c, j: f"Living in {c}, {n} works as a {j} and is {a} years old.",
+    lambda n, p, a, c, j: f"At {a}, {n} the {j} moved to {c}.",
+)
+_TEMPLATES = (
+    *_TEMPLATES_V1,
+    lambda n, p, a, c, j: f"{n} lives in {c}. {p} {_is(p)} {a}.",
+    lambda n, p, a, c, j: f"In {c}, {n} works as a {j}; {p.lower()} turned {a} last month.",
+    lambda n, p, a, c, j: f"{c} is where {n}, aged {a}, works as a {j}.",
+    lambda n, p, a, c, j: f"{n} the {j} grew up in {c} and is now {a} years old.",
+)
+# Phrasings never used in training: the held-out set (`extract-phrasings`) measures
+# whether the fine-tune learnt the task or the templates.
+_TEMPLATES_HELD_OUT = (
+    lambda n, p, a, c, j: f"Meet {n}: {a} years old and based in {c}.",
+    lambda n, p, a, c, j: f"{n} ({a}) has spent {_possessive(p)} whole life in {c}.",
+    lambda n, p, a, c, j: f"The {j} from {c}, {n}, {_is(p)} {a}.",
+    lambda n, p, a, c, j: f"{n} moved to {c} years ago and {_is(p)} {a} now.",
+    lambda n, p, a, c, j: f"Ask anyone in {c} about {n}, the {a}-year-old {j}.",
+    lambda n, p, a, c, j: (
+        f"{p} {_is(p)} {a}, {p.lower()} {'live' if p == 'They' else 'lives'} "
+        f"in {c}, and {_possessive(p)} name is {n}."
+    ),
+)
+
+
+def _extraction(n: int, seed: int, templates: tuple, cities: list[str]) -> list[Example]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        name, city, job = rng.choice(_NAMES), rng.choice(_CITIES), rng.choice(_JOBS)
+        (name, pronoun), city, job = rng.choice(_NAMES), rng.choice(cities), rng.choice(_JOBS)
         age = rng.randint(19, 88)
-        sentence = rng.choice(
-            [
-                f"{name} is a {age}-year-old {job} who lives in {city}.",
-                f"Living in {city}, {name} works as a {job} and is {age} years old.",
-                f"At {age}, {name} the {job} moved to {city}.",
-            ]
-        )
+        sentence = rng.choice(templates)(name, pronoun, age, city, job)
         answer = json.dumps({"name": name, "age": age, "city": city})
-        out.append(Example(f"Extract name, age and city as JSON: {sentence}", answer))
+        out.append(Example(EXTRACT_PROMPT + sentence, answer))
     return out
+
+
+def extraction(n: int, seed: int = 0) -> list[Example]:
+    """A sentence about a person -> one line of JSON with name, age and city: seven
+    phrasings (the city before the name, the age after the city, multi-word cities)."""
+    return _extraction(n, seed, _TEMPLATES, _CITIES_WIDE)
+
+
+def extraction_v1(n: int, seed: int = 0) -> list[Example]:
+    """The task's first form: three phrasings, one-word cities (the fidelity study's
+    and the serving benchmarks' fine-tunes)."""
+    return _extraction(n, seed, _TEMPLATES_V1, _CITIES)
+
+
+def extraction_phrasings(n: int, seed: int = 0) -> list[Example]:
+    """The extraction task in six phrasings no training split uses (held out)."""
+    return _extraction(n, seed, _TEMPLATES_HELD_OUT, _CITIES_WIDE)
 
 
 _TOPICS = {  # topic -> (subjects, predicates): any pairing is a sentence on the topic
@@ -140,7 +203,13 @@ def topic(n: int, seed: int = 0) -> list[Example]:
     return out
 
 
-TASKS = {"arith": arithmetic, "extract": extraction, "topic": topic}
+TASKS = {
+    "arith": arithmetic,
+    "extract": extraction,
+    "extract-v1": extraction_v1,
+    "extract-phrasings": extraction_phrasings,
+    "topic": topic,
+}
 
 
 def splits(

@@ -18,16 +18,18 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from deltastore.embedded import ensure_embedded_base
+from deltastore.hub import resolve_ref
 from deltastore.sources import open_model
 from deltastore.store import DeltaStore
 from server import errors
+from server.adapters import install_lora_modules
 from server.config import Settings
 from server.engine.core import Engine
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_runner import family_of
 from server.metrics import Metrics
 from server.middleware import Guard
-from server.routes import admin, health, openai
+from server.routes import adapters, admin, health, openai
 from server.state import AppState
 
 log = logging.getLogger(__name__)
@@ -35,10 +37,13 @@ log = logging.getLogger(__name__)
 
 def _load_and_serve(state: AppState) -> None:
     """Load the base, then run the engine's loop on this same thread (llm_engine.py)."""
+    settings = state.settings
     try:
-        base_dir = state.settings.base or ensure_embedded_base(progress=True)
+        if settings.base is None:
+            base_dir = ensure_embedded_base(progress=True)
+        else:  # a directory, or a Hub id (from the Hub cache, downloaded unless offline)
+            base_dir = resolve_ref(settings.base, settings.revision)
         state.base_dir = base_dir
-        state.base_name = base_dir.name
         source = open_model(base_dir)
         family_of(source.config)  # a model the engine does not serve fails before loading
         state.tokenizer = source.load_tokenizer()  # the HTTP side's own (state.tokenize)
@@ -47,7 +52,8 @@ def _load_and_serve(state: AppState) -> None:
         state.engine, state.scheduler = engine, scheduler
         state.ready_at = time.time()
         log.info(
-            "ready: base %s on %s (%s) in %.1fs; %d variants in %s; admin API %s; %s",
+            "ready: base %s (%s) on %s (%s) in %.1fs; %d variants in %s; admin API %s; %s",
+            state.base_name,
             base_dir,
             engine.device,
             engine.dtype,
@@ -64,6 +70,13 @@ def _load_and_serve(state: AppState) -> None:
     if state.settings.demo and state.settings.base is None:  # the embedded base's demos
         threading.Thread(
             target=_install_demos, args=(state, base_dir), name="deltaserve-demos", daemon=True
+        ).start()
+    if state.settings.lora_modules:
+        threading.Thread(
+            target=_install_lora_modules,
+            args=(state, base_dir),
+            name="deltaserve-lora-modules",
+            daemon=True,
         ).start()
     scheduler.serve_forever()
 
@@ -82,6 +95,19 @@ def _install_demos(state: AppState, base_dir: Path) -> None:
         log.exception("making the demo variants failed")
 
 
+def _install_lora_modules(state: AppState, base_dir: Path) -> None:
+    """Compress --lora-modules into the store while the base serves (once: a module
+    already compressed from the same content is kept); each appears in /v1/models
+    when it is in the store."""
+    state.lora_modules = "building"
+    try:
+        install_lora_modules(state.settings, base_dir, state.store)
+        state.lora_modules = "ready"
+    except Exception as e:
+        state.lora_modules = f"failed: {type(e).__name__}: {e}"
+        log.exception("compressing --lora-modules failed")
+
+
 def make_scheduler(engine: Engine, settings: Settings, metrics: Metrics) -> LLMEngine:
     """The engine's worker over the loaded base (a model type outside the runner's
     family table raises UnsupportedModel, naming the supported ones)."""
@@ -98,8 +124,7 @@ def start(settings: Settings) -> tuple[AppState, threading.Thread]:
     """The app's state, with the base loading (then the scheduler running) on a worker
     thread of its own. The lifespan starts one; so does each Ray replica."""
     state = AppState(settings, DeltaStore(settings.store), Metrics())
-    if settings.base is not None:
-        state.base_name = settings.base.name
+    state.base_name = settings.served_name()
     state.metrics.watch_engine(lambda: state.engine)
     worker = threading.Thread(
         target=_load_and_serve, args=(state,), name="deltaserve-worker", daemon=True
@@ -145,6 +170,7 @@ def create_app(settings: Settings, state: AppState | None = None) -> FastAPI:
     app.add_middleware(Guard)  # request ids, the body limit, the last-resort 500
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(adapters.router)
     app.include_router(health.router)
     return app
 

@@ -12,12 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from deltastore.cli import add_commands
+from deltastore.clihelp import Parser
+from deltastore.hub import is_hub_id, offline, resolve_ref
 from server.clients.evaluate import add_command as add_eval
 from server.clients.loadtest import add_command as add_loadtest
 from server.config import Settings
 
+log = logging.getLogger(__name__)
+
 
 def _field_type(annotation: Any) -> Any:
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType) and args:
         annotation = args[0]
@@ -42,6 +48,12 @@ def add_serve(sub: Any) -> None:
         description="Serve the base and every delta in the store over an OpenAI-compatible "
         "HTTP API. Each flag overrides its DELTASERVE_<NAME> environment variable.",
     )
+    s.add_argument(
+        "model",
+        nargs="?",
+        help="the base model, as vllm serve takes it (a directory or a Hub id org/name): "
+        "the same as --base",
+    )
     for name, info in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         extra = info.json_schema_extra
@@ -53,9 +65,15 @@ def add_serve(sub: Any) -> None:
         default = (
             info.default.get_secret_value()
             if hasattr(info.default, "get_secret_value")
-            else info.default
+            else info.get_default(call_default_factory=True)
         )
-        help_ = f"{info.description} [env {env}; default {default}]"
+        shown = "none" if default in (None, []) else default
+        help_ = f"{info.description} [env {env}; default {shown}]"
+        if typing.get_origin(kind) is list:  # several values: --flag A B (vLLM's form)
+            item = typing.get_args(kind)[0]
+            metavar = extra.get("metavar") if isinstance(extra, dict) else None
+            s.add_argument(flag, nargs="+", default=None, type=item, metavar=metavar, help=help_)
+            continue
         if kind is bool:
             s.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
             continue
@@ -94,6 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from deltastore.demo import install_demos
     from deltastore.embedded import ensure_embedded_base
     from deltastore.store import DeltaStore
+    from server.adapters import install_lora_modules
     from server.app import check_servable, create_app
 
     overrides = {
@@ -101,9 +120,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for n in Settings.model_fields
         if getattr(args, n, None) is not None and n not in ("admin_token", "api_keys")
     }
+    if args.model is not None:  # `deltaserve serve org/name`, as `vllm serve org/name`
+        if args.base is not None:
+            raise ValueError(f"give the base once: {args.model} or --base {args.base}")
+        overrides["base"] = Path(args.model)
     settings = Settings(**overrides)
-    if settings.base is not None:  # a model the engine does not serve: an error now
-        check_servable(settings.base)
+    check_base(settings)
+    if settings.base is not None and settings.base.expanduser().is_dir():
+        check_servable(settings.base.expanduser())  # a model the engine does not serve
     sock = None
     if not args.ray:  # the port first: a busy one fails at once, before any loading
         try:
@@ -115,18 +139,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
+        log.info("listening on %s", http_url(settings.host, sock.getsockname()[1]))
     if args.ray or sock is None:  # each replica loads the base: fetch it once first
         if settings.base is None:
             base_dir = ensure_embedded_base()
             if settings.demo:
                 install_demos(base_dir, DeltaStore(settings.store))
-            settings = settings.model_copy(update={"base": base_dir})
-        return serve_on_ray(settings, args)
+        else:
+            base_dir = resolve_ref(settings.base, settings.revision)
+        if settings.lora_modules:  # compressed once, before the replicas read the store
+            install_lora_modules(settings, base_dir, DeltaStore(settings.store))
+        update = {"base": base_dir, "revision": None, "served_model_name": settings.served_name()}
+        return serve_on_ray(settings.model_copy(update=update), args)
     # the port answers at once: /health is live, /ready says what is loading; the
     # embedded base is fetched and the demos are made in the background
     server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="info"))
     server.run(sockets=[sock])
     return 0
+
+
+def check_base(settings: Settings) -> None:
+    """A --base that can never load fails at once: neither a path nor a Hub id, or a
+    Hub id not in the cache while HF_HUB_OFFLINE is set (online, the download runs in
+    the background while the port answers)."""
+    if settings.base is None or settings.base.expanduser().exists():
+        return
+    if not is_hub_id(str(settings.base)) or offline():
+        resolve_ref(settings.base, settings.revision)  # raises, saying why
+
+
+def http_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -166,7 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"deltaserve {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        parser_class=Parser,
+    )
     add_commands(sub)
     add_serve(sub)
     add_loadtest(sub)

@@ -8,11 +8,16 @@ each; a flag overrides the environment, which overrides the default.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from deltastore.embedded import MODEL_NAME
+from deltastore.hub import is_hub_id
+from deltastore.store import NameError_, check_name
 
 GiB = 1 << 30
 
@@ -24,7 +29,34 @@ class Settings(BaseSettings):
     )
 
     base: Path | None = Field(
-        None, description="base model directory (default: the embedded SmolLM2-135M-Instruct)"
+        None,
+        description="base model: a model directory, or a Hugging Face Hub id org/name (read "
+        "through the Hub cache: HF_HOME, HF_HUB_OFFLINE, HF_TOKEN from the environment); "
+        "unset: the embedded SmolLM2-135M-Instruct",
+    )
+    revision: str | None = Field(
+        None, description="the base's revision (branch, tag or commit) when --base is a Hub id"
+    )
+    served_model_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="the base's name in requests and /v1/models; unset: the Hub id as "
+        "given, else the model directory's name",
+    )
+    adapter_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="directories POST /v1/load_lora_adapter and an admin upload by reference "
+        "may read from (comma-separated in the environment); anything outside them is "
+        "refused. A Hub id is allowed when the Hub cache is one of them. None: both are off",
+        json_schema_extra={"metavar": "DIR"},
+    )
+    lora_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="variants to serve from the start, as vLLM's --lora-modules: NAME=PATH "
+        "or NAME=org/name (a PEFT LoRA adapter, a full fine-tune or a delta file), compressed "
+        "once with recommend's defaults (comma-separated in the environment)",
+        json_schema_extra={"metavar": "NAME=PATH"},
     )
     store: Path = Field(Path("deltas"), description="directory of uploaded delta files")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the base lives")
@@ -109,8 +141,22 @@ class Settings(BaseSettings):
         True, description="make the two demo variants on first run (embedded base only)"
     )
 
+    @field_validator("adapter_roots", "lora_modules", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        """A comma-separated string (the environment) as a list."""
+        if isinstance(v, str):
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.revision is not None and self.base is None:
+            raise ValueError("--revision applies to --base (a Hub id)")
+        self.lora_module_refs()  # raises on a malformed one
+        for root in self.adapter_roots:
+            if not root.expanduser().is_dir():
+                raise ValueError(f"--adapter-roots: {root} is not a directory")
         if self.device_delta_cache_bytes and not self.host_delta_cache_bytes:
             raise ValueError("a device delta cache needs a host delta cache to feed it")
         if self.admin_token_file is not None:
@@ -127,6 +173,42 @@ class Settings(BaseSettings):
         if self.api_keys is not None and any(len(k) < 8 for k in self.keys()):
             raise ValueError("each API key must be at least 8 characters")
         return self
+
+    def served_name(self) -> str:
+        """The base's model name: --served-model-name, else a Hub id as given, else the
+        model directory's name (vLLM's default)."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.base is None:
+            return MODEL_NAME
+        ref = str(self.base)
+        if not self.base.expanduser().exists() and is_hub_id(ref):
+            return ref
+        return self.base.name
+
+    def lora_module_refs(self) -> list[tuple[str, str]]:
+        """(name, reference) of each --lora-modules entry: NAME=REF, or vLLM's JSON form
+        {"name": ..., "path": ...}."""
+        out: dict[str, str] = {}
+        for item in self.lora_modules:
+            if item.lstrip().startswith("{"):
+                try:
+                    obj = json.loads(item)
+                    name, ref = str(obj["name"]), str(obj["path"])
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"--lora-modules {item!r}: not a name and a path") from e
+            else:
+                name, sep, ref = item.partition("=")
+                if not sep or not ref.strip():
+                    raise ValueError(f"--lora-modules {item!r}: expected NAME=PATH")
+            try:
+                check_name(name.strip())
+            except NameError_ as e:
+                raise ValueError(f"--lora-modules {item!r}: {e}") from None
+            if name.strip() in out:
+                raise ValueError(f"--lora-modules: {name.strip()!r} given twice")
+            out[name.strip()] = ref.strip()
+        return list(out.items())
 
     def keys(self) -> list[str]:
         """The API keys (empty: inference is open)."""

@@ -238,7 +238,7 @@ def build_app(
         async def tokenizer_info(self, request: Request) -> Any:
             return await self._forward(request, "/tokenizer_info")
 
-        @api.get("/v1/models/{model_id}")
+        @api.get("/v1/models/{model_id:path}")
         async def model(self, model_id: str, request: Request) -> Any:
             return await self._forward(request, f"/v1/models/{model_id}")
 

@@ -36,6 +36,7 @@ class AppState:
     started: float = field(default_factory=time.time)
     ready_at: float | None = None
     demos: str | None = None  # the demo variants: building, ready, or failed: why
+    lora_modules: str | None = None  # --lora-modules: building, ready, or failed: why
     retiring: set[str] = field(default_factory=set)  # deleted, draining in-flight requests
     replacing: set[str] = field(default_factory=set)  # new requests wait for the new file
     at_door: int = 0  # requests waiting for a replace (bounded by queue_limit)
@@ -51,6 +52,7 @@ class AppState:
     _name_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
         default_factory=weakref.WeakValueDictionary
     )
+    _import_lock: asyncio.Lock | None = None
 
     def __post_init__(self) -> None:
         self.key_digests = self.settings.key_digests()  # once, not per request
@@ -93,6 +95,12 @@ class AppState:
                 zip(missing, await self.tokenize(lambda tok: fn(tok, missing)), strict=True)
             )
         return [cache[t] for t in ids]
+
+    def import_lock(self) -> asyncio.Lock:
+        """Fine-tunes are compressed one at a time (each holds a model in memory)."""
+        if self._import_lock is None:
+            self._import_lock = asyncio.Lock()
+        return self._import_lock
 
     def name_lock(self, name: str) -> asyncio.Lock:
         lock = self._name_locks.get(name)

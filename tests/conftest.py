@@ -89,3 +89,61 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+def lay_out_hub(hub: Path, repo_id: str, src: Path, revision: str = "main") -> Path:
+    """Put the files of directory `src` into a Hugging Face Hub cache rooted at `hub`
+    as `huggingface_hub` lays them out: content-addressed blobs, a snapshot of
+    symlinks to them named by a commit hash, and `refs/REVISION` naming that commit.
+    Returns the snapshot directory."""
+    import hashlib
+
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    commit = hashlib.sha1(
+        b"".join(p.relative_to(src).as_posix().encode() + p.read_bytes() for p in files)
+    ).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    for p in files:
+        data = p.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / p.relative_to(src)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hub cache under a temporary HF_HOME, offline: in this process (the
+    library's constants) and in any subprocess (the environment). A connection to
+    anything but loopback fails the test: no test reaches a network."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf-home"
+    hub = home / "hub"
+    hub.mkdir(parents=True)
+    # a Hub snapshot's fingerprint is recorded under the cache dir: a private one
+    monkeypatch.setenv("DELTASERVE_CACHE", str(tmp_path / "deltaserve-cache"))
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    connect = socket.socket.connect
+
+    def loopback_only(self: socket.socket, address: object) -> object:
+        host = address[0] if isinstance(address, tuple) else str(address)
+        if self.family in (socket.AF_INET, socket.AF_INET6) and host not in (
+            "127.0.0.1",
+            "::1",
+            "localhost",
+        ):
+            raise AssertionError(f"a test tried to reach the network: {address}")
+        return connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+    return hub

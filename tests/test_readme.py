@@ -108,3 +108,58 @@ def test_the_admin_walkthrough_runs_as_written(walkthrough, tiny_dirs, tmp_path)
         assert not (store / "support-bot.delta.safetensors").exists()
     finally:
         srv.stop()
+
+
+def test_the_vllm_walkthrough_runs_as_written(tiny_dirs, offline_hub, tmp_path):
+    """The README's block for vLLM users, verbatim through bash and curl: a base by Hub
+    id (a tiny model laid out under that id in an offline Hub cache), a LoRA adapter
+    made by `finetune`, loaded, queried and unloaded through vLLM's routes. Only the
+    address is the test's."""
+    import contextlib
+    import shutil
+    import signal
+    import sys
+
+    from tests.conftest import free_port, lay_out_hub
+
+    if shutil.which("curl") is None:
+        pytest.skip("the README's commands use curl, which is not installed")
+    script = _raw_block("## Coming from vLLM")
+    hub_id = next(w for w in script.split() if w.count("/") == 1 and w[0].isupper())
+    lay_out_hub(offline_hub, hub_id, tiny_dirs["base"])
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / ".venv").symlink_to(Path(sys.executable).parent.parent)  # .venv/bin/deltaserve
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "DELTASERVE_PORT": str(port), "DELTASERVE_STORE": str(work / "store")}
+    out, err = (tmp_path / "out").open("w+"), (tmp_path / "err").open("w+")
+    proc = subprocess.Popen(
+        ["bash", "-e", "-c", script.replace("http://127.0.0.1:8000", url)],
+        cwd=work,
+        env=env,
+        stdout=out,
+        stderr=err,
+        start_new_session=True,  # the server it starts in the background, stopped below
+    )
+    try:
+        assert proc.wait(timeout=600) == 0, Path(err.name).read_text()[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    text = Path(out.name).read_text()
+    assert "Success: LoRA adapter 'support-bot' added successfully." in text
+    assert "Success: LoRA adapter 'support-bot' removed successfully." in text
+    decoder = json.JSONDecoder()
+    bodies = []
+    pos = text.find("{")
+    while pos != -1:
+        body, end = decoder.raw_decode(text, pos)
+        bodies.append(body)
+        pos = text.find("{", end)
+    listed = next(b for b in bodies if b.get("object") == "list")
+    assert [m["id"] for m in listed["data"]] == [hub_id]
+    chat = next(b for b in bodies if "choices" in b)
+    assert chat["model"] == "support-bot" and chat["choices"][0]["message"]["content"]
+    assert not (work / "store" / "support-bot.delta.safetensors").exists()  # unloaded
+    assert (work / "adapters" / "support-bot" / "adapter_config.json").is_file()

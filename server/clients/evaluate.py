@@ -29,6 +29,8 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from deltastore.clihelp import RawHelpFormatter
+
 RETRIES = 5  # a busy server's 429 or 503 is retried, backing off
 
 
@@ -281,6 +283,6 @@ def add_command(sub: Any) -> None:
         "eval",
         help="score served variants (and the base) on a JSONL task: the gain compression kept",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawHelpFormatter,
     )
     build_parser(p).set_defaults(func=run)

@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
+from deltastore.clihelp import RawHelpFormatter
 from deltastore.progress import show_progress
 
 DEFAULT_DURATION_S = 60.0
@@ -379,14 +380,23 @@ def summary(rep: Report) -> str:
     return "\n".join(lines)
 
 
-def plot(rep: Report, path: Path) -> None:
+def pyplot() -> Any:
+    """matplotlib's pyplot (headless), or a clear error: --plot checks it before the
+    run starts, so a missing package never costs a whole run."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise RuntimeError("--plot needs matplotlib (pip install matplotlib)") from e
+        raise RuntimeError(
+            "--plot needs matplotlib: pip install matplotlib (or 'deltaserve[plot]')"
+        ) from e
+    return plt
+
+
+def plot(rep: Report, path: Path) -> None:
+    plt = pyplot()
     ok = [r for r in rep.results if r["status"] == 200 and r["error"] is None]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     styles = (
@@ -426,7 +436,7 @@ def add_command(sub: Any) -> None:
         "loadtest",
         help="drive a server with completion requests and report latency and throughput",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawHelpFormatter,
     )
     p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     p.add_argument(
@@ -480,6 +490,10 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         args.duration is not None and args.duration <= 0
     ):
         raise ValueError("--rate and --duration must be > 0")
+    if args.plot:  # before the run: a missing package or directory costs nothing
+        pyplot()
+        if not args.plot.parent.is_dir():
+            raise FileNotFoundError(f"--plot {args.plot}: no directory {args.plot.parent}")
     if args.models == "all":
         try:
             listed = httpx.get(f"{args.url}/v1/models", timeout=30).json()["data"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, status
@@ -24,7 +25,9 @@ from deltastore import faults
 from deltastore.apply import BaseMismatchError
 from deltastore.format import DeltaFormatError
 from deltastore.merge import MergeMethod
+from deltastore.sources import SourceError, open_model
 from deltastore.store import NameError_, check_name
+from server.adapters import Forbidden, NotFound, confine, make_upload
 from server.compose import CompositionError
 from server.deps import AdminDep, ReadyDep, StateDep
 from server.engine.cache import ByteLRU, CacheFull, EntryInfo
@@ -42,7 +45,7 @@ def _name(state: AppState, name: str, must_exist: bool = True) -> str:
     try:
         check_name(name)
     except NameError_ as e:
-        raise APIError(400, str(e), "invalid_name") from e
+        raise APIError(400, str(e), "invalid_name", "name") from e
     if must_exist and (name in state.retiring or not state.store.exists(name)):
         raise APIError(404, f"no delta named {name!r}", "not_found")
     return name
@@ -107,6 +110,20 @@ async def _info_async(state: AppState, name: str) -> DeltaInfo:
     return await run_in_threadpool(_info, state, name)  # sha256 of the file: off the loop
 
 
+def check_new_name(state: AppState, name: str, replace: bool) -> None:
+    """A name an upload may take: valid, not the base or a composition, and free
+    unless `replace` (409 otherwise)."""
+    _name(state, name, must_exist=False)
+    if name == state.base_name:
+        raise APIError(409, f"{name!r} is the base", "exists", "name")
+    if not replace and name not in state.retiring and state.store.exists(name):  # early out
+        raise APIError(
+            409, f"a delta named {name!r} exists (replace=true overwrites)", "exists", "name"
+        )
+    if state.compositions.stamp(name) is not None:
+        raise APIError(409, f"{name!r} is a registered composition", "exists", "name")
+
+
 @router.post("/deltas", status_code=status.HTTP_201_CREATED)
 async def upload(
     request: Request,
@@ -115,49 +132,94 @@ async def upload(
     _: AdminDep,
     name: Annotated[str, Query(description="variant name")],
     replace: Annotated[bool, Query(description="overwrite an existing variant")] = False,
+    source: Annotated[
+        str | None,
+        Query(
+            description="instead of a body: a fine-tune, LoRA adapter or delta file to "
+            "compress (a path within --adapter-roots, or a Hub id org/name)"
+        ),
+    ] = None,
+    revision: Annotated[str | None, Query(description="the source's Hub revision")] = None,
 ) -> DeltaInfo:
-    _name(state, name, must_exist=False)
+    check_new_name(state, name, replace)
     limit = state.settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"upload of {declared} bytes exceeds {limit}", "too_large")
-    if not replace and name not in state.retiring and state.store.exists(name):  # early out
-        raise APIError(409, f"a delta named {name!r} exists (replace=true overwrites)", "exists")
-    if state.compositions.stamp(name) is not None:
-        raise APIError(409, f"{name!r} is a registered composition", "exists")
-    upload = state.store.new_upload()
+    if source is not None:
+        if declared not in (None, "0"):
+            raise APIError(400, "source: give a source or a body, not both", "invalid", "source")
+        path = await confined(state, source, revision)
+        upload = await by_reference(state, name, path, source)
+    else:
+        if revision is not None:
+            raise APIError(400, "revision applies to a source", "invalid", "revision")
+        upload = state.store.new_upload()
     try:
-        await _receive(request, upload, limit)
+        if source is None:
+            await _receive(request, upload, limit)
         faults.point("upload.received")
-        try:
-            await _on_worker(ready, lambda e: e.check_upload(upload))
-        except (DeltaFormatError, BaseMismatchError) as e:
-            reason = str(e).replace(f"{upload}: ", "").replace(str(upload), "upload")
-            raise APIError(400, f"invalid delta {name!r}: {reason}", "invalid_delta") from e
-        async with state.name_lock(name):
-            if state.compositions.stamp(name) is not None:  # registered since the check
-                raise APIError(409, f"{name!r} is a registered composition", "exists")
-            exists = state.store.exists(name)
-            if exists and not replace:
-                raise APIError(
-                    409, f"a delta named {name!r} exists (replace=true overwrites)", "exists"
-                )
-            if exists:  # new requests wait at the door; the old version's finish first
-                state.replacing.add(name)
-            try:
-                if exists:
-                    await _drain(state, ready, name)
-                try:  # a file put in the store directory by hand since the check
-                    await run_in_threadpool(state.store.commit, name, upload, replace)
-                except FileExistsError as e:
-                    raise APIError(409, str(e), "exists") from e
-                if exists:  # the old weights are not served again once released
-                    await _on_worker(ready, lambda e: e.revalidate(name))
-            finally:
-                state.replacing.discard(name)
-        return await _info_async(state, name)
+        return await commit_upload(state, ready, name, upload, replace)
     finally:
         await run_in_threadpool(upload.unlink, missing_ok=True)
+
+
+async def confined(state: AppState, ref: str, revision: str | None) -> Path:
+    """`ref` within --adapter-roots (403 outside, saying nothing more; 404 if absent)."""
+    try:
+        return await run_in_threadpool(confine, ref, state.settings.adapter_roots, revision)
+    except Forbidden as e:
+        raise APIError(403, str(e), "forbidden", "source") from e
+    except NotFound as e:
+        raise APIError(404, str(e), "not_found", "source") from e
+    except SourceError as e:
+        raise APIError(400, str(e), "invalid_source", "source") from e
+
+
+async def by_reference(state: AppState, name: str, path: Path, ref: str) -> Path:
+    """The reference compressed (recommend's defaults) into a new upload file, off the
+    event loop, one at a time (400 with the reason when it cannot be)."""
+    assert state.base_dir is not None  # ready
+    base = open_model(state.base_dir)
+    async with state.import_lock():
+        try:
+            return await run_in_threadpool(make_upload, state.store, base, path, ref)
+        except ValueError as e:  # SourceError, DeltaFormatError, BaseMismatchError
+            raise APIError(400, f"cannot serve {ref!r} as {name!r}: {e}", "invalid_source") from e
+
+
+async def commit_upload(
+    state: AppState, ready: Any, name: str, upload: Path, replace: bool
+) -> DeltaInfo:
+    """Validate an upload file against the base and commit it under `name`: a
+    replace waits for the old version's requests, holding new ones at the door."""
+    try:
+        await _on_worker(ready, lambda e: e.check_upload(upload))
+    except (DeltaFormatError, BaseMismatchError) as e:
+        reason = str(e).replace(f"{upload}: ", "").replace(str(upload), "upload")
+        raise APIError(400, f"invalid delta {name!r}: {reason}", "invalid_delta") from e
+    async with state.name_lock(name):
+        if state.compositions.stamp(name) is not None:  # registered since the check
+            raise APIError(409, f"{name!r} is a registered composition", "exists", "name")
+        exists = state.store.exists(name)
+        if exists and not replace:
+            raise APIError(
+                409, f"a delta named {name!r} exists (replace=true overwrites)", "exists", "name"
+            )
+        if exists:  # new requests wait at the door; the old version's finish first
+            state.replacing.add(name)
+        try:
+            if exists:
+                await _drain(state, ready, name)
+            try:  # a file put in the store directory by hand since the check
+                await run_in_threadpool(state.store.commit, name, upload, replace)
+            except FileExistsError as e:
+                raise APIError(409, str(e), "exists") from e
+            if exists:  # the old weights are not served again once released
+                await _on_worker(ready, lambda e: e.revalidate(name))
+        finally:
+            state.replacing.discard(name)
+    return await _info_async(state, name)
 
 
 async def _receive(request: Request, upload: Any, limit: int) -> None:
@@ -197,6 +259,12 @@ def get_delta(name: str, state: StateDep, _: AdminDep) -> DeltaInfo:
 
 @router.delete("/deltas/{name}")
 async def delete_delta(name: str, state: StateDep, ready: ReadyDep, _: AdminDep) -> dict[str, str]:
+    await remove(state, ready, name)
+    return {"deleted": name}
+
+
+async def remove(state: AppState, ready: Any, name: str) -> None:
+    """Delete a variant once its running and queued requests finish (404 if none)."""
     _name(state, name)
     async with state.name_lock(name):
         _name(state, name)  # still there once the lock is ours
@@ -207,7 +275,6 @@ async def delete_delta(name: str, state: StateDep, ready: ReadyDep, _: AdminDep)
             await run_in_threadpool(state.store.delete, name)
         finally:
             state.retiring.discard(name)
-    return {"deleted": name}
 
 
 @router.post("/deltas/{name}/pin")

@@ -27,6 +27,8 @@ def ready(state: StateDep, _: ReadyDep) -> dict[str, object]:
     }
     if state.demos is not None:
         out["demos"] = state.demos
+    if state.lora_modules is not None:
+        out["lora_modules"] = state.lora_modules
     return out
 
 

@@ -1,7 +1,7 @@
 """OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models,
 and vLLM's /tokenize and /detokenize.
 
-`model` names a variant in the store, or the base by its directory name. Both
+`model` names a variant in the store, or the base by its served name. Both
 completion routes share one pipeline: resolve the model -> tokenize the prompts ->
 sampling parameters per choice (prompts x n) -> submit every choice -> render (a
 response, or a stream of chunks).
@@ -67,15 +67,37 @@ COMPLETION_DEFAULT = 16  # OpenAI's default for /v1/completions
 CHARS_PER_TOKEN_BOUND = 32
 
 
-def _check_chars(state: AppState, n_chars: int) -> None:
-    limit = state.settings.max_prompt_tokens * CHARS_PER_TOKEN_BOUND
-    if n_chars > limit:
+def _check_chars(state: AppState, n_chars: int, param: str) -> None:
+    """A prompt too long to hold the allowed tokens, refused before it is tokenized."""
+    tokens = state.settings.max_prompt_tokens
+    if n_chars > tokens * CHARS_PER_TOKEN_BOUND:
         raise APIError(
-            413,
-            f"prompt of {n_chars} characters exceeds {limit} "
-            f"(at most {state.settings.max_prompt_tokens} tokens)",
-            "prompt_too_long",
+            400,
+            f"This server's maximum prompt length is {tokens} tokens. However, your request "
+            f"has {n_chars} characters, more than {tokens} tokens hold (at most "
+            f"{CHARS_PER_TOKEN_BOUND} characters per token). {REDUCE}",
+            "context_length_exceeded",
+            param,
         )
+
+
+REDUCE = "Please reduce the length of the input messages."
+
+
+def _prompt_too_long(state: AppState, engine: Any, n_prompt: int, param: str) -> APIError:
+    """vLLM's words for a prompt beyond the context (or beyond --max-prompt-tokens)."""
+    limit = max_model_len(state, engine)
+    what = (
+        f"This model's maximum context length is {limit} tokens"
+        if n_prompt >= limit
+        else f"This server's maximum prompt length is {state.settings.max_prompt_tokens} tokens"
+    )
+    return APIError(
+        400,
+        f"{what}. However, your request has {n_prompt} input tokens. {REDUCE}",
+        "context_length_exceeded",
+        param,
+    )
 
 
 def resolve_model(state: AppState, name: str) -> str | None:
@@ -86,7 +108,7 @@ def resolve_model(state: AppState, name: str) -> str | None:
     try:
         comp = state.compositions.resolve(name)
     except CompositionError as e:
-        raise APIError(e.status, str(e), e.code) from None
+        raise APIError(e.status, str(e), e.code, "model") from None
     if comp is not None:
         check_members(state, name, comp)
         return comp.key
@@ -103,7 +125,9 @@ def resolve_model(state: AppState, name: str) -> str | None:
 def _not_found(state: AppState, name: str, what: str = "model") -> APIError:
     names = [state.base_name, *state.store.names(), *state.compositions.names()]
     shown = ", ".join(names[:20]) + (" …" if len(names) > 20 else "")
-    return APIError(404, f"{what} {name!r} does not exist; available: {shown}", "model_not_found")
+    return APIError(
+        404, f"{what} {name!r} does not exist; available: {shown}", "model_not_found", "model"
+    )
 
 
 def check_members(state: AppState, name: str, comp: Composition) -> None:
@@ -121,6 +145,7 @@ def check_members(state: AppState, name: str, comp: Composition) -> None:
                 f"composition {name!r}: member {member!r} was made for another base "
                 f"({made_for}, this server's is {base})",
                 "invalid_composition",
+                "model",
             )
 
 
@@ -159,7 +184,9 @@ async def _door(state: AppState, variant: str | None, model: str, request: Reque
 def _check_options(req: _Sampling) -> None:
     bad = req.unsupported()
     if bad:
-        raise APIError(400, f"unsupported option(s): {', '.join(bad)}", "unsupported_option")
+        raise APIError(
+            400, f"unsupported option(s): {', '.join(bad)}", "unsupported_option", bad[0]
+        )
 
 
 def max_model_len(state: AppState, engine: Any) -> int:
@@ -175,33 +202,43 @@ def _vocab(engine: Any) -> int:
 def _check_ids(ids: list[int], vocab: int, what: str) -> None:
     bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:
-        raise APIError(400, f"{what}: token id {bad} is outside the vocabulary [0, {vocab})", what)
+        raise APIError(
+            400, f"{what}: token id {bad} is outside the vocabulary [0, {vocab})", what, what
+        )
 
 
 def _max_tokens(
-    state: AppState, engine: Any, n_prompt: int, wanted: int | None, default: int
+    state: AppState,
+    engine: Any,
+    n_prompt: int,
+    wanted: int | None,
+    default: int,
+    prompt_param: str = "prompt",
+    tokens_param: str = "max_tokens",
 ) -> int:
     """The completion budget of one prompt: `wanted`, or the default within the context.
-    A prompt and completion beyond the context are a 400 that says the limit (as vLLM)."""
+    A prompt, or a prompt and completion, beyond the context is a 400
+    `context_length_exceeded` in vLLM's words, naming the field to shorten."""
     s = state.settings
     if wanted is not None and wanted > s.max_new_tokens:
         raise APIError(
-            400, f"max_tokens {wanted} exceeds this server's {s.max_new_tokens}", "max_tokens"
-        )
-    if n_prompt > s.max_prompt_tokens:
-        raise APIError(
-            413, f"prompt of {n_prompt} tokens exceeds {s.max_prompt_tokens}", "prompt_too_long"
+            400,
+            f"{tokens_param} {wanted} exceeds this server's {s.max_new_tokens}",
+            "max_tokens",
+            tokens_param,
         )
     limit = max_model_len(state, engine)
+    if n_prompt > s.max_prompt_tokens or n_prompt + int(wanted != 0) > limit:
+        raise _prompt_too_long(state, engine, n_prompt, prompt_param)
     budget = wanted if wanted is not None else min(default, s.max_new_tokens, limit - n_prompt)
-    if n_prompt + max(budget, 1 if wanted is None else 0) > limit:
-        asked = n_prompt + max(budget, 1)
+    if n_prompt + budget > limit:
         raise APIError(
             400,
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{asked} tokens ({n_prompt} in the prompt, {asked - n_prompt} in the completion). "
-            "Please reduce the length of the prompt or completion.",
+            f"'max_tokens' or 'max_completion_tokens' is too large: {budget}. This model's "
+            f"maximum context length is {limit} tokens and your request has {n_prompt} input "
+            f"tokens ({budget} > {limit} - {n_prompt}).",
             "context_length_exceeded",
+            tokens_param,
         )
     return budget
 
@@ -216,7 +253,10 @@ def _params(
 ) -> SamplingParams:
     if req.min_tokens > max_tokens:
         raise APIError(
-            400, f"min_tokens {req.min_tokens} exceeds max_tokens {max_tokens}", "min_tokens"
+            400,
+            f"min_tokens {req.min_tokens} exceeds max_tokens {max_tokens}",
+            "min_tokens",
+            "min_tokens",
         )
     stop_ids = tuple(req.stop_token_ids or ())
     _check_ids(list(stop_ids), _vocab(engine), "stop_token_ids")
@@ -306,7 +346,7 @@ def models(state: StateDep) -> ModelList:
     return ModelList(data=[c for c in cards if c is not None])
 
 
-@router.get("/v1/models/{model_id}")
+@router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, state: StateDep) -> ModelCard:
     """One model (the OpenAI client's `models.retrieve`); a variant's card carries its
     delta: method, rate, q, size, checksum and parent; a composition's its members."""
@@ -314,12 +354,14 @@ async def model(model_id: str, state: StateDep) -> ModelCard:
     card = _card(state, model_id, state.engine)
     if card is None:
         resolve_model(state, model_id)  # gone since: the 404 with the names available
-        raise APIError(404, f"model {model_id!r} does not exist", "model_not_found")
+        raise APIError(404, f"model {model_id!r} does not exist", "model_not_found", "model")
     if model_id != state.base_name and card.composition is None:
         try:
             info = await run_in_threadpool(state.store.info, model_id)
         except (KeyError, FileNotFoundError):
-            raise APIError(404, f"model {model_id!r} does not exist", "model_not_found") from None
+            raise APIError(
+                404, f"model {model_id!r} does not exist", "model_not_found", "model"
+            ) from None
         m = info.meta
         card.delta = DeltaSummary(
             method=m.method,
@@ -337,7 +379,7 @@ async def model(model_id: str, state: StateDep) -> ModelCard:
 async def _chat_ids(state: AppState, messages: list[ChatMessage], generation: bool) -> list[int]:
     if not getattr(state.tokenizer, "chat_template", None):
         raise APIError(400, "the base has no chat template: use /v1/completions", "no_template")
-    _check_chars(state, sum(len(m.text()) for m in messages))
+    _check_chars(state, sum(len(m.text()) for m in messages), "messages")
     turns = [{"role": m.role, "content": m.text()} for m in messages]
 
     def encode(tok: Any) -> list[int]:
@@ -360,11 +402,13 @@ async def _prompt_ids(
     else:
         prompts = list(prompt)
     if not prompts:
-        raise APIError(400, "prompt: an empty list", "empty_prompt")
+        raise APIError(400, "prompt: an empty list", "empty_prompt", "prompt")
     if len(prompts) > MAX_PROMPTS:
-        raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", "too_many_prompts")
+        raise APIError(
+            400, f"prompt: at most {MAX_PROMPTS} prompts per request", "too_many_prompts", "prompt"
+        )
     texts = [p for p in prompts if isinstance(p, str)]
-    _check_chars(state, max((len(t) for t in texts), default=0))
+    _check_chars(state, max((len(t) for t in texts), default=0), "prompt")
     encoded = iter(
         await state.tokenize(lambda tok: [tok(t)["input_ids"] for t in texts]) if texts else []
     )
@@ -372,7 +416,7 @@ async def _prompt_ids(
     vocab = _vocab(engine)
     for ids in out:
         if not ids:
-            raise APIError(400, "empty prompt", "empty_prompt")
+            raise APIError(400, "prompt: an empty prompt", "empty_prompt", "prompt")
         _check_ids(ids, vocab, "prompt")
     return out, [p if isinstance(p, str) else None for p in prompts]
 
@@ -385,7 +429,9 @@ async def completions(
     _check_options(req)
     variant = resolve_model(state, req.model)
     if req.max_tokens == 0 and not req.echo:
-        raise APIError(400, "max_tokens 0 needs echo (it scores the prompt)", "max_tokens")
+        raise APIError(
+            400, "max_tokens 0 needs echo (it scores the prompt)", "max_tokens", "max_tokens"
+        )
     prompts, texts = await _prompt_ids(state, engine, req.prompt)
     lp = req.logprobs
     plans = []
@@ -404,12 +450,15 @@ async def chat_completions(
     _check_options(req)
     variant = resolve_model(state, req.model)
     if req.top_logprobs is not None and not req.logprobs:
-        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs", "top_logprobs")
     wanted = req.max_completion_tokens or req.max_tokens
+    which = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     if wanted == 0:
-        raise APIError(400, "max_tokens must be at least 1", "max_tokens")
+        raise APIError(400, "max_tokens must be at least 1", "max_tokens", "max_tokens")
     ids = await _chat_ids(state, req.messages, generation=True)
-    budget = _max_tokens(state, engine, len(ids), wanted, state.settings.max_new_tokens)
+    budget = _max_tokens(
+        state, engine, len(ids), wanted, state.settings.max_new_tokens, "messages", which
+    )
     lp = (req.top_logprobs or 0) if req.logprobs else None
     plans = [(ids, _params(state, engine, req, budget, lp, None))]
     return await _serve(state, ready, request, req, variant, plans, _Render(True, False, lp))
@@ -422,12 +471,12 @@ async def tokenize(req: TokenizeRequest, state: StateDep, ready: ReadyDep) -> To
     if req.model is not None:
         resolve_model(state, req.model)
     if (req.prompt is None) == (req.messages is None):
-        raise APIError(400, "give either prompt or messages", "invalid_request")
+        raise APIError(400, "give either prompt or messages", "invalid_request", "prompt")
     if req.messages is not None:
         ids = await _chat_ids(state, req.messages, req.add_generation_prompt)
     else:
         text = req.prompt or ""
-        _check_chars(state, len(text))
+        _check_chars(state, len(text), "prompt")
         special = req.add_special_tokens
         ids = await state.tokenize(lambda tok: tok(text, add_special_tokens=special)["input_ids"])
     strs = await state.token_texts(ids) if req.return_token_strs else None
@@ -537,6 +586,7 @@ async def _serve(
             f"{n_choices} choices (prompts x n) exceed what the server queues "
             f"({state.settings.queue_limit})",
             "too_many_choices",
+            "n",
         )
     pending = _Pending(variant, plans, req.n, getattr(request.state, "request_id", ""))
     fp = await fingerprint(state, variant)

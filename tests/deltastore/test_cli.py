@@ -232,3 +232,31 @@ def test_compress_mix_with_a_q_per_depth_group(tmp_path, tiny_dirs, capsys):
     assert "q-groups refines" in capsys.readouterr().err
     assert _run(*bad, "--rate", "0.9", "--method", "mix", "--mix-top", "1") == 2
     assert "top share" in capsys.readouterr().err
+
+
+def test_finetune_defaults_to_the_demos_fast_settings(tmp_path, tiny_dirs, monkeypatch):
+    """By default the embedding stays the base's and bf16 autocast follows the CPU;
+    --no-freeze-embeddings trains it, --bf16 / --no-bf16 force it."""
+    import deltastore.finetune as ft_mod
+    from deltastore.sources import open_model
+
+    seen = []
+    real = ft_mod.finetune
+
+    def spy(base, rows, out, cfg, **kw):
+        seen.append(cfg)
+        return real(base, rows, out, cfg, **kw)
+
+    monkeypatch.setattr(ft_mod, "finetune", spy)
+    common = ["--task", "arith", "--steps", "2", "--examples", "16", "--batch-size", "4"]
+    args = ["finetune", tiny_dirs["base"], *common]
+    assert _run(*args, "-o", tmp_path / "a", "--lr", "1e-2") == 0
+    assert _run(*args, "-o", tmp_path / "b", "--lr", "1e-2", "--no-freeze-embeddings") == 0
+    assert _run(*args, "-o", tmp_path / "c", "--bf16") == 0
+    assert _run(*args, "-o", tmp_path / "d", "--no-bf16") == 0
+    assert seen[0].bf16 == ft_mod.native_bf16() and not seen[0].train_embeddings
+    assert seen[1].train_embeddings and seen[2].bf16 and not seen[3].bf16
+    name = "model.embed_tokens.weight"
+    base = open_model(tiny_dirs["base"]).get(name)
+    assert open_model(tmp_path / "a").get(name).equal(base)  # frozen
+    assert not open_model(tmp_path / "b").get(name).equal(base)  # trained

@@ -140,6 +140,36 @@ def test_coarse_to_fine_finds_the_minimum_and_stops_early_only_when_asked():
     assert full.as_dict()["evaluations"] == len(calls) and full.seconds > 0
 
 
+def test_a_search_reports_every_evaluation_and_the_best_so_far(caplog, capsys):
+    """Never silent: a bar with its total and the best value so far on a terminal,
+    one log line per evaluation elsewhere."""
+    import logging
+    import re
+
+    def f(q):
+        return abs(math.sin(9 * q)) + q  # several dips
+
+    trace = SearchTrace("q", "obj", minimise=True)
+    with caplog.at_level(logging.INFO, logger="deltastore.qsearch"):
+        coarse_to_fine(f, 0.01, 1.0, 0.05, trace, progress=False)
+    lines = [r.getMessage() for r in caplog.records if "evaluations" in r.getMessage()]
+    assert len(lines) == len(trace.points)
+    running = math.inf
+    for line, (_, value) in zip(lines, trace.points, strict=True):
+        n, total = (int(x) for x in re.search(r"(\d+)/(\d+) evaluations", line).groups())
+        assert n <= total
+        running = min(running, value)
+        best = float(re.search(r"best q=\S+ obj=(\S+)", line).group(1))
+        assert math.isclose(best, running, rel_tol=1e-3)
+    coarse_to_fine(f, 0.01, 1.0, 0.05, SearchTrace("q", "obj", minimise=True), progress=True)
+    bar = capsys.readouterr().err
+    assert "search q" in bar and "best q=" in bar and f"/{n_points(0.01, 1.0, 0.05)}" in bar
+
+
+def n_points(lo, hi, step):
+    return math.floor((hi - lo) / step + 1e-9) + 1 + 2 * 9
+
+
 def test_the_search_cannot_stop_in_a_local_dip():
     """The large-delta case: the objective dips at 2(1-p), rises for several steps,
     and has its global minimum near 30(1-p). A walk that stops after 3

@@ -77,6 +77,7 @@ def test_dashboard_queries_only_metrics_the_server_exports():
     m.watch_engine(lambda: _FakeEngine())
     m.requests.labels("/v1/completions", "200").inc()
     m.swap_seconds.labels("inplace").observe(0.01)
+    m.steps.labels("merged").inc()
     exported = {
         line.split("{")[0].split(" ")[0]
         for line in m.render().decode().splitlines()
@@ -85,7 +86,7 @@ def test_dashboard_queries_only_metrics_the_server_exports():
     dash = json.loads((DOCKER / "grafana" / "dashboards" / "deltaserve.json").read_text())
     used = set()
     for panel in dash["panels"]:
-        for target in panel["targets"]:
+        for target in panel.get("targets", []):  # a row has none
             used |= set(re.findall(r"deltaserve_[a-z_]+", target["expr"]))
     assert used, "the dashboard queries nothing"
     missing = sorted(used - exported)
@@ -190,3 +191,56 @@ def test_entrypoint_passes_other_commands_through(fake_path):
     assert res.returncode == 0 and "ARGS:inspect x.delta.safetensors" in res.stdout
     res = _entry(["echo", "hello"], fake_path)
     assert res.returncode == 0 and res.stdout.strip() == "hello"
+
+
+def test_grafana_has_the_engine_v2_panels_and_compose_provisions_them():
+    """Variants and rows per step, merged / unmerged steps, step seconds and KV slots,
+    each a panel on the provisioned Prometheus data source; compose mounts the
+    dashboard where the provisioning provider reads it."""
+    dash = json.loads((DOCKER / "grafana" / "dashboards" / "deltaserve.json").read_text())
+    by_metric: dict[str, list[str]] = {}
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            for metric in re.findall(r"deltaserve_[a-z_]+", target["expr"]):
+                by_metric.setdefault(
+                    metric.removesuffix("_bucket")
+                    .removesuffix("_sum")
+                    .removesuffix("_count")
+                    .removesuffix("_total"),
+                    [],
+                ).append(panel["title"])
+    for metric in (
+        "deltaserve_step_variants",
+        "deltaserve_step_rows",
+        "deltaserve_steps",
+        "deltaserve_step_seconds",
+        "deltaserve_kv_slots_used",
+    ):
+        assert metric in by_metric, metric
+    steps = next(p for p in dash["panels"] if "deltaserve_steps_total" in json.dumps(p))
+    assert "by (mode)" in steps["targets"][0]["expr"]  # merged and unmerged apart
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    boxes = [p["gridPos"] for p in dash["panels"]]  # no two panels overlap
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            apart = (
+                a["x"] + a["w"] <= b["x"]
+                or b["x"] + b["w"] <= a["x"]
+                or a["y"] + a["h"] <= b["y"]
+                or b["y"] + b["h"] <= a["y"]
+            )
+            assert apart, (a, b)
+    source = yaml.safe_load(
+        (DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )["datasources"][0]
+    assert all(
+        p["datasource"]["uid"] == source["uid"] for p in dash["panels"] if p["type"] != "row"
+    )
+    provider = yaml.safe_load(
+        (DOCKER / "grafana" / "provisioning" / "dashboards" / "deltaserve.yml").read_text()
+    )["providers"][0]
+    grafana = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["grafana"]
+    mounts = dict(v.split(":")[:2][::-1] for v in grafana["volumes"])
+    assert mounts[provider["options"]["path"]] == "./grafana/dashboards"
+    assert mounts["/etc/grafana/provisioning"] == "./grafana/provisioning"

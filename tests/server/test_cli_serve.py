@@ -8,7 +8,9 @@ import sys
 import time
 
 import httpx
+import pytest
 
+from deltastore.embedded import MODEL_NAME
 from server.config import Settings
 from tests.conftest import free_port
 
@@ -70,6 +72,8 @@ def test_serve_starts_answers_and_stops(tiny_dirs, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    lines = [ln for ln in (proc.stdout.read() if proc.stdout else "").splitlines() if ln.strip()]
+    assert lines and lines[0].endswith(f"listening on http://127.0.0.1:{port}"), lines[:3]
 
 
 def test_bad_settings_are_a_clear_error(tmp_path):
@@ -138,15 +142,16 @@ def test_the_base_serves_while_the_demos_are_made(tiny_dirs, variant_files, tmp_
             while client.get("/ready").json().get("demos") != "building":
                 assert time.time() < deadline
                 time.sleep(0.05)
-            body = {"model": "base", "prompt": "the cat", "max_tokens": 3}
+            base = MODEL_NAME  # the embedded base is served under its own name
+            body = {"model": base, "prompt": "the cat", "max_tokens": 3}
             assert client.post("/v1/completions", json=body).status_code == 200
-            assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["base"]
+            assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [base]
             release.set()
             while client.get("/ready").json().get("demos") != "ready":
                 assert time.time() < deadline
                 time.sleep(0.05)
             ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
-            assert ids == ["base", "arith"]
+            assert ids == [base, "arith"]
             body["model"] = "arith"
             assert client.post("/v1/completions", json=body).status_code == 200
     finally:
@@ -191,3 +196,102 @@ def test_the_app_refuses_it_too_and_never_falls_back(tmp_path):
         assert r.status_code == 503 and "failed" in r.text
     finally:
         srv.stop()
+def _serve(args: list[str], port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", *args, "--port", str(port), "--no-demo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _ready(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.time() + 60
+    while True:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        try:
+            if httpx.get(f"{url}/ready").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, "server not ready in 60 s"
+        time.sleep(0.2)
+
+
+def test_serve_a_hub_id_as_vllm_serve_does(tiny_dirs, offline_hub, tmp_path):
+    """`deltaserve serve --base org/name`, offline against a laid-out Hub cache (HF_HOME
+    and HF_HUB_OFFLINE in the environment): listed and addressed as org/name."""
+    import openai
+
+    from tests.conftest import lay_out_hub
+
+    lay_out_hub(offline_hub, "org/tiny", tiny_dirs["base"])
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(["--base", "org/tiny", "--store", str(tmp_path / "store")], port)
+    try:
+        _ready(proc, url)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        assert [m.id for m in client.models.list().data] == ["org/tiny"]
+        assert client.models.retrieve("org/tiny").id == "org/tiny"
+        done = client.completions.create(model="org/tiny", prompt="the", max_tokens=3)
+        assert done.model == "org/tiny" and done.usage.completion_tokens >= 1
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="tiny", prompt="the", max_tokens=3)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    # --served-model-name overrides the name; a revision picks the snapshot
+    lay_out_hub(offline_hub, "org/tiny", tiny_dirs["ft"], revision="v2")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["--base", "org/tiny", "--revision", "v2", "--served-model-name", "mine"]
+    proc = _serve([*args, "--store", str(tmp_path / "store")], port)
+    try:
+        _ready(proc, url)
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["mine"]
+        assert "snapshots" in httpx.get(f"{url}/v1/models/mine").json()["root"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_hub_id_not_cached_offline_exits_at_once(offline_hub, tmp_path):
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--base",
+            "org/absent",
+            "--port",
+            "0",
+            "--store",
+            str(tmp_path / "s"),
+            "--no-demo",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2 and "org/absent" in res.stderr and "HF_HUB_OFFLINE" in res.stderr
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--base",
+            "no/such/dir",
+            "--port",
+            "0",
+            "--store",
+            str(tmp_path / "s"),
+            "--no-demo",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2 and "no such file or directory" in res.stderr

@@ -161,3 +161,23 @@ def test_mixed_prompts_from_a_file_and_ttft_only_when_streaming(live, tmp_path, 
     bad.write_text('{"text": "no prompt key"}\n')
     assert main([*args, "--prompts", str(bad)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_fails_before_the_run(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from tests.conftest import free_port
+
+    out = tmp_path / "report.json"
+    args = ["loadtest", "--url", f"http://127.0.0.1:{free_port()}", "--models", "m"]
+    args += ["--requests", "50", "--out", str(out), "--plot"]
+    with monkeypatch.context() as mp:
+        mp.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+        rc = main([*args, str(tmp_path / "r.png")])
+        err = capsys.readouterr()
+        assert rc == 2 and "--plot needs matplotlib" in err.err
+        assert "sent" not in err.out and not out.exists()  # nothing was run or written
+    # with matplotlib: a PNG whose directory does not exist fails before the run too
+    rc = main([*args, str(tmp_path / "missing" / "r.png")])
+    err = capsys.readouterr()
+    assert rc == 2 and "no directory" in err.err and not out.exists()

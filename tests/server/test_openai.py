@@ -11,6 +11,7 @@ import torch
 
 from deltastore.sources import open_model
 from server.engine.core import digest
+from server.schemas import ChatCompletionRequest, CompletionRequest
 from tests.server.conftest import MAX_TOKENS, PROMPTS
 
 
@@ -225,9 +226,9 @@ def test_sampling_is_seeded_and_stop_strings_cut(live):
         ({"model": "v0", "prompt": "x", "max_tokens": 10_000}, 400, "max_tokens"),
         ({"model": "v0", "prompt": "x", "temperature": 9}, 400, "invalid_request"),
         ({"model": "v0"}, 400, "invalid_request"),
-        ({"model": "v0", "prompt": "x" * 3000}, 413, "prompt_too_long"),
+        ({"model": "v0", "prompt": "x" * 3000}, 400, "context_length_exceeded"),
         # refused before tokenizing: more characters than the token limit allows
-        ({"model": "v0", "prompt": "word " * 200_000}, 413, "prompt_too_long"),
+        ({"model": "v0", "prompt": "word " * 200_000}, 400, "context_length_exceeded"),
         ({"model": "v0", "prompt": "x", "seed": 2**70}, 400, "invalid_request"),
         ({"model": "v0", "prompt": "x", "seed": -(2**70)}, 400, "invalid_request"),
         ({"model": "v0", "prompt": "x", "stop": ["a"] * 17}, 400, "invalid_request"),
@@ -251,6 +252,9 @@ def test_errors_are_openai_shaped(live, body, status, code):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == code and err["message"] and err["type"]
+    # a field of the request (one given, or a required one missing), else null
+    fields = {*body, *CompletionRequest.model_fields, *ChatCompletionRequest.model_fields}
+    assert err["param"] is None or err["param"].split(".")[0] in fields, err
 
 
 def test_metrics_have_bounded_labels(live):
