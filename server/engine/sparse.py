@@ -232,8 +232,11 @@ class StepDeltas:
     ) -> None:
         self.layouts = [v.data for v in variants]
         self.bases, self.items = bases, items
-        self._spmm = kernels.spmm_add_ if native else kernels.reference.spmm_add_
-        self._rowgather = kernels.rowgather_add_ if native else kernels.reference.rowgather_add_
+        if native:
+            self._spmm, self._rowgather = kernels.resolve(items)
+        else:
+            ref = kernels.reference
+            self._spmm, self._rowgather = ref.spmm_add_, ref.rowgather_add_
 
     @staticmethod
     def pack(p: Packer, key: str, segments: list[Segment]) -> list[VariantLayout]:

@@ -25,9 +25,11 @@ when it does not.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from server.engine.kernels import cpu, reference
 from server.engine.kernels.cpu import KernelUnavailable, load_kernels
@@ -41,6 +43,7 @@ __all__ = [
     "load_kernels",
     "native_available",
     "reference",
+    "resolve",
     "rowgather_add_",
     "spmm_add_",
 ]
@@ -99,6 +102,25 @@ def _rowgather_fake(h, ids, layouts, bases, items, slot):
 
 spmm_add_ = torch.ops.deltaserve.spmm_add_
 rowgather_add_ = torch.ops.deltaserve.rowgather_add_
+
+Op = Callable[..., None]
+
+
+def resolve(like: torch.Tensor) -> tuple[Op, Op]:
+    """(spmm_add_, rowgather_add_) for a step whose tensors are like `like`: the
+    registered ops when they are traced (fake tensors, torch.compile), else the kernels
+    registered for the device, called directly. A step makes ~120 sparse calls, and the
+    dispatcher's boxed call of a Python kernel (the tensor list converted each way, the
+    overload matched each call) cost more than the CPU kernel itself at decode: ~20% of
+    a 16-variant step, measured with py-spy (BENCHMARKS.md). The choice is made once
+    per step, from the op table above, so it cannot disagree with the dispatcher."""
+    if isinstance(like, FakeTensor) or torch.compiler.is_compiling():
+        return spmm_add_, rowgather_add_
+    if like.device.type == "cpu":
+        return cpu.spmm_add_, cpu.rowgather_add_
+    if like.device.type == "cuda":
+        return _cuda_spmm, _cuda_rowgather
+    return spmm_add_, rowgather_add_
 
 
 CPU_DTYPES = (torch.float32, torch.bfloat16)  # what the C kernel computes in

@@ -46,6 +46,8 @@ def _build(path: Path) -> None:
 def load_kernels() -> ctypes.CDLL:
     """The compiled kernels (built on first use, cached by source and machine)."""
     global _lib, _lib_error
+    if _lib is not None:  # every step asks: no lock once built
+        return _lib
     with _lib_lock:
         if _lib is not None:
             return _lib

@@ -415,3 +415,20 @@ def test_the_op_checks_devices_and_shapes_on_fake_tensors(layouts):
             kernels.spmm_add_(y, x, [torch.zeros(8, dtype=torch.int32)], bases, items, 0)
         with pytest.raises(RuntimeError, match="on cpu, the output on cuda"):
             kernels.rowgather_add_(y, torch.zeros(4, dtype=torch.int64), [buf], bases, items, 0)
+
+
+def test_a_step_calls_the_device_kernel_directly_and_the_op_when_traced():
+    """Real CPU tensors go straight to the C kernel (the dispatcher's boxed call of a
+    Python kernel costs more than the kernel at decode); fake ones, as FakeTensorMode
+    and torch.compile trace them, go through the registered op and its device check."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from server.engine.kernels import cpu
+
+    assert kernels.resolve(torch.zeros(1, 4, dtype=torch.int64)) == (
+        cpu.spmm_add_,
+        cpu.rowgather_add_,
+    )
+    with FakeTensorMode():
+        traced = kernels.resolve(torch.zeros(1, 4, dtype=torch.int64, device="cuda"))
+    assert traced == (kernels.spmm_add_, kernels.rowgather_add_)
