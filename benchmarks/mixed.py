@@ -9,7 +9,8 @@ number of tokens), the rows spread round-robin over d distinct variants (0: ever
 row on the base). The variants are SFT-scale deltas over every matrix (mean |Δ|
 2e-4, DARE p = 0.99 unless --rate), cached under ~/.cache/deltaserve/bench/mixed.
 Reported: generated tokens/s from the first submission to the last token (prefill
-included), the median step time, and the ratio to the base in the same run.
+included; after one untimed run that lays the variants out), the median step time,
+and the ratio to the base in the same run.
 Also the sparse product per layer shape against the dense GEMM (`--kernel-only`).
 """
 
@@ -55,6 +56,7 @@ def variants(base_dir: Path, n: int, rate_tag: str) -> Path:
 def run_once(engine: Engine, settings: Settings, d: int, rows: int, max_tokens: int) -> dict:
     metrics = Metrics()
     sched = LLMEngine(engine, settings, metrics)
+    sched.loader.start()  # variants not laid out yet load beside the steps, as in the server
     tok = engine.tokenizer
     text = tok.apply_chat_template(
         [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
@@ -77,6 +79,7 @@ def run_once(engine: Engine, settings: Settings, d: int, rows: int, max_tokens: 
         sched._step()
         step_times.append(time.perf_counter() - t)
     wall = time.perf_counter() - t0
+    sched.loader.stop()
     engine.activate(None)
     generated = sum(j.completion_tokens for j in jobs)
     steps = metrics.step_seconds.collect()[0].samples
@@ -211,6 +214,7 @@ def main() -> None:
             engine = Engine(open_model(base_dir), DeltaStore(store), settings)
             base_tps = None
             for d in args.variants:
+                run_once(engine, settings, d, args.rows, args.max_tokens)  # warm-up: layouts
                 reps = [
                     run_once(engine, settings, d, args.rows, args.max_tokens)
                     for _ in range(args.repeats)
