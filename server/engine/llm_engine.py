@@ -126,13 +126,15 @@ class LLMEngine:
         self._suspects: deque[Sequence] = deque()  # after a failed step: retried alone
         log.info(
             "engine v2 on %s: %d KV slots of %d positions (%.0f MiB), sparse deltas by %s, "
-            "merge %s",
+            "merge %s (sparse %.2g s per entry and token, swap %.2g s per entry)",
             engine.device,
             self.kv.n_slots,
             self.kv.max_len,
             self.kv.nbytes / 2**20,
             "the native kernel" if self.native else "the torch reference",
             settings.merge_policy,
+            policy.sparse_s,
+            policy.swap_s,
         )
 
     # ------------------------------------------------------------------ the interface
