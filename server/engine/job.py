@@ -1,7 +1,8 @@
 """A request as the engine sees it: its sampling parameters, its events, its result.
 
-The engine (llm_engine.py) runs `Job`s and reports through `Job.emit`; the HTTP layer
-renders them (server/routes/openai.py)."""
+The HTTP layer resolves a request's `model` once into a `Target` (server/routes/),
+the engine (llm_engine.py) runs `Job`s and reports through `Job.emit`, and the HTTP
+layer renders them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from deltastore.merge import MergeMethod
 
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs and OpenAI's chat
 
@@ -33,6 +36,36 @@ class SamplingParams:
     min_tokens: int = 0  # end tokens and stop strings are held off until this many
     logprobs: int | None = None  # per generated token: its logprob and this many alternatives
     prompt_logprobs: int | None = None  # the same per prompt token (the first has none)
+
+
+Versions = tuple[Any, ...]  # file stamps (inode, size, mtime); None for a file that is gone
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request's `model` names, resolved once on the HTTP side: the engine's key
+    for it, a composition's members and merge (none: one delta file of the store), the
+    response's `system_fingerprint`, and the versions of the files it was resolved
+    against (a delta file's stamp; a composition's recipe stamp, None for an
+    expression, then its members'). Without versions the engine reads the stamps
+    itself when it admits the request."""
+
+    key: str
+    members: tuple[tuple[str, float], ...] = ()
+    method: MergeMethod = MergeMethod.SUM
+    density: float | None = None
+    seed: int = 0
+    fingerprint: str | None = None
+    versions: Versions = ()
+
+    @property
+    def composed(self) -> bool:
+        return bool(self.members)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The delta files it is read from: itself, or its members."""
+        return tuple(m for m, _ in self.members) if self.members else (self.key,)
 
 
 @dataclass(frozen=True)
@@ -75,7 +108,7 @@ class Job:
     entries up to n), then ("done", Job), or ("error", JobError). `logprobs` grows
     with the generated tokens; `prompt_logprobs` is complete before the first text."""
 
-    variant: str | None
+    variant: str | None  # the target's key; None: the base
     prompt_ids: list[int]
     params: SamplingParams
     emit: Callable[[str, Any], None]
@@ -90,3 +123,10 @@ class Job:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    target: Target | None = None  # resolved by the HTTP side; else a delta file named `variant`
+
+    def __post_init__(self) -> None:
+        if self.target is None and self.variant is not None:
+            self.target = Target(self.variant)
+        if self.target is not None and self.target.key != self.variant:
+            raise ValueError(f"job for {self.variant!r} carries the target {self.target.key!r}")

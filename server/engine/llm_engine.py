@@ -36,7 +36,15 @@ from server.config import Settings
 from server.engine.batch import Batch, Packing, pack
 from server.engine.cache import CacheFull
 from server.engine.core import Engine, WeightsUnavailable
-from server.engine.job import INTERNAL, NO_ROOM, UNAVAILABLE, Job, JobError, TokenLogprob
+from server.engine.job import (
+    INTERNAL,
+    NO_ROOM,
+    UNAVAILABLE,
+    Job,
+    JobError,
+    Target,
+    TokenLogprob,
+)
 from server.engine.kv_cache import KVCache
 from server.engine.loader import Loader
 from server.engine.model_runner import ModelRunner
@@ -279,7 +287,7 @@ class LLMEngine:
         self.engine.check()  # the resident weights agree with what the engine says
         self._sync_held()  # (a repair puts the base back)
         if self._held is not None and not self._running and self.engine.stale(self._held):
-            self._set_merged(None)  # its file changed on disk: the next request reloads it
+            self._set_merged(None)  # its file was replaced: the next request reloads it
         while self._suspects and self._suspects[0] not in self._running:
             self._suspects.popleft()
         if not self._suspects:
@@ -346,10 +354,10 @@ class LLMEngine:
     def _ready(self, job: Job) -> bool:
         """Whether `job` can be admitted now. A plain variant that is not laid out is
         asked of the loader instead, until the request has waited `load_wait_s`."""
-        v = job.variant
-        if v is None or job.cancelled.is_set() or v in self.engine.layouts:
+        v, target = job.variant, job.target
+        if v is None or target is None or job.cancelled.is_set() or v in self.engine.layouts:
             return True
-        if v in self._on_loop or not self.engine.is_plain(v):  # compositions: merged here
+        if v in self._on_loop or target.composed:  # compositions: merged here
             return True
         now = time.perf_counter()
         self._waited.setdefault(id(job), now)
@@ -403,8 +411,9 @@ class LLMEngine:
         acquired, slot = False, None
         try:
             if job.variant is not None:
+                assert job.target is not None  # a Job's target names its variant
                 laid_out = job.variant in self.engine.layouts
-                self._acquire(job.variant)
+                self._acquire(job.target)
                 acquired = True
                 self._on_loop.discard(job.variant)
                 if laid_out:
@@ -437,10 +446,13 @@ class LLMEngine:
             self._running.append(seq)
         return True
 
-    def _acquire(self, variant: str) -> None:
-        """Hold `variant`'s layout; if only the merged variant's hold is in the way,
-        unmerge it first. A merged variant whose file changed on disk is unmerged
-        first too, so the new request gets the new file (when no other holds it)."""
+    def _acquire(self, target: Target) -> None:
+        """Hold the target's layout; if only the merged variant's hold is in the way,
+        unmerge it first. A merged variant whose file changed on disk (as the request's
+        file versions tell) is unmerged first too, so the new request gets the new file
+        (when no other holds it)."""
+        variant = target.key
+        self.engine.observe(target)
         if variant == self._held and self.engine.stale(variant):
             self._set_merged(None)
         try:

@@ -33,7 +33,7 @@ from server.deps import AdminDep, ReadyDep, StateDep
 from server.engine.cache import ByteLRU, CacheFull, EntryInfo
 from server.engine.core import Engine, InUse, WeightsUnavailable
 from server.errors import APIError
-from server.routes.openai import check_members, store_names
+from server.routes.resolve import check_members, store_names
 from server.schemas import CacheInfo, CompositionRequest, DeltaInfo, Fidelity, TierInfo
 from server.state import AppState
 
@@ -215,8 +215,8 @@ async def commit_upload(
                 await run_in_threadpool(state.store.commit, name, upload, replace)
             except FileExistsError as e:
                 raise APIError(409, str(e), "exists") from e
-            if exists:  # the old weights are not served again once released
-                await _on_worker(ready, lambda e: e.revalidate(name))
+            if exists:  # the old weights (and merges of them) are not served again once released
+                await _on_worker(ready, lambda e: e.invalidate(name))
         finally:
             state.replacing.discard(name)
     return await _info_async(state, name)
@@ -345,6 +345,8 @@ async def add_composition(
             await run_in_threadpool(state.compositions.register, comp, replace)
         except FileExistsError as e:
             raise APIError(409, str(e), "exists") from e
+        if replace:  # a merge of the old recipe is not served again once released
+            await _on_worker(ready, lambda e: e.invalidate(req.name))
         return {"name": req.name, **comp.describe()}
 
 

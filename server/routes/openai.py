@@ -10,7 +10,6 @@ response, or a stream of chunks).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 import uuid
@@ -22,12 +21,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from deltastore.store import NameError_, check_name
-from server.compose import Composition, CompositionError
+from deltastore.store import NameError_
+from server.compose import CompositionError
 from server.deps import KeyDep, ReadyDep, StateDep
-from server.engine.job import Job, JobError, SamplingParams, TokenLogprob
+from server.engine.job import Job, JobError, SamplingParams, Target, TokenLogprob
 from server.engine.llm_engine import QueueFull
 from server.errors import APIError, body
+from server.routes.resolve import base_fingerprint, door, resolve, resolve_model
 from server.schemas import (
     MAX_PROMPTS,
     SEED_MAX,
@@ -98,87 +98,6 @@ def _prompt_too_long(state: AppState, engine: Any, n_prompt: int, param: str) ->
         "context_length_exceeded",
         param,
     )
-
-
-def resolve_model(state: AppState, name: str) -> str | None:
-    """The variant a request names (None: the base), a composition's engine name
-    included; 404 when there is none, 400 for a composition that cannot be served."""
-    if name == state.base_name:
-        return None
-    try:
-        comp = state.compositions.resolve(name)
-    except CompositionError as e:
-        raise APIError(e.status, str(e), e.code, "model") from None
-    if comp is not None:
-        check_members(state, name, comp)
-        return comp.key
-    try:
-        check_name(name)
-        known = name not in state.retiring and state.store.exists(name)
-    except NameError_:
-        known = False
-    if not known:
-        raise _not_found(state, name)
-    return name
-
-
-def _not_found(state: AppState, name: str, what: str = "model") -> APIError:
-    names = [state.base_name, *state.store.names(), *state.compositions.names()]
-    shown = ", ".join(names[:20]) + (" …" if len(names) > 20 else "")
-    return APIError(
-        404, f"{what} {name!r} does not exist; available: {shown}", "model_not_found", "model"
-    )
-
-
-def check_members(state: AppState, name: str, comp: Composition) -> None:
-    base = getattr(state.engine, "fingerprint", None)
-    for member, _ in comp.members:
-        if member in state.retiring or not state.store.exists(member):
-            raise _not_found(state, member, f"composition {name!r}: member")
-        try:
-            made_for = state.store.meta(member).base_fingerprint
-        except (KeyError, ValueError):
-            raise _not_found(state, member, f"composition {name!r}: member") from None
-        if base is not None and made_for != base:
-            raise APIError(
-                400,
-                f"composition {name!r}: member {member!r} was made for another base "
-                f"({made_for}, this server's is {base})",
-                "invalid_composition",
-                "model",
-            )
-
-
-def store_names(state: AppState, variant: str) -> list[str]:
-    """The delta files a variant is read from: itself, or a composition's members."""
-    try:
-        comp = state.compositions.resolve(variant)
-    except CompositionError:
-        comp = None
-    return [variant] if comp is None else [m for m, _ in comp.members]
-
-
-async def _door(state: AppState, variant: str | None, model: str, request: Request) -> None:
-    """Right before a request is queued: it waits while its variant (a composition's
-    members) is being replaced, and gets 404 if it was deleted since it was resolved."""
-    if variant is None:
-        return
-    names = store_names(state, variant)
-    if any(n in state.replacing for n in names):
-        if state.at_door >= state.settings.queue_limit:  # they count as queued
-            raise APIError(429, f"server busy: {variant!r} is being replaced", "queue_full")
-        state.at_door += 1
-        try:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 600
-            while any(n in state.replacing for n in names) and loop.time() < deadline:
-                if await request.is_disconnected():
-                    raise APIError(499, "client disconnected", "cancelled")
-                await asyncio.sleep(0.02)
-        finally:
-            state.at_door -= 1
-    if any(n in state.retiring or not state.store.exists(n) for n in names):
-        resolve_model(state, model)  # raises the 404, with the names available
 
 
 def _check_options(req: _Sampling) -> None:
@@ -285,24 +204,6 @@ def _choice_seed(seed: int | None, j: int) -> int | None:
     if seed is None:
         return None
     return (seed + j - SEED_MIN) % (SEED_MAX - SEED_MIN + 1) + SEED_MIN
-
-
-async def fingerprint(state: AppState, variant: str | None) -> str | None:
-    """`system_fingerprint`: of the base's weights, or of the variant's delta file."""
-    if variant is None:
-        digest = getattr(state.engine, "base_digest", None)
-        return f"fp_{digest[:16]}" if digest else None
-    comp = state.compositions.resolve(variant)
-    try:
-        if comp is None:
-            info = await run_in_threadpool(state.store.info, variant)  # cached per stamp
-            return f"fp_{info.sha256[:16]}"
-        h = hashlib.sha256(json.dumps(comp.describe(), sort_keys=True).encode())
-        for member, _ in comp.members:  # the members' files, in name order
-            h.update((await run_in_threadpool(state.store.info, member)).sha256.encode())
-        return f"fp_{h.hexdigest()[:16]}"
-    except (KeyError, FileNotFoundError):
-        return None
 
 
 # --------------------------------------------------------------------------- routes
@@ -427,7 +328,7 @@ async def completions(
 ) -> CompletionResponse | StreamingResponse:
     engine, _ = ready
     _check_options(req)
-    variant = resolve_model(state, req.model)
+    target = await resolve(state, req.model)
     if req.max_tokens == 0 and not req.echo:
         raise APIError(
             400, "max_tokens 0 needs echo (it scores the prompt)", "max_tokens", "max_tokens"
@@ -439,7 +340,7 @@ async def completions(
         budget = _max_tokens(state, engine, len(ids), req.max_tokens, COMPLETION_DEFAULT)
         plans.append((ids, _params(state, engine, req, budget, lp, lp if req.echo else None)))
     render = _Render(False, req.echo, lp, tuple(texts))
-    return await _serve(state, ready, request, req, variant, plans, render)
+    return await _serve(state, ready, request, req, target, plans, render)
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -448,7 +349,7 @@ async def chat_completions(
 ) -> ChatCompletionResponse | StreamingResponse:
     engine, _ = ready
     _check_options(req)
-    variant = resolve_model(state, req.model)
+    target = await resolve(state, req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs", "top_logprobs")
     wanted = req.max_completion_tokens or req.max_tokens
@@ -461,7 +362,7 @@ async def chat_completions(
     )
     lp = (req.top_logprobs or 0) if req.logprobs else None
     plans = [(ids, _params(state, engine, req, budget, lp, None))]
-    return await _serve(state, ready, request, req, variant, plans, _Render(True, False, lp))
+    return await _serve(state, ready, request, req, target, plans, _Render(True, False, lp))
 
 
 @router.post("/tokenize")
@@ -530,7 +431,7 @@ class _Pending:
     queue their events arrive on, tagged with the choice index (from the worker)."""
 
     def __init__(
-        self, variant: str | None, plans: list[tuple[list[int], SamplingParams]], n: int, rid: str
+        self, target: Target | None, plans: list[tuple[list[int], SamplingParams]], n: int, rid: str
     ) -> None:
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
@@ -538,9 +439,9 @@ class _Pending:
         for ids, params in plans:
             for j in range(n):
                 seeded = replace(params, seed=_choice_seed(params.seed, j))
-                self.jobs.append(
-                    Job(variant, ids, seeded, self._emitter(loop, len(self.jobs)), rid)
-                )
+                emit = self._emitter(loop, len(self.jobs))
+                key = target.key if target is not None else None
+                self.jobs.append(Job(key, ids, seeded, emit, rid, target=target))
 
     def _emitter(self, loop: asyncio.AbstractEventLoop, index: int) -> Any:
         def emit(kind: str, payload: Any) -> None:
@@ -574,7 +475,7 @@ async def _serve(
     ready: Any,
     request: Request,
     req: _Sampling,
-    variant: str | None,
+    target: Target | None,
     plans: list[tuple[list[int], SamplingParams]],
     render: _Render,
 ) -> Any:
@@ -588,10 +489,10 @@ async def _serve(
             "too_many_choices",
             "n",
         )
-    pending = _Pending(variant, plans, req.n, getattr(request.state, "request_id", ""))
-    fp = await fingerprint(state, variant)
+    target = await door(state, target, req.model, request)
+    pending = _Pending(target, plans, req.n, getattr(request.state, "request_id", ""))
+    fp = target.fingerprint if target is not None else base_fingerprint(state)
     texts = _Texts(state)
-    await _door(state, variant, req.model, request)
     try:  # no await between the door and the queue: admin actions see this request
         for job in pending.jobs:
             scheduler.submit(job)
