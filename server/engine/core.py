@@ -62,6 +62,7 @@ from deltastore.sources import ModelSource, fingerprint
 from deltastore.store import DeltaStore
 from server.config import Settings
 from server.engine.cache import ByteLRU, CacheFull
+from server.engine.detokenizer import TokenTexts, settle
 from server.engine.job import Target, Versions
 
 log = logging.getLogger(__name__)
@@ -128,13 +129,17 @@ def digest(weights: FlatWeights) -> str:
 
 
 class Engine:
-    def __init__(self, source: ModelSource, store: DeltaStore, settings: Settings) -> None:
+    def __init__(
+        self, source: ModelSource, store: DeltaStore, settings: Settings, tokenizer: Any = None
+    ) -> None:
         self.source = source
         self.store = store
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.fingerprint = fingerprint(source)
-        self.tokenizer: Any = source.load_tokenizer()
+        # the server's one tokenizer (the HTTP side encodes with it too)
+        self.tokenizer: Any = settle(tokenizer or source.load_tokenizer())
+        self.texts = TokenTexts(self.tokenizer)  # single tokens' texts, for logprobs
         self.model: Any = source.load_model(self.dtype).to(self.device).eval()
         self.weights = FlatWeights.from_module(self.model, self.fingerprint)
         self.params = dict(self.model.named_parameters())  # tied weights appear once

@@ -69,13 +69,29 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """A token's own text and bytes (as logprobs show it)."""
+
+    text: str
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class TokenLogprob:
     """A token's log-probability under the model's raw logits, with the `top` most
-    likely tokens at its position (id, logprob), best first."""
+    likely tokens at its position (id, logprob), best first. `pieces`: the texts of
+    the token, then of each alternative (the worker's detokenizer labels the entries
+    it hands over)."""
 
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    pieces: tuple[Piece, ...] = ()
+
+    def texts(self) -> dict[int, Piece]:
+        """Token id -> its piece, for the token and its alternatives (empty: unlabelled)."""
+        ids = (self.token, *(t for t, _ in self.top))
+        return dict(zip(ids, self.pieces, strict=True)) if self.pieces else {}
 
 
 @dataclass(frozen=True)

@@ -423,7 +423,7 @@ class LLMEngine:
                 if waited is not None:
                     self.metrics.layout_wait_seconds.observe(now - waited)
             slot = self.kv.allocate()
-            seq = Sequence(job, slot, self.engine.tokenizer, self.eos)
+            seq = Sequence(job, slot, self.engine.tokenizer, self.eos, self.engine.texts)
         except Exception as e:  # this request alone waits or fails, never its neighbours
             if slot is not None:
                 self.kv.release(slot)

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from deltastore.store import NameError_
 from server.compose import CompositionError
 from server.deps import KeyDep, ReadyDep, StateDep
-from server.engine.job import Job, JobError, SamplingParams, Target, TokenLogprob
+from server.engine.job import Job, JobError, Piece, SamplingParams, Target, TokenLogprob
 from server.engine.llm_engine import QueueFull
 from server.errors import APIError, body
 from server.routes.resolve import base_fingerprint, door, resolve, resolve_model
@@ -564,7 +564,8 @@ def _entries(job: Job, echo: bool, generated: bool = True) -> list[tuple[int, To
 
 
 class _Texts:
-    """Token ids -> text for rendering logprobs (the HTTP side's tokenizer, cached)."""
+    """Texts of a request's tokens: an echoed prompt's, and the logprobs' (labelled on
+    the worker)."""
 
     def __init__(self, state: AppState) -> None:
         self.state = state
@@ -577,14 +578,29 @@ class _Texts:
         ids = job.prompt_ids
         return await self.state.tokenize(lambda tok: tok.decode(ids, skip_special_tokens=True))
 
+    async def pieces(self, entries: list[tuple[int, TokenLogprob | None]]) -> dict[int, Piece]:
+        """The texts of the tokens and alternatives of `entries`: as the worker labelled
+        them, the rest (an echoed prompt's first token) from the same cache."""
+        out: dict[int, Piece] = {}
+        for _, e in entries:
+            if e is not None:
+                out.update(e.texts())
+        missing = list(
+            dict.fromkeys(
+                t
+                for token, e in entries
+                for t in (token, *(a for a, _ in (e.top if e else ())))
+                if t not in out
+            )
+        )
+        if missing:
+            out.update(zip(missing, await self.state.token_pieces(missing), strict=True))
+        return out
+
     async def completion(
         self, entries: list[tuple[int, TokenLogprob | None]], offset: int
     ) -> CompletionLogprobs:
-        ids = {t for t, _ in entries}
-        for _, e in entries:
-            if e is not None:
-                ids.update(t for t, _ in e.top)
-        strs = dict(zip(ids, await self.state.token_texts(list(ids)), strict=True))
+        strs = {t: p.text for t, p in (await self.pieces(entries)).items()}
         out = CompletionLogprobs()
         for token, e in entries:
             out.tokens.append(strs[token])
@@ -602,12 +618,11 @@ class _Texts:
         return out
 
     async def chat(self, entries: list[TokenLogprob]) -> list[ChatTokenLogprob]:
-        ids = list({e.token for e in entries} | {t for e in entries for t, _ in e.top})
-        strs = dict(zip(ids, await self.state.token_texts(ids), strict=True))
-        raw = dict(zip(ids, await self.state.token_bytes(ids), strict=True))
+        pieces = await self.pieces([(e.token, e) for e in entries])
 
         def one(token: int, logprob: float) -> TopLogprob:
-            return TopLogprob(token=strs[token], logprob=logprob, bytes=raw[token])
+            p = pieces[token]
+            return TopLogprob(token=p.text, logprob=logprob, bytes=list(p.bytes))
 
         out = []
         for e in entries:
