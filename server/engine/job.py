@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from deltastore.merge import MergeMethod
@@ -94,6 +95,25 @@ class TokenLogprob:
         return dict(zip(ids, self.pieces, strict=True)) if self.pieces else {}
 
 
+class Event(StrEnum):
+    """What a job emits (see `Job`)."""
+
+    TEXT = "text"  # payload: the text added
+    LOGPROBS = "logprobs"  # payload: how many logprob entries the next text carries
+    DONE = "done"  # payload: the Job
+    ERROR = "error"  # payload: a JobError
+
+
+class Finish(StrEnum):
+    """Why a choice ended (`finish_reason`; CANCELLED and ERROR are never rendered as
+    one: the request is answered 499 or with its error)."""
+
+    STOP = "stop"  # an end token, a stop token or a stop string
+    LENGTH = "length"  # max_tokens
+    CANCELLED = "cancelled"  # the client went away, or the server stopped
+    ERROR = "error"
+
+
 @dataclass(frozen=True)
 class JobError:
     """Why a request failed, in words safe to show its client (never exception text:
@@ -119,15 +139,15 @@ UNAVAILABLE = JobError(
 @dataclass(eq=False)
 class Job:
     """One choice of one request, as the worker sees it. `emit` is thread-safe (it
-    hands events to the request's event loop): ("text", str) while generating, each
-    preceded by ("logprobs", n) when logprobs are asked for (the text carries the
-    entries up to n), then ("done", Job), or ("error", JobError). `logprobs` grows
+    hands events to the request's event loop): (TEXT, str) while generating, each
+    preceded by (LOGPROBS, n) when logprobs are asked for (the text carries the
+    entries up to n), then (DONE, Job), or (ERROR, JobError). `logprobs` grows
     with the generated tokens; `prompt_logprobs` is complete before the first text."""
 
     variant: str | None  # the target's key; None: the base
     prompt_ids: list[int]
     params: SamplingParams
-    emit: Callable[[str, Any], None]
+    emit: Callable[[Event, Any], None]
     request_id: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
@@ -136,7 +156,7 @@ class Job:
     finished: float | None = None
     text: str = ""
     completion_tokens: int = 0
-    finish_reason: str | None = None
+    finish_reason: Finish | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     target: Target | None = None  # resolved by the HTTP side; else a delta file named `variant`

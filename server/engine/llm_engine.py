@@ -40,6 +40,8 @@ from server.engine.job import (
     INTERNAL,
     NO_ROOM,
     UNAVAILABLE,
+    Event,
+    Finish,
     Job,
     JobError,
     Target,
@@ -159,8 +161,8 @@ class LLMEngine:
         with self._cond:
             self._stop = True
             for job in self._waiting:
-                job.finish_reason = "cancelled"
-                job.emit("done", job)
+                job.finish_reason = Finish.CANCELLED
+                job.emit(Event.DONE, job)
             self._waiting.clear()
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -227,7 +229,7 @@ class LLMEngine:
             except Exception:
                 self._step_failed()
         for seq in list(self._running):
-            self._finish(seq, "cancelled")
+            self._finish(seq, Finish.CANCELLED)
 
     def _step_failed(self) -> None:
         """A failed step ends the request that caused it, never its neighbours: a step
@@ -239,14 +241,14 @@ class LLMEngine:
         log.exception("step failed (requests %s)", ids)
         if self._suspects:
             seq = self._suspects.popleft()
-            self._finish(seq, "error", INTERNAL)
+            self._finish(seq, Finish.ERROR, INTERNAL)
         elif len(self._in_step) == 1:
-            self._finish(self._in_step[0], "error", INTERNAL)
+            self._finish(self._in_step[0], Finish.ERROR, INTERNAL)
         elif self._in_step:
             self._suspects = deque(self._in_step)
         else:
             for seq in list(self._running):
-                self._finish(seq, "error", INTERNAL)
+                self._finish(seq, Finish.ERROR, INTERNAL)
         self._in_step = []
         self._sync_held()
         if self.engine.active is not None:  # a clean, verified base for the retries
@@ -271,18 +273,18 @@ class LLMEngine:
 
     def _fail_all(self, error: JobError) -> None:
         for seq in list(self._running):
-            self._finish(seq, "error", error)
+            self._finish(seq, Finish.ERROR, error)
         with self._cond:
             waiting = list(self._waiting)
             self._waiting.clear()
         for job in waiting:
-            job.finish_reason = "error"
-            job.emit("error", error)
+            job.finish_reason = Finish.ERROR
+            job.emit(Event.ERROR, error)
 
     def _step(self) -> None:
         self._adopt_loads()
         for seq in [s for s in self._running if s.job.cancelled.is_set()]:
-            self._finish(seq, "cancelled")
+            self._finish(seq, Finish.CANCELLED)
         self._in_step = []
         self.engine.check()  # the resident weights agree with what the engine says
         self._sync_held()  # (a repair puts the base back)
@@ -318,7 +320,7 @@ class LLMEngine:
         if self._suspects:
             self._suspects.popleft()  # it ran alone without failing: not the culprit
         for seq in [s for s in self._running if s.done]:
-            self._finish(seq, seq.job.finish_reason or "stop")
+            self._finish(seq, seq.job.finish_reason or Finish.STOP)
 
     def _run(self, batch: Batch) -> Any:
         """The step on the device: forward, sampling, and the one copy back (its tokens
@@ -402,8 +404,8 @@ class LLMEngine:
         never slips in between)."""
         waited = self._waited.pop(id(job), None)
         if job.cancelled.is_set():
-            job.finish_reason = "cancelled"
-            job.emit("done", job)
+            job.finish_reason = Finish.CANCELLED
+            job.emit(Event.DONE, job)
             return True
         now = time.perf_counter()
         job.started = now
@@ -435,12 +437,12 @@ class LLMEngine:
                 return False  # every laid-out variant is in use: it waits for one
             if isinstance(e, CacheFull):
                 log.warning("request %s: %s", job.request_id, e)
-                job.finish_reason = "error"
-                job.emit("error", NO_ROOM)
+                job.finish_reason = Finish.ERROR
+                job.emit(Event.ERROR, NO_ROOM)
                 return True
             log.exception("admitting request %s for %r failed", job.request_id, job.variant)
-            job.finish_reason = "error"
-            job.emit("error", INTERNAL)
+            job.finish_reason = Finish.ERROR
+            job.emit(Event.ERROR, INTERNAL)
             return True
         with self._cond:
             self._running.append(seq)
@@ -502,21 +504,21 @@ class LLMEngine:
             seq.add_prompt_logprobs(entries)
         except Exception:
             log.exception("request %s failed while scoring its prompt", seq.job.request_id)
-            self._finish(seq, "error", INTERNAL)
+            self._finish(seq, Finish.ERROR, INTERNAL)
 
     def _take(self, seq: Sequence, token: int, entry: TokenLogprob | None) -> None:
         if seq.done:  # ended while scoring its prompt
             return
         if seq.job.cancelled.is_set():
-            seq.finish("cancelled")
+            seq.finish(Finish.CANCELLED)
             return
         try:  # a row that fails ends alone, never its neighbours
             seq.add(token, entry)
         except Exception:
             log.exception("request %s failed while sampling", seq.job.request_id)
-            self._finish(seq, "error", INTERNAL)
+            self._finish(seq, Finish.ERROR, INTERNAL)
 
-    def _finish(self, seq: Sequence, reason: str, error: JobError | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: Finish, error: JobError | None = None) -> None:
         seq.finish(reason)
         if seq in self._running:
             with self._cond:
@@ -527,9 +529,9 @@ class LLMEngine:
         job = seq.job
         job.finished = time.perf_counter()
         if error is not None:
-            job.emit("error", error)
+            job.emit(Event.ERROR, error)
         else:
-            job.emit("done", job)
+            job.emit(Event.DONE, job)
 
     def _observe(self, batch: Batch, merged: str | None) -> None:
         m = self.metrics

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from server.engine.detokenizer import TokenTexts
-from server.engine.job import Job, TokenLogprob
+from server.engine.job import Event, Finish, Job, TokenLogprob
 from server.engine.sampling import ChoiceSampling
 
 
@@ -82,7 +82,7 @@ class Sequence:
     def prompt_done(self) -> None:
         """The prompt is in the KV cache: with max_tokens 0 the choice ends here."""
         if not self.samples and not self.prefilling:
-            self.finish("length")
+            self.finish(Finish.LENGTH)
 
     def add(self, token: int, entry: Any = None) -> None:
         """Take one generated token: detokenize, check stops and limits, emit text."""
@@ -90,7 +90,7 @@ class Sequence:
         if job.first_token is None:
             job.first_token = time.perf_counter()
         if (token in self.eos and not job.params.ignore_eos) or token in self.stop_ids:
-            job.finish_reason = "stop"
+            job.finish_reason = Finish.STOP
             if entry is not None:  # as vLLM: the end token is scored, not in the text
                 job.logprobs.append(self.texts.label(entry))
             job.text += self.detokenizer.add(None, final=True)
@@ -109,9 +109,9 @@ class Sequence:
                 )
             self._searched = len(text)
             if cut >= 0:
-                text, job.finish_reason = text[:cut], "stop"
+                text, job.finish_reason = text[:cut], Finish.STOP
             elif len(self.ids) >= job.params.max_tokens:
-                job.finish_reason = "length"
+                job.finish_reason = Finish.LENGTH
             job.text = text
         self.flush()
 
@@ -125,11 +125,11 @@ class Sequence:
         end = len(text) if self.done else len(text) - self.holdback
         if end > self.sent:
             if self.job.params.logprobs is not None:  # the entries this text carries
-                self.job.emit("logprobs", len(self.job.logprobs))
-            self.job.emit("text", text[self.sent : end])
+                self.job.emit(Event.LOGPROBS, len(self.job.logprobs))
+            self.job.emit(Event.TEXT, text[self.sent : end])
             self.sent = end
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: Finish) -> None:
         if self.job.finish_reason is None:
             self.job.finish_reason = reason
         self.flush()
