@@ -58,7 +58,7 @@ from deltastore.calib import (
     measure,
     score_continuations,
 )
-from deltastore.compress import Calibration, CompressOptions, _prune
+from deltastore.compress import Calibration, CompressOptions, prune_deltas
 from deltastore.embedded import ensure_embedded_base
 from deltastore.methods import Method
 from deltastore.qsearch import LOG_STEP, ScaledDeltaModel
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> None:
         for method in args.methods:
             for rate in args.rates:
                 opts = CompressOptions(METHODS[method], rate, q=1.0, calib=calib, progress=False)
-                pruned = _prune(ft, opts, Calibration(stats=stats))
+                pruned = prune_deltas(ft, opts, Calibration(stats=stats))
                 trial = ScaledDeltaModel(model, pruned.tensors, pruned.fixed)
                 sparse = [t.name for t in pruned.tensors if not t.dense]
                 for q in tqdm(grid(opts.q_min), desc=f"{ft_name} {method} {rate}"):

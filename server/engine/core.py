@@ -225,7 +225,7 @@ class Engine:
         self._count_use(name)
         tensors = self.materialized.get(name)
         if tensors is None:
-            bound = self._bound(name)
+            bound = self.bound(name)
             tensors = self._materialize(name, bound, force)
             if tensors is None:
                 self._dirty = True
@@ -353,7 +353,8 @@ class Engine:
                 log.info("host tier full: %s stays uncached", name)
         return delta
 
-    def _bound(self, name: str) -> BoundDelta:
+    def bound(self, name: str) -> BoundDelta:
+        """`name`'s delta bound to the resident weights (the device tier)."""
         bound = self.device_tier.get(name)
         if bound is None:
             bound = bind(self._delta(name), self.weights)
@@ -404,7 +405,7 @@ class Engine:
         if depth != (1 if self.mode is Mode.INPLACE else 0):
             return f"{depth} deltas applied in mode {self.mode.value}"
         if self.mode is Mode.INPLACE and (
-            self._undo is None or self.weights._applied[-1] != self._undo.token
+            self._undo is None or self.weights.innermost != self._undo.token
         ):
             return "the applied delta is not the active variant's"
         own: dict[str, int] = {}
@@ -430,7 +431,7 @@ class Engine:
                 revert_delta_(self.weights, self._undo)
             except Exception:
                 log.exception("reverting %s failed", self.active)
-        self.weights._applied.clear()
+        self.weights.forget_applied()
         self.active, self.mode, self._undo, self._dirty = None, Mode.BASE, None, False
         try:
             if not verify or digest(self.weights) == self.base_digest:

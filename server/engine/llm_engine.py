@@ -222,7 +222,7 @@ class LLMEngine:
                 if controls and self._held is not None:
                     self._set_merged(None)  # admin actions see the base, nothing held
                 run_controls(controls, self.engine)
-                self._step()
+                self.step()
             except WeightsUnavailable:
                 log.exception("the resident weights cannot be restored: refusing to serve")
                 self._fail_all(UNAVAILABLE)
@@ -281,7 +281,9 @@ class LLMEngine:
             job.finish_reason = Finish.ERROR
             job.emit(Event.ERROR, error)
 
-    def _step(self) -> None:
+    def step(self) -> None:
+        """One step: admit, plan, pack, forward, sample, stream (the loop runs it; a
+        benchmark or a test on the thread that loaded the model may run it by hand)."""
         self._adopt_loads()
         for seq in [s for s in self._running if s.job.cancelled.is_set()]:
             self._finish(seq, Finish.CANCELLED)

@@ -26,7 +26,7 @@ from deltastore.apply import BaseMismatchError
 from deltastore.format import DeltaFormatError
 from deltastore.merge import MergeMethod
 from deltastore.sources import SourceError, open_model
-from deltastore.store import NameError_, check_name
+from deltastore.store import InvalidName, check_name
 from server.adapters import Forbidden, NotFound, confine, make_upload
 from server.compose import CompositionError
 from server.deps import AdminDep, ReadyDep, StateDep
@@ -44,7 +44,7 @@ DRAIN_TIMEOUT_S = 600.0
 def _name(state: AppState, name: str, must_exist: bool = True) -> str:
     try:
         check_name(name)
-    except NameError_ as e:
+    except InvalidName as e:
         raise APIError(400, str(e), "invalid_name", "name") from e
     if must_exist and (name in state.retiring or not state.store.exists(name)):
         raise APIError(404, f"no delta named {name!r}", "not_found")
@@ -338,7 +338,7 @@ async def add_composition(
             comp = state.compositions.build(
                 req.name, req.members, req.weights, MergeMethod(req.method), req.density, req.seed
             )
-        except (CompositionError, NameError_) as e:
+        except (CompositionError, InvalidName) as e:
             raise APIError(400, str(e), "invalid_composition") from e
         check_members(state, req.name, comp)
         try:

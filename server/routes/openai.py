@@ -37,9 +37,9 @@ from server.schemas import (
     Fidelity,
     ModelCard,
     ModelList,
+    SamplingFields,
     TokenizeRequest,
     TokenizeResponse,
-    _Sampling,
 )
 from server.state import AppState
 
@@ -179,7 +179,7 @@ async def _serve(
     state: AppState,
     ready: Any,
     request: Request,
-    req: _Sampling,
+    req: SamplingFields,
     target: Target | None,
     plans: list[tuple[list[int], SamplingParams]],
     how: render.Render,

@@ -10,7 +10,7 @@ from typing import Any
 
 from server.engine.job import SamplingParams
 from server.errors import APIError
-from server.schemas import MAX_PROMPTS, SEED_MAX, SEED_MIN, ChatMessage, _Sampling
+from server.schemas import MAX_PROMPTS, SEED_MAX, SEED_MIN, ChatMessage, SamplingFields
 from server.state import AppState
 
 COMPLETION_DEFAULT = 16  # OpenAI's default for /v1/completions
@@ -52,7 +52,7 @@ def prompt_too_long(state: AppState, engine: Any, n_prompt: int, param: str) -> 
     )
 
 
-def check_options(req: _Sampling) -> None:
+def check_options(req: SamplingFields) -> None:
     bad = req.unsupported()
     if bad:
         raise APIError(
@@ -117,7 +117,7 @@ def max_tokens(
 def params(
     state: AppState,
     engine: Any,
-    req: _Sampling,
+    req: SamplingFields,
     max_tokens: int,
     logprobs: int | None,
     prompt_logprobs: int | None,

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from fastapi import Request
 
-from deltastore.store import NameError_
+from deltastore.store import InvalidName
 from server.compose import CompositionError
 from server.engine.job import (
     Event,
@@ -40,10 +40,10 @@ from server.schemas import (
     CompletionLogprobs,
     CompletionResponse,
     ModelCard,
+    SamplingFields,
     StreamChunk,
     TopLogprob,
     Usage,
-    _Sampling,
 )
 from server.state import AppState
 
@@ -67,7 +67,7 @@ def card(state: AppState, name: str, engine: Any | None) -> ModelCard | None:
             created = int(state.compositions.path(name).stat().st_mtime)
         else:  # an expression: made on demand
             created = int(state.started)
-    except (FileNotFoundError, NameError_):
+    except (FileNotFoundError, InvalidName):
         return None
     return ModelCard(
         id=name,
@@ -134,7 +134,7 @@ def usage(jobs: list[Job], n: int) -> Usage:
 
 
 async def respond(
-    state: AppState, jobs: list[Job], head: Head, req: _Sampling, how: Render, texts: Texts
+    state: AppState, jobs: list[Job], head: Head, req: SamplingFields, how: Render, texts: Texts
 ) -> ChatCompletionResponse | CompletionResponse:
     """The whole response of finished choices (499 if the client went away)."""
     for job in jobs:
@@ -324,7 +324,7 @@ async def stream(
     state: AppState,
     pending: Pending,
     head: Head,
-    req: _Sampling,
+    req: SamplingFields,
     render: Render,
     texts: Texts,
 ) -> AsyncIterator[str]:

@@ -21,7 +21,7 @@ import json
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from deltastore.store import NameError_, check_name
+from deltastore.store import InvalidName, check_name
 from server.compose import Composition, CompositionError
 from server.engine.job import Target
 from server.errors import APIError
@@ -82,7 +82,7 @@ def known(state: AppState, name: str) -> bool:
     try:
         check_name(name)
         return name not in state.retiring and state.store.exists(name)
-    except NameError_:
+    except InvalidName:
         return False
 
 
@@ -90,7 +90,7 @@ def stamp_of(state: AppState, name: str) -> tuple[int, int, int] | None:
     """The stamp of a delta of the store that is not being deleted (None: no such)."""
     try:
         return None if name in state.retiring else state.store.stamp(name)
-    except NameError_:
+    except InvalidName:
         return None
 
 
