@@ -154,14 +154,7 @@ async def respond(
                     index=i, message=message, finish_reason=job.finish_reason, logprobs=chat_lp
                 )
             )
-        return ChatCompletionResponse(
-            id=head.id,
-            created=head.created,
-            model=head.model,
-            system_fingerprint=head.fingerprint,
-            usage=total,
-            choices=chat_choices,
-        )
+        return ChatCompletionResponse(**head.fields(), usage=total, choices=chat_choices)
     choices = []
     for i, job in enumerate(jobs):
         text, lp = job.text, None
@@ -172,14 +165,7 @@ async def respond(
         choices.append(
             CompletionChoice(index=i, text=text, finish_reason=job.finish_reason, logprobs=lp)
         )
-    return CompletionResponse(
-        id=head.id,
-        created=head.created,
-        model=head.model,
-        system_fingerprint=head.fingerprint,
-        usage=total,
-        choices=choices,
-    )
+    return CompletionResponse(**head.fields(), usage=total, choices=choices)
 
 
 def entries(job: Job, echo: bool, generated: bool = True) -> list[tuple[int, TokenLogprob | None]]:
@@ -295,7 +281,7 @@ async def wait(pending: Pending, request: Request) -> list[Job]:
 
 @dataclass(frozen=True)
 class Head:
-    """What every chunk of a stream repeats."""
+    """What a response and every chunk of a stream repeat."""
 
     id: str
     created: int
@@ -303,21 +289,21 @@ class Head:
     fingerprint: str | None
     chat: bool
 
+    def fields(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+        }
+
     def chunk(
         self, choices: list[CompletionChoice | ChatStreamChoice], usage: Usage | None = None
     ) -> str:
         obj: Literal["chat.completion.chunk", "text_completion"] = (
             "chat.completion.chunk" if self.chat else "text_completion"
         )
-        return StreamChunk(
-            id=self.id,
-            object=obj,
-            created=self.created,
-            model=self.model,
-            system_fingerprint=self.fingerprint,
-            choices=choices,
-            usage=usage,
-        ).sse()
+        return StreamChunk(**self.fields(), object=obj, choices=choices, usage=usage).sse()
 
 
 async def stream(
