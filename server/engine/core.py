@@ -129,16 +129,14 @@ def digest(weights: FlatWeights) -> str:
 
 
 class Engine:
-    def __init__(
-        self, source: ModelSource, store: DeltaStore, settings: Settings, tokenizer: Any = None
-    ) -> None:
+    def __init__(self, source: ModelSource, store: DeltaStore, settings: Settings) -> None:
         self.source = source
         self.store = store
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.fingerprint = fingerprint(source)
         # the server's one tokenizer (the HTTP side encodes with it too)
-        self.tokenizer: Any = settle(tokenizer or source.load_tokenizer())
+        self.tokenizer: Any = settle(source.load_tokenizer())
         self.texts = TokenTexts(self.tokenizer)  # single tokens' texts, for logprobs
         self.model: Any = source.load_model(self.dtype).to(self.device).eval()
         self.weights = FlatWeights.from_module(self.model, self.fingerprint)
