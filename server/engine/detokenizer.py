@@ -39,10 +39,10 @@ def settle(tokenizer: Any) -> Any:
 
 
 def special_ids(tokenizer: Any) -> frozenset[int]:
-    """The ids `decode(..., skip_special_tokens=True)` leaves out."""
+    """The ids `decode(..., skip_special_tokens=True)` leaves out: the added tokens
+    marked special (what the Rust tokenizer skips)."""
     added = getattr(tokenizer, "added_tokens_decoder", {})
-    ids = {i for i, t in added.items() if getattr(t, "special", False)}
-    return frozenset(ids | set(getattr(tokenizer, "all_special_ids", ())))
+    return frozenset(i for i, t in added.items() if getattr(t, "special", False))
 
 
 class Detokenizer:
