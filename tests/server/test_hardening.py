@@ -273,13 +273,14 @@ def test_tokenizing_beside_generation_is_safe_and_logprob_bytes_add_up(live):
         "temperature": 1.0,
     }
 
+    special = set(live.state.tokenizer.all_special_tokens)  # scored, never in the text
+
     def chat(seed: int) -> tuple[str, bytes]:
         r = live.client.post("/v1/chat/completions", json={**body, "seed": seed})
         assert r.status_code == 200, r.text
         choice = r.json()["choices"][0]
-        raw = b"".join(
-            bytes(e["bytes"]) for e in choice["logprobs"]["content"] if e["token"] != "<eos>"
-        )
+        content = choice["logprobs"]["content"]
+        raw = b"".join(bytes(e["bytes"]) for e in content if e["token"] not in special)
         return choice["message"]["content"], raw
 
     def tokenize(_: int) -> list[int]:
