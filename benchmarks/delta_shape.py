@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.fidelity import FINETUNES, _csv, default_work, work_arg
+from benchmarks.fidelity.catalog import FINETUNES, csv_arg, default_work, work_arg
 from deltastore.embedded import ensure_embedded_base
 from deltastore.recommend import delta_stats, recommend
 from deltastore.sources import open_finetune, open_model
@@ -22,7 +22,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--finetunes", type=_csv(str, FINETUNES), default=list(FINETUNES))
+    ap.add_argument("--finetunes", type=csv_arg(str, FINETUNES), default=list(FINETUNES))
     work_arg(ap)
     args = ap.parse_args()
     work = args.work or default_work()

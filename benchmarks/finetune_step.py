@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from deltastore.embedded import ensure_embedded_base
-from deltastore.finetune import FinetuneConfig, _answer_loss, _batch, encode_all
+from deltastore.finetune import FinetuneConfig, answer_loss, encode_all, pad_batch
 from deltastore.sources import open_model
 from deltastore.tasks import splits
 
@@ -50,7 +50,7 @@ def step_times(source, batches, answer_only: bool, bf16: bool, freeze: bool) -> 
     for batch in batches:
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = _answer_loss(model, batch) if answer_only else model(**batch).loss
+            loss = answer_loss(model, batch) if answer_only else model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     train = splits(args.task)[0]
     rng = random.Random(0)
     rows = encode_all(tokenizer, train, FinetuneConfig())
-    batches = [_batch(rng.sample(rows, 8), tokenizer.eos_token_id) for _ in range(args.steps + 1)]
+    batches = [
+        pad_batch(rng.sample(rows, 8), tokenizer.eos_token_id) for _ in range(args.steps + 1)
+    ]
     out = {"task": args.task, "threads": torch.get_num_threads(), "machine": platform.machine()}
     first = None
     for name, kw in VARIANTS.items():

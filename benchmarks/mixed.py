@@ -76,7 +76,7 @@ def run_once(engine: Engine, settings: Settings, d: int, rows: int, max_tokens: 
     step_times = []
     while any(j.finish_reason is None for j in jobs):
         t = time.perf_counter()
-        sched._step()
+        sched.step()
         step_times.append(time.perf_counter() - t)
     wall = time.perf_counter() - t0
     sched.loader.stop()

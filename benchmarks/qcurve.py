@@ -4,7 +4,7 @@ over the whole q range.
     python -m benchmarks.qcurve [--finetunes arith-large,...] [--methods darex-q,mix]
                                 [--rates 0.99,0.999] [--report]
 
-For one fine-tune of the fidelity study (benchmarks/fidelity.py, same cache), one
+For one fine-tune of the fidelity study (benchmarks/fidelity/, same cache), one
 mask (one method and rate, seed 0, as `deltaserve compress` draws it) and each q of
 the q search's coarse log grid (1-p, then x sqrt(2) up to 1): apply the pruned delta
 rescaled by 1/q to the resident base, compute every unlabelled objective on the
@@ -35,17 +35,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.fidelity import (
+from benchmarks.fidelity.catalog import (
     FINETUNES,
-    MemoryFinetune,
-    _csv,
-    _load,
-    _save,
-    _task_files,
+    csv_arg,
     default_work,
     make_finetune,
+    task_files,
     work_arg,
 )
+from benchmarks.fidelity.run import MemoryFinetune, load_results, save_results
 from deltastore.calib import (
     Objective,
     Reference,
@@ -58,7 +56,7 @@ from deltastore.calib import (
     measure,
     score_continuations,
 )
-from deltastore.compress import Calibration, CompressOptions, _prune
+from deltastore.compress import Calibration, CompressOptions, prune_deltas
 from deltastore.embedded import ensure_embedded_base
 from deltastore.methods import Method
 from deltastore.qsearch import LOG_STEP, ScaledDeltaModel
@@ -106,10 +104,10 @@ def run(args: argparse.Namespace) -> None:
     base = open_model(base_dir)
     tokenizer = base.load_tokenizer()
     model = base.load_model(torch.float32).eval()
-    results = _load(args.out)
+    results = load_results(args.out)
     for ft_name in args.finetunes:
         task = FINETUNES[ft_name][0]
-        test, calib, val_file = _task_files(task, tokenizer, args.work)
+        test, calib, val_file = task_files(task, tokenizer, args.work)
         test, val = test[: args.n_test], load_examples(val_file, args.n_test)
         ft = MemoryFinetune(open_finetune(base, make_finetune(ft_name, base_dir, args.work)))
         ids = load_calibration(calib, tokenizer, 1024, 128)
@@ -136,12 +134,12 @@ def run(args: argparse.Namespace) -> None:
                 "continuations": _describe(ref, tokenizer),
                 REPLIES: True,
             }
-            _save(args.out, results)
+            save_results(args.out, results)
         del ft_model
         for method in args.methods:
             for rate in args.rates:
                 opts = CompressOptions(METHODS[method], rate, q=1.0, calib=calib, progress=False)
-                pruned = _prune(ft, opts, Calibration(stats=stats))
+                pruned = prune_deltas(ft, opts, Calibration(stats=stats))
                 trial = ScaledDeltaModel(model, pruned.tensors, pruned.fixed)
                 sparse = [t.name for t in pruned.tensors if not t.dense]
                 for q in tqdm(grid(opts.q_min), desc=f"{ft_name} {method} {rate}"):
@@ -153,7 +151,7 @@ def run(args: argparse.Namespace) -> None:
                     with trial.scaled(dict.fromkeys(sparse, 1.0 / q)) as m:
                         if old is not None:  # measured on continuations of another kind
                             results[key] = {**old, **measure_replies(m, ref), REPLIES: True}
-                            _save(args.out, results)
+                            save_results(args.out, results)
                             continue
                         point = measure_all(m, ids, ref)
                         acc_val = exact_match(m, tokenizer, val, batch=SCORE_BATCH)
@@ -165,7 +163,7 @@ def run(args: argparse.Namespace) -> None:
                         "seconds": round(time.perf_counter() - t0, 1),
                         REPLIES: True,
                     }
-                    _save(args.out, results)
+                    save_results(args.out, results)
                 del trial, pruned
 
 
@@ -402,9 +400,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--finetunes", type=_csv(str, FINETUNES), default=["arith-large"])
-    ap.add_argument("--methods", type=_csv(str, METHODS), default=["darex-q"])
-    ap.add_argument("--rates", type=_csv(float), default=[0.99, 0.999])
+    ap.add_argument("--finetunes", type=csv_arg(str, FINETUNES), default=["arith-large"])
+    ap.add_argument("--methods", type=csv_arg(str, METHODS), default=["darex-q"])
+    ap.add_argument("--rates", type=csv_arg(float), default=[0.99, 0.999])
     ap.add_argument("--n-test", type=int, default=64, help="validation and test examples")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/qcurve-objectives.json"))
     ap.add_argument("--plot", type=Path, default=Path("benchmarks/results/qcurve-objectives.png"))
@@ -414,7 +412,7 @@ def main() -> None:
     args.work = args.work or default_work()
     if not args.report:
         run(args)
-    print(report(_load(args.out), args.plot))
+    print(report(load_results(args.out), args.plot))
 
 
 if __name__ == "__main__":

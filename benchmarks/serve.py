@@ -99,7 +99,7 @@ def swap_times(base_dir: Path, store: Path, repeats: int) -> dict[str, float]:
         if label == "inplace":
             elem = engine.weights.buffers[0].element_size()
             line = 32 if engine.device.type == "cuda" else 64
-            bounds = [bytes_moved(engine._bound(n), elem, line)[0] for n in names]
+            bounds = [bytes_moved(engine.bound(n), elem, line)[0] for n in names]
             out["bound_ms"] = 1e3 * statistics.mean(bounds) / copy_bandwidth(engine.device)
             out["device"] = str(engine.device)
             out["dtype"] = str(engine.dtype).removeprefix("torch.")

@@ -84,6 +84,15 @@ class FlatWeights:
         return len(self._applied)
 
     @property
+    def innermost(self) -> int | None:
+        """The token of the undo log applied last (None: nothing applied)."""
+        return self._applied[-1] if self._applied else None
+
+    def forget_applied(self) -> None:
+        """Drop the record of applied deltas (the weights were restored another way)."""
+        self._applied.clear()
+
+    @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers)
 

@@ -61,10 +61,8 @@ def add_commands(sub: Any) -> None:
         description="Compute the fine-tune's delta against BASE tensor by tensor (fp32, "
         "streamed from mmapped files), prune it, and write one safetensors delta file.",
     )
-    c.add_argument("base", help=f"base model: {MODEL_REF}")
-    c.add_argument("finetuned", help=f"fine-tuned model, or a PEFT LoRA adapter: {MODEL_REF}")
-    _revisions(c, finetuned=True)
-    c.add_argument("-o", "--output", required=True, type=Path, help="delta file to write")
+    _add_models(c)
+    _add_output(c, "delta file to write")
     c.add_argument(
         "--method",
         type=_arg(parse_method),
@@ -95,10 +93,7 @@ def add_commands(sub: Any) -> None:
         "--calib", type=Path, help="calibration text file (unlabelled, analytical, wanda)"
     )
     c.add_argument("--val", type=Path, help='validation JSONL of {"prompt", "answer"} (labelled)')
-    c.add_argument(
-        "--calib-tokens", type=int, default=1024, help="calibration tokens (default 1024)"
-    )
-    c.add_argument("--seq-len", type=int, default=128, help="calibration sequence length")
+    _add_calibration(c)
     c.add_argument(
         "--val-limit", type=int, default=64, help="validation examples used (default 64)"
     )
@@ -184,9 +179,7 @@ def add_commands(sub: Any) -> None:
         description="Measure the fine-tune's delta and name the pruning method "
         "the DAREx paper's pipeline picks for it, with the reason.",
     )
-    r.add_argument("base", help=f"base model: {MODEL_REF}")
-    r.add_argument("finetuned", help=f"fine-tuned model, or a PEFT LoRA adapter: {MODEL_REF}")
-    _revisions(r, finetuned=True)
+    _add_models(r)
     r.add_argument("--have-labels", action="store_true", help="you have a labelled validation set")
     r.add_argument(
         "--rate",
@@ -202,10 +195,7 @@ def add_commands(sub: Any) -> None:
         "recommend the highest whose fidelity estimate keeps 90%% of the fine-tune's gain, "
         "printing the table (a compression per rate tried)",
     )
-    r.add_argument(
-        "--calib-tokens", type=int, default=1024, help="calibration tokens (default 1024)"
-    )
-    r.add_argument("--seq-len", type=int, default=128, help="calibration sequence length")
+    _add_calibration(r)
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.add_argument("--tensors", action="store_true", help="also the per-tensor statistics")
     r.set_defaults(func=cmd_recommend)
@@ -216,10 +206,9 @@ def add_commands(sub: Any) -> None:
         description="Write base+delta as an ordinary Hugging Face model "
         "directory (safetensors), loadable with from_pretrained.",
     )
-    m.add_argument("base", help="base model: a safetensors model directory or a Hub id org/name")
-    _revisions(m)
+    _add_base(m, "base model: a safetensors model directory or a Hub id org/name")
     m.add_argument("delta", type=Path, help="delta file")
-    m.add_argument("-o", "--output", required=True, type=Path, help="directory to create")
+    _add_output(m, "directory to create")
     m.add_argument(
         "--force",
         action="store_true",
@@ -236,14 +225,13 @@ def add_commands(sub: Any) -> None:
         "weights) or a LoRA adapter. Writes an ordinary model directory (a PEFT adapter "
         "with --lora-r), plus calib.txt: held-out task text for `compress --calib`.",
     )
-    f.add_argument("base", help="base model: a safetensors model directory or a Hub id org/name")
-    _revisions(f)
+    _add_base(f, "base model: a safetensors model directory or a Hub id org/name")
     f.add_argument(
         "--task",
         required=True,
         help="arith | extract | topic | FILE.jsonl (also extract-v1, the study's first form)",
     )
-    f.add_argument("-o", "--output", required=True, type=Path, help="directory to create")
+    _add_output(f, "directory to create")
     f.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
     f.add_argument("--lr", type=float, default=5e-5, help="learning rate (default 5e-5)")
     f.add_argument("--batch-size", type=int, default=8, help="rows per step")
@@ -290,10 +278,9 @@ def add_commands(sub: Any) -> None:
         "(model 'a+b', registered recipes) merge the same way. Member names are the file "
         "names without .delta.safetensors; the result does not depend on their order.",
     )
-    g.add_argument("base", help=f"the base model the deltas were made against: {MODEL_REF}")
-    _revisions(g)
+    _add_base(g, f"the base model the deltas were made against: {MODEL_REF}")
     g.add_argument("deltas", nargs="+", type=Path, help="member delta files")
-    g.add_argument("-o", "--output", required=True, type=Path, help="delta file to write")
+    _add_output(g, "delta file to write")
     g.add_argument(
         "--method", default="sum", choices=[m.value for m in MergeMethod], help="default: sum"
     )
@@ -322,10 +309,29 @@ MODEL_REF = (
 )
 
 
-def _revisions(p: argparse.ArgumentParser, finetuned: bool = False) -> None:
+def _add_base(p: argparse.ArgumentParser, help: str) -> None:
+    """BASE and its --revision."""
+    p.add_argument("base", help=help)
     p.add_argument("--revision", help="BASE's revision when it is a Hub id (branch, tag, commit)")
-    if finetuned:
-        p.add_argument("--finetuned-revision", help="FINETUNED's revision when it is a Hub id")
+
+
+def _add_models(p: argparse.ArgumentParser) -> None:
+    """BASE and FINETUNED, each with its revision."""
+    _add_base(p, f"base model: {MODEL_REF}")
+    p.add_argument("finetuned", help=f"fine-tuned model, or a PEFT LoRA adapter: {MODEL_REF}")
+    p.add_argument("--finetuned-revision", help="FINETUNED's revision when it is a Hub id")
+
+
+def _add_output(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("-o", "--output", required=True, type=Path, help=what)
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    """How much calibration text is read, and in what lengths."""
+    p.add_argument(
+        "--calib-tokens", type=int, default=1024, help="calibration tokens (default 1024)"
+    )
+    p.add_argument("--seq-len", type=int, default=128, help="calibration sequence length")
 
 
 def _base(args: argparse.Namespace) -> Path:

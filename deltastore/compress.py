@@ -289,7 +289,7 @@ class Pruned:
         return out
 
 
-def _prune(ft: FinetuneSource, opts: CompressOptions, cal: Calibration) -> Pruned:
+def prune_deltas(ft: FinetuneSource, opts: CompressOptions, cal: Calibration) -> Pruned:
     q0 = opts.start_q
     tensors, rows, dense_names = [], {}, []
     fixed: dict[str, torch.Tensor] = {}
@@ -441,7 +441,7 @@ class Compressor:
     def __call__(self, opts: CompressOptions) -> Delta:
         """Compress with `opts` into a decoded `Delta` (save it with save_delta)."""
         cal = self.calibration(opts)
-        pruned = _prune(self.ft, opts, cal)
+        pruned = prune_deltas(self.ft, opts, cal)
         if not pruned.tensors:
             raise ValueError("the fine-tune is identical to the base: nothing to compress")
         q: float | None = opts.start_q

@@ -75,7 +75,9 @@ def format_prompt(tokenizer: Any, prompt: str, chat: bool) -> str:
     return prompt
 
 
-def _encode(tokenizer: Any, ex: Example, cfg: FinetuneConfig) -> tuple[list[int], list[int]] | None:
+def encode_example(
+    tokenizer: Any, ex: Example, cfg: FinetuneConfig
+) -> tuple[list[int], list[int]] | None:
     """Token ids and labels (-100 on the prompt); a long prompt loses its start, never
     the answer. None when the answer alone does not fit `max_len`."""
     prompt = tokenizer(format_prompt(tokenizer, ex.prompt, cfg.chat), add_special_tokens=False)
@@ -92,7 +94,7 @@ def encode_all(
 ) -> list[tuple[list[int], list[int]]]:
     """Every example that fits; those whose answer alone exceeds `max_len` are left out
     with a warning, and none fitting is an error."""
-    encoded = [_encode(tokenizer, ex, cfg) for ex in examples]
+    encoded = [encode_example(tokenizer, ex, cfg) for ex in examples]
     kept = [e for e in encoded if e is not None]
     if not kept:
         raise ValueError(f"no example's answer fits max_len {cfg.max_len} tokens")
@@ -106,7 +108,7 @@ def encode_all(
     return kept
 
 
-def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+def pad_batch(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.int64)
     labels = torch.full((len(rows), width), -100, dtype=torch.int64)
@@ -125,7 +127,7 @@ def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch
 _PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3"}
 
 
-def _answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy of the answer tokens (the same value as the model's own
     loss). For a model type with plain logits the head is applied only at the
     positions that predict an answer token; any other model computes its own loss."""
@@ -177,9 +179,9 @@ def finetune(
     encoded = encode_all(tokenizer, examples, cfg)
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, unit="step")
     for _ in bar:
-        batch = _batch(rng.sample(encoded, min(cfg.batch_size, len(encoded))), pad)
+        batch = pad_batch(rng.sample(encoded, min(cfg.batch_size, len(encoded))), pad)
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = _answer_loss(core, batch)
+            loss = answer_loss(core, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

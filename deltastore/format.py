@@ -241,7 +241,7 @@ def decode_values(blob: bytes, count: int, dtype: str, name: str) -> torch.Tenso
 # --------------------------------------------------------------------------- files
 
 
-def _payload_sha256(blobs: dict[str, torch.Tensor]) -> str:
+def payload_digest(blobs: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for key in sorted(blobs):
         h.update(key.encode())
@@ -249,7 +249,7 @@ def _payload_sha256(blobs: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _encode(delta: Delta) -> tuple[dict[str, torch.Tensor], dict[str, TensorMeta]]:
+def encode_delta(delta: Delta) -> tuple[dict[str, torch.Tensor], dict[str, TensorMeta]]:
     blobs: dict[str, torch.Tensor] = {}
     metas: dict[str, TensorMeta] = {}
     for name in sorted(delta.tensors):
@@ -281,17 +281,17 @@ def _encode(delta: Delta) -> tuple[dict[str, torch.Tensor], dict[str, TensorMeta
 def save_delta(path: str | os.PathLike[str], delta: Delta) -> DeltaMeta:
     """Write `delta` atomically (temp file + rename). Returns the metadata written."""
     path = Path(path)
-    blobs, metas = _encode(delta)
+    blobs, metas = encode_delta(delta)
     meta = delta.meta.model_copy(
         update={"tensors": metas, "payload_sha256": "", "format_version": FORMAT_VERSION}
     )
-    meta = meta.model_copy(update={"payload_sha256": _payload_sha256(blobs)})
+    meta = meta.model_copy(update={"payload_sha256": payload_digest(blobs)})
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     raw = meta.model_dump_json()
     try:
-        save_file(blobs, tmp, metadata={META_KEY: raw, META_SHA_KEY: _sha(raw)})
+        save_file(blobs, tmp, metadata={META_KEY: raw, META_SHA_KEY: sha256_text(raw)})
         fsync_path(Path(tmp))
         os.replace(tmp, path)
         fsync_path(path.parent)
@@ -301,7 +301,7 @@ def save_delta(path: str | os.PathLike[str], delta: Delta) -> DeltaMeta:
     return meta
 
 
-def _sha(text: str) -> str:
+def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -324,7 +324,7 @@ def read_meta(path: str | os.PathLike[str]) -> DeltaMeta:
     raw, sha = header.get(META_KEY), header.get(META_SHA_KEY)
     if raw is None:
         raise DeltaFormatError(f"{path}: a safetensors file, but not a deltaserve delta")
-    if sha is not None and sha != _sha(raw):
+    if sha is not None and sha != sha256_text(raw):
         raise DeltaFormatError(f"{path}: metadata checksum mismatch, the file is corrupted")
     try:
         meta = DeltaMeta.model_validate(json.loads(raw))
@@ -375,7 +375,7 @@ def load_delta(
     if set(blobs) != expected:
         missing, extra = sorted(expected - set(blobs)), sorted(set(blobs) - expected)
         raise DeltaFormatError(f"{path}: tensor set mismatch (missing {missing}, extra {extra})")
-    if _payload_sha256(blobs) != meta.payload_sha256:
+    if payload_digest(blobs) != meta.payload_sha256:
         raise DeltaFormatError(f"{path}: checksum mismatch, the file is corrupted")
     tensors = {name: _decode_tensor(name, tm, blobs) for name, tm in meta.tensors.items()}
     return Delta(meta=meta, tensors=tensors)

@@ -24,7 +24,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _UPLOAD_PREFIX = ".upload-"
 
 
-class NameError_(ValueError):
+class InvalidName(ValueError):
     """An invalid variant name (empty, too long, path-like, odd characters)."""
 
 
@@ -35,7 +35,7 @@ def check_name(name: str) -> str:
         or ".." in name
         or name.endswith(SUFFIX)
     ):
-        raise NameError_(
+        raise InvalidName(
             f"invalid variant name {name!r}: 1-64 characters of letters, digits, '.', '_' "
             "and '-', starting with a letter or digit, no '..'"
         )

@@ -5,7 +5,9 @@ this package).
 - config.py      Settings (env DELTASERVE_*, one CLI flag per field)
 - app.py         create_app and its lifespan; ThreadedServer for tests and benchmarks
 - state.py       what the app holds while it runs; deps.py its FastAPI dependencies
-- routes/        openai (completions, chat, models, tokenizer), admin, health (+ metrics)
+- routes/        openai (completions, chat, models, tokenizer: the routes of one pipeline,
+                 resolve -> plan -> submit -> render, a module per stage), admin,
+                 adapters (vLLM's load/unload_lora_adapter), health (+ metrics)
 - schemas.py     the HTTP bodies (pydantic)
 - middleware.py  request ids, the body limit, the last-resort 500
 - errors.py      OpenAI-shaped error bodies

@@ -46,8 +46,8 @@ def _load_and_serve(state: AppState) -> None:
         state.base_dir = base_dir
         source = open_model(base_dir)
         family_of(source.config)  # a model the engine does not serve fails before loading
-        state.tokenizer = source.load_tokenizer()  # the HTTP side's own (state.tokenize)
-        engine = Engine(source, state.store, state.settings, state.compositions)
+        engine = Engine(source, state.store, state.settings)
+        state.tokenizer, state.texts = engine.tokenizer, engine.texts  # one tokenizer
         scheduler = make_scheduler(engine, state.settings, state.metrics)
         state.engine, state.scheduler = engine, scheduler
         state.ready_at = time.time()

@@ -30,7 +30,7 @@ from typing import Any
 
 from deltastore.format import fsync_path
 from deltastore.merge import MergeMethod
-from deltastore.store import DeltaStore, NameError_, check_name
+from deltastore.store import DeltaStore, InvalidName, check_name
 
 RECIPE_SUFFIX = ".composition.json"
 _NUMBER = r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE]-?\d+)?"  # no '+': it joins terms
@@ -103,7 +103,7 @@ def parse(expr: str, limit: int) -> Composition:
         name = m.group("name")
         try:
             check_name(name)
-        except NameError_ as e:
+        except InvalidName as e:
             raise CompositionError(f"composition {expr!r}: {e}") from None
         w = float(m.group("w")) if m.group("w") is not None else 1.0
         members[name] = members.get(name, 0.0) + check_weight(name, w)
@@ -141,7 +141,7 @@ class Compositions:
     def stamp(self, name: str) -> tuple[int, int, int] | None:
         try:
             st = self.path(name).stat()
-        except (FileNotFoundError, NameError_):
+        except (FileNotFoundError, InvalidName):
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 

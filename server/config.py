@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from deltastore.embedded import MODEL_NAME
 from deltastore.hub import is_hub_id
-from deltastore.store import NameError_, check_name
+from deltastore.store import InvalidName, check_name
 
 GiB = 1 << 30
 
@@ -203,7 +203,7 @@ class Settings(BaseSettings):
                     raise ValueError(f"--lora-modules {item!r}: expected NAME=PATH")
             try:
                 check_name(name.strip())
-            except NameError_ as e:
+            except InvalidName as e:
                 raise ValueError(f"--lora-modules {item!r}: {e}") from None
             if name.strip() in out:
                 raise ValueError(f"--lora-modules: {name.strip()!r} given twice")

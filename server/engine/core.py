@@ -23,6 +23,13 @@ against the base's digest taken at load, reloads the base from disk when they
 differ, and refuses to serve (`broken`) when even that cannot restore it.
 `check()` verifies the invariant before every step.
 
+What a name is read from comes with the requests (`Target`, resolved once on the
+HTTP side): a delta file of the store, or a composition's members, merged. The
+caches of a name remember the file versions they were made from; a request whose
+versions differ (a file replaced behind the server's back) or an admin action
+(`invalidate`) marks them stale, and a stale name is dropped from every tier once no
+running request holds it. Steps never read a file's stamp.
+
 Threading: not thread-safe. The scheduler's worker thread is its only caller; admin
 actions reach it as jobs run on that thread between batches.
 """
@@ -53,12 +60,14 @@ from deltastore.format import Delta, load_delta
 from deltastore.merge import merge
 from deltastore.sources import ModelSource, fingerprint
 from deltastore.store import DeltaStore
-from server.compose import Composition, CompositionError, Compositions
 from server.config import Settings
 from server.engine.cache import ByteLRU, CacheFull
+from server.engine.detokenizer import TokenTexts, settle
+from server.engine.job import Target, Versions
 
 log = logging.getLogger(__name__)
 AGE_EVERY = 1000  # activations between halvings of the use counts
+MAX_DEFINITIONS = 4096  # compositions remembered beyond those cached (clients write many)
 
 
 class Mode(StrEnum):
@@ -120,20 +129,15 @@ def digest(weights: FlatWeights) -> str:
 
 
 class Engine:
-    def __init__(
-        self,
-        source: ModelSource,
-        store: DeltaStore,
-        settings: Settings,
-        compositions: Compositions | None = None,
-    ) -> None:
+    def __init__(self, source: ModelSource, store: DeltaStore, settings: Settings) -> None:
         self.source = source
         self.store = store
-        self.compositions = compositions or Compositions(store, settings.max_composition_members)
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.fingerprint = fingerprint(source)
-        self.tokenizer: Any = source.load_tokenizer()
+        # the server's one tokenizer (the HTTP side encodes with it too)
+        self.tokenizer: Any = settle(source.load_tokenizer())
+        self.texts = TokenTexts(self.tokenizer)  # single tokens' texts, for logprobs
         self.model: Any = source.load_model(self.dtype).to(self.device).eval()
         self.weights = FlatWeights.from_module(self.model, self.fingerprint)
         self.params = dict(self.model.named_parameters())  # tied weights appear once
@@ -157,7 +161,9 @@ class Engine:
         self.mode = Mode.BASE
         self._undo: UndoLog | None = None
         self._touched: dict[str, tuple[str, ...]] = {}  # variant -> tensor names it changes
-        self._stamps: dict[str, Any] = {}  # variant -> the store file its caches came from
+        self._stamps: dict[str, Versions] = {}  # variant -> the file versions of its caches
+        self._stale: set[str] = set()  # variants whose files changed since their caches
+        self._compositions: dict[str, Target] = {}  # key -> its members, from its requests
         self._uses: dict[str, float] = {}  # variant -> recent activations (aged)
         self._activations = 0
         self.materialize_after = settings.materialize_after
@@ -213,11 +219,11 @@ class Engine:
         return victim is None or uses > self._uses.get(victim, 0.0)
 
     def _activate(self, name: str, force: bool) -> None:
-        self.revalidate(name)
+        self._drop_stale(name)
         self._count_use(name)
         tensors = self.materialized.get(name)
         if tensors is None:
-            bound = self._bound(name)
+            bound = self.bound(name)
             tensors = self._materialize(name, bound, force)
             if tensors is None:
                 self._dirty = True
@@ -249,27 +255,61 @@ class Engine:
             self.materialized.release(self.active)
         self.active, self.mode, self._dirty = None, Mode.BASE, False
 
-    def _source_stamp(self, name: str) -> Any:
-        """What `name`'s delta is read from, as stamps: its file, or for a composition
-        its recipe and its members' files."""
-        comp = self._composition(name)
-        return self.store.stamp(name) if comp is None else self.compositions.source_stamp(comp)
+    def _composition(self, name: str) -> Target | None:
+        target = self._compositions.get(name)
+        return target if target is not None and target.composed else None
 
-    def _composition(self, name: str) -> Composition | None:
-        try:
-            return self.compositions.resolve(name)
-        except CompositionError:
-            return None
+    def _versions(self, name: str) -> Versions:
+        """The versions of the files `name` is read from now (reads their stamps): its
+        file's, or a composition's recipe (as its newest request saw it) and members'."""
+        comp = self._composition(name)
+        if comp is None:
+            return (self.store.stamp(name),)
+        recipe = comp.versions[0] if comp.versions else None
+        return (recipe, *(self.store.stamp(m) for m, _ in comp.members))
+
+    def observe(self, target: Target) -> None:
+        """When a request is admitted (never per step): learn what its key names, and
+        mark the key's caches stale if the versions it was resolved against differ
+        from theirs and the files on disk confirm it."""
+        key = target.key
+        if target.composed:
+            if len(self._compositions) >= MAX_DEFINITIONS:
+                self._compositions = {
+                    k: t for k, t in self._compositions.items() if k in self._stamps
+                }
+            self._compositions[key] = target
+        cached = self._stamps.get(key)
+        if cached is None or key in self._stale or target.versions == cached:
+            return
+        if self._versions(key) != cached:
+            self._stale.add(key)
 
     def stale(self, name: str) -> bool:
-        """`name`'s file changed on disk since its caches were decoded from it."""
-        cached = self._stamps.get(name)
-        return cached is not None and cached != self._source_stamp(name)
+        """`name`'s files changed since its caches were made from them (as far as its
+        requests and admin actions told: no file is read here)."""
+        return name in self._stale
 
     def revalidate(self, name: str) -> None:
-        """Drop `name` from every tier if its file changed on disk since it was decoded
-        (replaced behind the server's back); a version in use stays until released."""
-        if not self.stale(name):
+        """Read the stamps of `name`'s files (on loads and admin actions), and drop it
+        from every tier if they changed since it was decoded (replaced behind the
+        server's back); a version in use stays until released."""
+        cached = self._stamps.get(name)
+        if cached is not None and cached != self._versions(name):
+            self._stale.add(name)
+        self._drop_stale(name)
+
+    def invalidate(self, name: str) -> None:
+        """An admin action replaced `name`'s file: it, and every composition merged from
+        it, is stale (dropped now, or when its running requests release it)."""
+        keys = [name, *(k for k, t in self._compositions.items() if name in t.files)]
+        for key in keys:
+            if key in self._stamps:
+                self._stale.add(key)
+            self._drop_stale(key)
+
+    def _drop_stale(self, name: str) -> None:
+        if name not in self._stale:
             return
         if self.in_use(name):
             log.warning("%s changed on disk while in use: new requests get it when released", name)
@@ -288,9 +328,9 @@ class Engine:
         delta = self.host.get(name)
         if delta is None:
             comp = None if plain else self._composition(name)
-            stamp: Any
+            stamp: Versions
             if comp is None:
-                stamp = self.store.stamp(name)
+                stamp = (self.store.stamp(name),)
                 delta = load_delta(
                     self.store.path(name), check=lambda meta: check_meta(meta, self.weights)
                 )
@@ -298,10 +338,10 @@ class Engine:
                 for m, _ in comp.members:
                     self.revalidate(m)  # a member changed on disk: its new file
                 members = [(m, self._delta(m, plain=True), w) for m, w in comp.members]
-                recipe = self.compositions.stamp(comp.recipe) if comp.recipe else None
+                recipe = comp.versions[0] if comp.versions else None
                 # the stamps of the member versions merged: if one was an older version
                 # still in use, the composition is stale again and merged once more later
-                stamp = (recipe, *(self._stamps.get(m) for m, _ in comp.members))
+                stamp = (recipe, *(self._stamps.get(m, (None,))[0] for m, _ in comp.members))
                 delta = merge(members, comp.method, comp.density, comp.seed, source=comp.key)
             self._stamps[name] = stamp
             self._touched[name] = tuple(delta.tensors)
@@ -311,7 +351,8 @@ class Engine:
                 log.info("host tier full: %s stays uncached", name)
         return delta
 
-    def _bound(self, name: str) -> BoundDelta:
+    def bound(self, name: str) -> BoundDelta:
+        """`name`'s delta bound to the resident weights (the device tier)."""
         bound = self.device_tier.get(name)
         if bound is None:
             bound = bind(self._delta(name), self.weights)
@@ -362,7 +403,7 @@ class Engine:
         if depth != (1 if self.mode is Mode.INPLACE else 0):
             return f"{depth} deltas applied in mode {self.mode.value}"
         if self.mode is Mode.INPLACE and (
-            self._undo is None or self.weights._applied[-1] != self._undo.token
+            self._undo is None or self.weights.innermost != self._undo.token
         ):
             return "the applied delta is not the active variant's"
         own: dict[str, int] = {}
@@ -388,7 +429,7 @@ class Engine:
                 revert_delta_(self.weights, self._undo)
             except Exception:
                 log.exception("reverting %s failed", self.active)
-        self.weights._applied.clear()
+        self.weights.forget_applied()
         self.active, self.mode, self._undo, self._dirty = None, Mode.BASE, None, False
         try:
             if not verify or digest(self.weights) == self.base_digest:
@@ -462,7 +503,7 @@ class Engine:
             return True  # made here meanwhile (a composition's member, a preload)
         if stamp is None or stamp != self.store.stamp(name):
             return False
-        self._stamps[name] = stamp
+        self._stamps[name] = (stamp,)
         self._touched[name] = tuple(delta.tensors)
         try:
             self.host.add(name, delta, delta.nbytes)
@@ -475,8 +516,9 @@ class Engine:
         return True
 
     def acquire_layout(self, name: str) -> Any:
-        """Lay `name` out (if needed) and mark it in use by a running sequence."""
-        self.revalidate(name)
+        """Lay `name` out (if needed) and mark it in use by a running sequence (a stale
+        version is dropped first when nothing else holds it)."""
+        self._drop_stale(name)
         layout = self.layout(name)
         self.layouts.acquire(name)
         return layout
@@ -498,6 +540,7 @@ class Engine:
 
     def preload(self, name: str) -> Swap:
         """Bring `name` into the fastest tier that fits (it becomes the active one)."""
+        self.revalidate(name)  # an admin action: the file on disk is read again
         if self.active == name and self.mode is Mode.INPLACE:
             self.activate(None)  # re-activate below, materialized if it fits
         return self.activate(name, force=True)
@@ -514,10 +557,12 @@ class Engine:
         self._touched.pop(name, None)
         self._uses.pop(name, None)
         self._stamps.pop(name, None)
+        self._stale.discard(name)
 
     def forget(self, name: str) -> None:
         """Evict and unpin: the variant was deleted."""
         self.evict(name)
+        self._compositions.pop(name, None)
         for tier in self.tiers:
             tier.unpin(name)
 

@@ -36,7 +36,17 @@ from server.config import Settings
 from server.engine.batch import Batch, Packing, pack
 from server.engine.cache import CacheFull
 from server.engine.core import Engine, WeightsUnavailable
-from server.engine.job import INTERNAL, NO_ROOM, UNAVAILABLE, Job, JobError, TokenLogprob
+from server.engine.job import (
+    INTERNAL,
+    NO_ROOM,
+    UNAVAILABLE,
+    Event,
+    Finish,
+    Job,
+    JobError,
+    Target,
+    TokenLogprob,
+)
 from server.engine.kv_cache import KVCache
 from server.engine.loader import Loader
 from server.engine.model_runner import ModelRunner
@@ -153,8 +163,8 @@ class LLMEngine:
         with self._cond:
             self._stop = True
             for job in self._waiting:
-                job.finish_reason = "cancelled"
-                job.emit("done", job)
+                job.finish_reason = Finish.CANCELLED
+                job.emit(Event.DONE, job)
             self._waiting.clear()
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -214,14 +224,14 @@ class LLMEngine:
                 if controls and self._held is not None:
                     self._set_merged(None)  # admin actions see the base, nothing held
                 run_controls(controls, self.engine)
-                self._step()
+                self.step()
             except WeightsUnavailable:
                 log.exception("the resident weights cannot be restored: refusing to serve")
                 self._fail_all(UNAVAILABLE)
             except Exception:
                 self._step_failed()
         for seq in list(self._running):
-            self._finish(seq, "cancelled")
+            self._finish(seq, Finish.CANCELLED)
 
     def _step_failed(self) -> None:
         """A failed step ends the request that caused it, never its neighbours: a step
@@ -233,14 +243,14 @@ class LLMEngine:
         log.exception("step failed (requests %s)", ids)
         if self._suspects:
             seq = self._suspects.popleft()
-            self._finish(seq, "error", INTERNAL)
+            self._finish(seq, Finish.ERROR, INTERNAL)
         elif len(self._in_step) == 1:
-            self._finish(self._in_step[0], "error", INTERNAL)
+            self._finish(self._in_step[0], Finish.ERROR, INTERNAL)
         elif self._in_step:
             self._suspects = deque(self._in_step)
         else:
             for seq in list(self._running):
-                self._finish(seq, "error", INTERNAL)
+                self._finish(seq, Finish.ERROR, INTERNAL)
         self._in_step = []
         self._sync_held()
         if self.engine.active is not None:  # a clean, verified base for the retries
@@ -265,23 +275,25 @@ class LLMEngine:
 
     def _fail_all(self, error: JobError) -> None:
         for seq in list(self._running):
-            self._finish(seq, "error", error)
+            self._finish(seq, Finish.ERROR, error)
         with self._cond:
             waiting = list(self._waiting)
             self._waiting.clear()
         for job in waiting:
-            job.finish_reason = "error"
-            job.emit("error", error)
+            job.finish_reason = Finish.ERROR
+            job.emit(Event.ERROR, error)
 
-    def _step(self) -> None:
+    def step(self) -> None:
+        """One step: admit, plan, pack, forward, sample, stream (the loop runs it; a
+        benchmark or a test on the thread that loaded the model may run it by hand)."""
         self._adopt_loads()
         for seq in [s for s in self._running if s.job.cancelled.is_set()]:
-            self._finish(seq, "cancelled")
+            self._finish(seq, Finish.CANCELLED)
         self._in_step = []
         self.engine.check()  # the resident weights agree with what the engine says
         self._sync_held()  # (a repair puts the base back)
         if self._held is not None and not self._running and self.engine.stale(self._held):
-            self._set_merged(None)  # its file changed on disk: the next request reloads it
+            self._set_merged(None)  # its file was replaced: the next request reloads it
         while self._suspects and self._suspects[0] not in self._running:
             self._suspects.popleft()
         if not self._suspects:
@@ -312,7 +324,7 @@ class LLMEngine:
         if self._suspects:
             self._suspects.popleft()  # it ran alone without failing: not the culprit
         for seq in [s for s in self._running if s.done]:
-            self._finish(seq, seq.job.finish_reason or "stop")
+            self._finish(seq, seq.job.finish_reason or Finish.STOP)
 
     def _run(self, batch: Batch) -> Any:
         """The step on the device: forward, sampling, and the one copy back (its tokens
@@ -348,10 +360,10 @@ class LLMEngine:
     def _ready(self, job: Job) -> bool:
         """Whether `job` can be admitted now. A plain variant that is not laid out is
         asked of the loader instead, until the request has waited `load_wait_s`."""
-        v = job.variant
-        if v is None or job.cancelled.is_set() or v in self.engine.layouts:
+        v, target = job.variant, job.target
+        if v is None or target is None or job.cancelled.is_set() or v in self.engine.layouts:
             return True
-        if v in self._on_loop or not self.engine.is_plain(v):  # compositions: merged here
+        if v in self._on_loop or target.composed:  # compositions: merged here
             return True
         now = time.perf_counter()
         self._waited.setdefault(id(job), now)
@@ -396,8 +408,8 @@ class LLMEngine:
         never slips in between)."""
         waited = self._waited.pop(id(job), None)
         if job.cancelled.is_set():
-            job.finish_reason = "cancelled"
-            job.emit("done", job)
+            job.finish_reason = Finish.CANCELLED
+            job.emit(Event.DONE, job)
             return True
         now = time.perf_counter()
         job.started = now
@@ -405,8 +417,9 @@ class LLMEngine:
         acquired, slot = False, None
         try:
             if job.variant is not None:
+                assert job.target is not None  # a Job's target names its variant
                 laid_out = job.variant in self.engine.layouts
-                self._acquire(job.variant)
+                self._acquire(job.target)
                 acquired = True
                 self._on_loop.discard(job.variant)
                 if laid_out:
@@ -416,7 +429,7 @@ class LLMEngine:
                 if waited is not None:
                     self.metrics.layout_wait_seconds.observe(now - waited)
             slot = self.kv.allocate()
-            seq = Sequence(job, slot, self.engine.tokenizer, self.eos)
+            seq = Sequence(job, slot, self.engine.tokenizer, self.eos, self.engine.texts)
         except Exception as e:  # this request alone waits or fails, never its neighbours
             if slot is not None:
                 self.kv.release(slot)
@@ -428,21 +441,24 @@ class LLMEngine:
                 return False  # every laid-out variant is in use: it waits for one
             if isinstance(e, CacheFull):
                 log.warning("request %s: %s", job.request_id, e)
-                job.finish_reason = "error"
-                job.emit("error", NO_ROOM)
+                job.finish_reason = Finish.ERROR
+                job.emit(Event.ERROR, NO_ROOM)
                 return True
             log.exception("admitting request %s for %r failed", job.request_id, job.variant)
-            job.finish_reason = "error"
-            job.emit("error", INTERNAL)
+            job.finish_reason = Finish.ERROR
+            job.emit(Event.ERROR, INTERNAL)
             return True
         with self._cond:
             self._running.append(seq)
         return True
 
-    def _acquire(self, variant: str) -> None:
-        """Hold `variant`'s layout; if only the merged variant's hold is in the way,
-        unmerge it first. A merged variant whose file changed on disk is unmerged
-        first too, so the new request gets the new file (when no other holds it)."""
+    def _acquire(self, target: Target) -> None:
+        """Hold the target's layout; if only the merged variant's hold is in the way,
+        unmerge it first. A merged variant whose file changed on disk (as the request's
+        file versions tell) is unmerged first too, so the new request gets the new file
+        (when no other holds it)."""
+        variant = target.key
+        self.engine.observe(target)
         if variant == self._held and self.engine.stale(variant):
             self._set_merged(None)
         try:
@@ -492,21 +508,21 @@ class LLMEngine:
             seq.add_prompt_logprobs(entries)
         except Exception:
             log.exception("request %s failed while scoring its prompt", seq.job.request_id)
-            self._finish(seq, "error", INTERNAL)
+            self._finish(seq, Finish.ERROR, INTERNAL)
 
     def _take(self, seq: Sequence, token: int, entry: TokenLogprob | None) -> None:
         if seq.done:  # ended while scoring its prompt
             return
         if seq.job.cancelled.is_set():
-            seq.finish("cancelled")
+            seq.finish(Finish.CANCELLED)
             return
         try:  # a row that fails ends alone, never its neighbours
             seq.add(token, entry)
         except Exception:
             log.exception("request %s failed while sampling", seq.job.request_id)
-            self._finish(seq, "error", INTERNAL)
+            self._finish(seq, Finish.ERROR, INTERNAL)
 
-    def _finish(self, seq: Sequence, reason: str, error: JobError | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: Finish, error: JobError | None = None) -> None:
         seq.finish(reason)
         if seq in self._running:
             with self._cond:
@@ -517,9 +533,9 @@ class LLMEngine:
         job = seq.job
         job.finished = time.perf_counter()
         if error is not None:
-            job.emit("error", error)
+            job.emit(Event.ERROR, error)
         else:
-            job.emit("done", job)
+            job.emit(Event.DONE, job)
 
     def _observe(self, batch: Batch, merged: str | None) -> None:
         m = self.metrics

@@ -1,12 +1,14 @@
-"""Per-choice state in the engines: prompt progress, generated tokens, incremental
-detokenization, stop checks, log-probabilities, and what the choice's sampling needs."""
+"""Per-choice state in the engine: prompt progress, generated tokens, text (one
+incremental detokenizer, detokenizer.py), stop checks, log-probabilities (labelled with
+their tokens' texts), and what the choice's sampling needs."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from server.engine.job import Job, TokenLogprob
+from server.engine.detokenizer import TokenTexts
+from server.engine.job import Event, Finish, Job, TokenLogprob
 from server.engine.sampling import ChoiceSampling
 
 
@@ -21,15 +23,18 @@ def end_token_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 class Sequence:
-    def __init__(self, job: Job, slot: int, tokenizer: Any, eos: set[int]) -> None:
+    def __init__(
+        self, job: Job, slot: int, tokenizer: Any, eos: set[int], texts: TokenTexts | None = None
+    ) -> None:
         self.job, self.slot, self.tokenizer, self.eos = job, slot, tokenizer, eos
+        self.texts = texts if texts is not None else TokenTexts(tokenizer)  # the engine's
+        self.detokenizer = self.texts.detokenizer()
         self.variant = job.variant
         self.prompt = job.prompt_ids
         self.prefilled = 0  # prompt tokens whose KV is in the slot
         self.ids: list[int] = []  # generated tokens (without a final end token)
         self.sent = 0  # characters already emitted
         self.holdback = max((len(s) for s in job.params.stop), default=1) - 1
-        self._prefix = self._read = 0  # incremental detokenization offsets
         self._searched = 0  # characters of text already searched for stop strings
         self.sampling = ChoiceSampling.of(job.params, job.prompt_ids, eos)
         self.stop_ids = set(job.params.stop_token_ids)
@@ -72,12 +77,12 @@ class Sequence:
 
     def add_prompt_logprobs(self, entries: list[TokenLogprob]) -> None:
         """The logprobs of the prompt tokens scored by a step (in prompt order)."""
-        self.job.prompt_logprobs.extend(entries)
+        self.job.prompt_logprobs.extend(self.texts.label(e) for e in entries)
 
     def prompt_done(self) -> None:
         """The prompt is in the KV cache: with max_tokens 0 the choice ends here."""
         if not self.samples and not self.prefilling:
-            self.finish("length")
+            self.finish(Finish.LENGTH)
 
     def add(self, token: int, entry: Any = None) -> None:
         """Take one generated token: detokenize, check stops and limits, emit text."""
@@ -85,16 +90,17 @@ class Sequence:
         if job.first_token is None:
             job.first_token = time.perf_counter()
         if (token in self.eos and not job.params.ignore_eos) or token in self.stop_ids:
-            job.finish_reason = "stop"
+            job.finish_reason = Finish.STOP
             if entry is not None:  # as vLLM: the end token is scored, not in the text
-                job.logprobs.append(entry)
-            job.text += self._decode_next(final=True)
+                job.logprobs.append(self.texts.label(entry))
+            job.text += self.detokenizer.add(None, final=True)
         else:
             self.ids.append(token)
             if entry is not None:
-                job.logprobs.append(entry)
+                job.logprobs.append(self.texts.label(entry))
             job.completion_tokens += 1
-            text = job.text + self._decode_next(final=len(self.ids) >= job.params.max_tokens)
+            final = len(self.ids) >= job.params.max_tokens
+            text = job.text + self.detokenizer.add(token, final)
             cut = -1
             if len(self.ids) > job.params.min_tokens:  # as vLLM: no stop before min_tokens
                 cut = min(
@@ -103,9 +109,9 @@ class Sequence:
                 )
             self._searched = len(text)
             if cut >= 0:
-                text, job.finish_reason = text[:cut], "stop"
+                text, job.finish_reason = text[:cut], Finish.STOP
             elif len(self.ids) >= job.params.max_tokens:
-                job.finish_reason = "length"
+                job.finish_reason = Finish.LENGTH
             job.text = text
         self.flush()
 
@@ -114,28 +120,16 @@ class Sequence:
         start in."""
         return max(self._searched - len(stop) + 1, 0)
 
-    def _decode_next(self, final: bool = False) -> str:
-        """Text the newest tokens add (a window of earlier tokens gives context, so
-        multi-token characters and leading spaces come out as a full decode would).
-        An incomplete character waits for the next token, unless this is the last."""
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
-        after = decode(self.ids[self._prefix :], skip_special_tokens=True)
-        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self._prefix, self._read = self._read, len(self.ids)
-            return after[len(before) :]
-        return ""
-
     def flush(self) -> None:
         text = self.job.text
         end = len(text) if self.done else len(text) - self.holdback
         if end > self.sent:
             if self.job.params.logprobs is not None:  # the entries this text carries
-                self.job.emit("logprobs", len(self.job.logprobs))
-            self.job.emit("text", text[self.sent : end])
+                self.job.emit(Event.LOGPROBS, len(self.job.logprobs))
+            self.job.emit(Event.TEXT, text[self.sent : end])
             self.sent = end
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: Finish) -> None:
         if self.job.finish_reason is None:
             self.job.finish_reason = reason
         self.flush()

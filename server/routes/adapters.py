@@ -25,7 +25,7 @@ from fastapi import APIRouter, Body
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 
-from deltastore.store import NameError_, check_name
+from deltastore.store import InvalidName, check_name
 from server.deps import AdminDep, ReadyDep, StateDep
 from server.errors import APIError
 from server.routes.admin import by_reference, check_new_name, commit_upload, confined, remove
@@ -78,7 +78,7 @@ async def load_lora_adapter(
         )
     try:
         check_name(name)
-    except NameError_ as e:
+    except InvalidName as e:
         return vllm_error(400, str(e), "InvalidUserInput")
     if _loaded(state, name) and not req.load_inplace:
         return vllm_error(
@@ -115,7 +115,7 @@ async def unload_lora_adapter(
     try:
         check_name(name)
         known = _loaded(state, name)
-    except NameError_:
+    except InvalidName:
         known = False
     if not known:
         return vllm_error(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")

@@ -26,14 +26,14 @@ from deltastore.apply import BaseMismatchError
 from deltastore.format import DeltaFormatError
 from deltastore.merge import MergeMethod
 from deltastore.sources import SourceError, open_model
-from deltastore.store import NameError_, check_name
+from deltastore.store import InvalidName, check_name
 from server.adapters import Forbidden, NotFound, confine, make_upload
 from server.compose import CompositionError
 from server.deps import AdminDep, ReadyDep, StateDep
 from server.engine.cache import ByteLRU, CacheFull, EntryInfo
 from server.engine.core import Engine, InUse, WeightsUnavailable
 from server.errors import APIError
-from server.routes.openai import check_members, store_names
+from server.routes.resolve import check_members, store_names
 from server.schemas import CacheInfo, CompositionRequest, DeltaInfo, Fidelity, TierInfo
 from server.state import AppState
 
@@ -44,7 +44,7 @@ DRAIN_TIMEOUT_S = 600.0
 def _name(state: AppState, name: str, must_exist: bool = True) -> str:
     try:
         check_name(name)
-    except NameError_ as e:
+    except InvalidName as e:
         raise APIError(400, str(e), "invalid_name", "name") from e
     if must_exist and (name in state.retiring or not state.store.exists(name)):
         raise APIError(404, f"no delta named {name!r}", "not_found")
@@ -215,8 +215,8 @@ async def commit_upload(
                 await run_in_threadpool(state.store.commit, name, upload, replace)
             except FileExistsError as e:
                 raise APIError(409, str(e), "exists") from e
-            if exists:  # the old weights are not served again once released
-                await _on_worker(ready, lambda e: e.revalidate(name))
+            if exists:  # the old weights (and merges of them) are not served again once released
+                await _on_worker(ready, lambda e: e.invalidate(name))
         finally:
             state.replacing.discard(name)
     return await _info_async(state, name)
@@ -338,13 +338,15 @@ async def add_composition(
             comp = state.compositions.build(
                 req.name, req.members, req.weights, MergeMethod(req.method), req.density, req.seed
             )
-        except (CompositionError, NameError_) as e:
+        except (CompositionError, InvalidName) as e:
             raise APIError(400, str(e), "invalid_composition") from e
         check_members(state, req.name, comp)
         try:
             await run_in_threadpool(state.compositions.register, comp, replace)
         except FileExistsError as e:
             raise APIError(409, str(e), "exists") from e
+        if replace:  # a merge of the old recipe is not served again once released
+            await _on_worker(ready, lambda e: e.invalidate(req.name))
         return {"name": req.name, **comp.describe()}
 
 

@@ -66,13 +66,13 @@ def test_bad_configs():
 def test_answer_loss_is_the_models_own_loss(tiny_dirs):
     """The head applied only where an answer token is predicted gives the same loss
     (and gradient) as the model's full-sequence loss."""
-    from deltastore.finetune import _answer_loss, _batch, encode_all
+    from deltastore.finetune import answer_loss, encode_all, pad_batch
 
     source = open_model(tiny_dirs["base"])
     tokenizer, model = source.load_tokenizer(), source.load_model(torch.float32)
     cfg = FinetuneConfig(max_len=32)
-    batch = _batch(encode_all(tokenizer, EXAMPLES[:5], cfg), tokenizer.eos_token_id)
-    ours = _answer_loss(model, batch)
+    batch = pad_batch(encode_all(tokenizer, EXAMPLES[:5], cfg), tokenizer.eos_token_id)
+    ours = answer_loss(model, batch)
     theirs = model(**batch).loss
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     (g_ours,) = torch.autograd.grad(ours, model.model.layers[0].mlp.up_proj.weight)
@@ -138,11 +138,11 @@ def test_the_demos_are_made_cached_and_installed(tiny_dirs, tmp_path, monkeypatc
 
 
 def test_a_long_prompt_loses_its_start_never_the_answer(tiny_dirs):
-    from deltastore.finetune import _encode, encode_all
+    from deltastore.finetune import encode_all, encode_example
 
     tokenizer = open_model(tiny_dirs["base"]).load_tokenizer()
     cfg = FinetuneConfig(max_len=24, chat=False)
-    encoded = _encode(tokenizer, Example("x" * 100 + " question:", "42"), cfg)
+    encoded = encode_example(tokenizer, Example("x" * 100 + " question:", "42"), cfg)
     assert encoded is not None
     ids, labels = encoded
     answer = tokenizer("42", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -150,7 +150,7 @@ def test_a_long_prompt_loses_its_start_never_the_answer(tiny_dirs):
     assert ids[-len(answer) :] == answer and labels[-len(answer) :] == answer
     assert set(labels[: -len(answer)]) == {-100}
     too_long = Example("q", "9" * 40)
-    assert _encode(tokenizer, too_long, cfg) is None
+    assert encode_example(tokenizer, too_long, cfg) is None
     assert len(encode_all(tokenizer, [too_long, Example("q", "1")], cfg)) == 1  # left out
     with pytest.raises(ValueError, match="fits max_len"):
         encode_all(tokenizer, [too_long], cfg)

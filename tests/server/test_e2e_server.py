@@ -117,7 +117,7 @@ def test_mixed_steps_on_the_real_base_match_materialized_finetunes(
             jobs[variant, p] = job
             sched.submit(job)
     while any(j.finish_reason is None for j in jobs.values()):
-        sched._step()  # on this thread: the one that loaded the model
+        sched.step()  # on this thread: the one that loaded the model
     for (variant, p), job in jobs.items():
         assert job.text == refs[variant][p], (variant, p, job.text, refs[variant][p])
     engine.activate(None)

@@ -256,10 +256,45 @@ def test_chunked_body_over_the_limit_is_413(live):
     assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
 
 
-def test_http_side_has_its_own_tokenizer(live):
-    assert (
-        live.state.tokenizer is not None and live.state.tokenizer is not live.state.engine.tokenizer
-    )
+def test_tokenizing_beside_generation_is_safe_and_logprob_bytes_add_up(live):
+    """The HTTP side encodes with the server's one tokenizer while the worker decodes
+    with it: /tokenize calls during generations all succeed and agree with a
+    tokenization before them, and each generation's logprob bytes (labelled on the
+    worker, a multi-byte character split over byte-level tokens included) add up to
+    its text."""
+    prompt = "the cat sat on the mat, é and ü " * 40
+    want = live.client.post("/tokenize", json={"prompt": prompt}).json()["tokens"]
+    body = {
+        "model": "v1",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 24,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "temperature": 1.0,
+    }
+
+    special = set(live.state.tokenizer.all_special_tokens)  # scored, never in the text
+
+    def chat(seed: int) -> tuple[str, bytes]:
+        r = live.client.post("/v1/chat/completions", json={**body, "seed": seed})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        content = choice["logprobs"]["content"]
+        raw = b"".join(bytes(e["bytes"]) for e in content if e["token"] not in special)
+        return choice["message"]["content"], raw
+
+    def tokenize(_: int) -> list[int]:
+        r = live.client.post("/tokenize", json={"prompt": prompt})
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    with ThreadPoolExecutor(8) as pool:
+        chats = [pool.submit(chat, seed) for seed in range(4)]
+        tokens = list(pool.map(tokenize, range(24)))
+    assert all(t == want for t in tokens)
+    for f in chats:
+        text, raw = f.result()
+        assert raw.decode(errors="replace") == text
 
 
 # --------------------------------------------------------------------------- the store

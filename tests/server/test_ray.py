@@ -179,7 +179,7 @@ def test_the_whole_surface_equals_the_single_process_server(ray_serve_url, tiny_
     import openai
 
     from tests.server.conftest import LiveServer
-    from tests.server.test_openai_surface import exercise_openai_client
+    from tests.server.routes.test_openai_surface import exercise_openai_client
 
     url, store = ray_serve_url
     local = LiveServer(make_settings(tiny_dirs["base"], store))

@@ -1,6 +1,6 @@
 import pytest
 
-from deltastore.store import DeltaStore, NameError_, check_name
+from deltastore.store import DeltaStore, InvalidName, check_name
 
 
 @pytest.mark.parametrize("name", ["bot", "support-bot", "v1.2", "A_b-3"])
@@ -12,7 +12,7 @@ def test_valid_names(name):
     "name", ["", "../x", "a/b", ".x", "-x", "a..b", "x" * 65, "a b", "é", "x.delta.safetensors"]
 )
 def test_invalid_names(name):
-    with pytest.raises(NameError_):
+    with pytest.raises(InvalidName):
         check_name(name)
 
 

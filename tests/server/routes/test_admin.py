@@ -19,11 +19,11 @@ from deltastore.format import (
     Delta,
     DeltaMeta,
     TensorDelta,
-    _encode,
-    _payload_sha256,
-    _sha,
+    encode_delta,
+    payload_digest,
     read_meta,
     save_delta,
+    sha256_text,
 )
 from server.engine.core import digest
 from tests.conftest import make_model, save
@@ -104,16 +104,16 @@ def _bomb(tmp_path, fp: str) -> bytes:
     """Checksums right, but one value stream inflates to 64 MiB for 2 values."""
     name = "model.layers.0.self_attn.q_proj.weight"
     good = TensorDelta(name, (32, 32), torch.tensor([5, 6]), torch.ones(2), 1.0)
-    blobs, metas = _encode(
+    blobs, metas = encode_delta(
         Delta(DeltaMeta(base_fingerprint=fp, method="dare", rate=0.5), {name: good})
     )
     bomb = zlib.compress(b"\x00" * (64 << 20), 9)
     blobs[f"{name}::val"] = torch.frombuffer(bytearray(bomb), dtype=torch.uint8)
     meta = DeltaMeta(base_fingerprint=fp, method="dare", rate=0.5, tensors=metas)
-    meta = meta.model_copy(update={"payload_sha256": _payload_sha256(blobs)})
+    meta = meta.model_copy(update={"payload_sha256": payload_digest(blobs)})
     raw = meta.model_dump_json()
     path = tmp_path / "bomb.safetensors"
-    save_file(blobs, str(path), metadata={META_KEY: raw, META_SHA_KEY: _sha(raw)})
+    save_file(blobs, str(path), metadata={META_KEY: raw, META_SHA_KEY: sha256_text(raw)})
     return path.read_bytes()
 
 
