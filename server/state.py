@@ -9,7 +9,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
@@ -19,6 +19,9 @@ from server.config import Settings
 from server.engine.core import Engine
 from server.engine.llm_engine import EngineAPI
 from server.metrics import Metrics
+
+if TYPE_CHECKING:
+    from server.engine.grammar import Grammars
 
 T = TypeVar("T")
 
@@ -48,6 +51,8 @@ class AppState:
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
     _token_text: dict[int, str] = field(default_factory=dict)
     _token_bytes: dict[int, list[int]] = field(default_factory=dict)
+    # structured output's compiled grammars (server/structured.py), built on first use
+    grammars: Grammars | None = None
     # admin actions on one name run one at a time (upload, replace, delete, preload…)
     _name_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
         default_factory=weakref.WeakValueDictionary

@@ -9,7 +9,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.engine.grammar import Grammar
 
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs and OpenAI's chat
 
@@ -33,6 +36,7 @@ class SamplingParams:
     min_tokens: int = 0  # end tokens and stop strings are held off until this many
     logprobs: int | None = None  # per generated token: its logprob and this many alternatives
     prompt_logprobs: int | None = None  # the same per prompt token (the first has none)
+    grammar: Grammar | None = None  # structured output: the only tokens the choice may take
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Per-choice state in the engines: prompt progress, generated tokens, incremental
-detokenization, stop checks, log-probabilities, and what the choice's sampling needs."""
+detokenization, stop checks, log-probabilities, and what the choice's sampling needs
+(its grammar's place too, for structured output: a choice whose grammar is complete
+ends with finish_reason "stop")."""
 
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ class Sequence:
         self._searched = 0  # characters of text already searched for stop strings
         self.sampling = ChoiceSampling.of(job.params, job.prompt_ids, eos)
         self.stop_ids = set(job.params.stop_token_ids)
+        grammar = job.params.grammar
+        self.grammar = grammar.matcher() if grammar is not None else None
         if job.params.prompt_logprobs is not None and not job.prompt_logprobs:
             job.prompt_logprobs.append(None)  # the first token has no context
 
@@ -84,7 +88,10 @@ class Sequence:
         job = self.job
         if job.first_token is None:
             job.first_token = time.perf_counter()
-        if (token in self.eos and not job.params.ignore_eos) or token in self.stop_ids:
+        ends = (token in self.eos and not job.params.ignore_eos) or token in self.stop_ids
+        if self.grammar is not None and not ends:
+            self.grammar.advance(token)  # raises for a token the mask should have refused
+        if ends:
             job.finish_reason = "stop"
             if entry is not None:  # as vLLM: the end token is scored, not in the text
                 job.logprobs.append(entry)
@@ -94,7 +101,9 @@ class Sequence:
             if entry is not None:
                 job.logprobs.append(entry)
             job.completion_tokens += 1
-            text = job.text + self._decode_next(final=len(self.ids) >= job.params.max_tokens)
+            complete = self.grammar is not None and self.grammar.complete
+            last = complete or len(self.ids) >= job.params.max_tokens
+            text = job.text + self._decode_next(final=last)
             cut = -1
             if len(self.ids) > job.params.min_tokens:  # as vLLM: no stop before min_tokens
                 cut = min(
@@ -104,6 +113,8 @@ class Sequence:
             self._searched = len(text)
             if cut >= 0:
                 text, job.finish_reason = text[:cut], "stop"
+            elif complete:  # nothing but an end token could follow
+                job.finish_reason = "stop"
             elif len(self.ids) >= job.params.max_tokens:
                 job.finish_reason = "length"
             job.text = text

@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from deltastore.store import NameError_, check_name
 from server.compose import Composition, CompositionError
 from server.deps import KeyDep, ReadyDep, StateDep
+from server.engine.grammar import Grammar
 from server.engine.job import Job, JobError, SamplingParams, TokenLogprob
 from server.engine.llm_engine import QueueFull
 from server.errors import APIError, body
@@ -59,6 +60,7 @@ from server.schemas import (
     _Sampling,
 )
 from server.state import AppState
+from server.structured import grammar_of
 
 router = APIRouter(tags=["openai"], dependencies=[KeyDep])
 COMPLETION_DEFAULT = 16  # OpenAI's default for /v1/completions
@@ -250,6 +252,7 @@ def _params(
     max_tokens: int,
     logprobs: int | None,
     prompt_logprobs: int | None,
+    grammar: Grammar | None = None,
 ) -> SamplingParams:
     if req.min_tokens > max_tokens:
         raise APIError(
@@ -276,6 +279,7 @@ def _params(
         min_tokens=req.min_tokens,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        grammar=grammar,
     )
 
 
@@ -433,11 +437,13 @@ async def completions(
             400, "max_tokens 0 needs echo (it scores the prompt)", "max_tokens", "max_tokens"
         )
     prompts, texts = await _prompt_ids(state, engine, req.prompt)
+    grammar = await grammar_of(state, engine, req)
     lp = req.logprobs
     plans = []
     for ids in prompts:
         budget = _max_tokens(state, engine, len(ids), req.max_tokens, COMPLETION_DEFAULT)
-        plans.append((ids, _params(state, engine, req, budget, lp, lp if req.echo else None)))
+        params = _params(state, engine, req, budget, lp, lp if req.echo else None, grammar)
+        plans.append((ids, params))
     render = _Render(False, req.echo, lp, tuple(texts))
     return await _serve(state, ready, request, req, variant, plans, render)
 
@@ -459,8 +465,9 @@ async def chat_completions(
     budget = _max_tokens(
         state, engine, len(ids), wanted, state.settings.max_new_tokens, "messages", which
     )
+    grammar = await grammar_of(state, engine, req)
     lp = (req.top_logprobs or 0) if req.logprobs else None
-    plans = [(ids, _params(state, engine, req, budget, lp, None))]
+    plans = [(ids, _params(state, engine, req, budget, lp, None, grammar))]
     return await _serve(state, ready, request, req, variant, plans, _Render(True, False, lp))
 
 
