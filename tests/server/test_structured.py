@@ -9,9 +9,12 @@ import json
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import jsonschema
+import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from tests.server.conftest import MAX_TOKENS, PROMPTS, LiveServer, make_settings
 
@@ -166,6 +169,29 @@ def test_a_held_stream_adds_up_to_valid_json(live):
     lps = [e for c in chunks for e in (c["choices"][0].get("logprobs") or {}).get("content") or []]
     assert lps and all(e["logprob"] <= 0 for e in lps)
     assert all(t["logprob"] >= -9999.0 for e in lps for t in e["top_logprobs"])
+
+
+def test_the_openai_client_parses_into_a_pydantic_model(live):
+    """What an OpenAI user writes: `chat.completions.parse` with a pydantic model (the
+    client sends it as a strict json_schema and parses the answer back)."""
+
+    class Person(BaseModel):
+        name: str = Field(max_length=6)
+        age: int = Field(ge=0, le=120)
+        city: Literal["Oslo", "Lima"]
+
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    for seed in range(3):
+        got = client.chat.completions.parse(
+            model="v2",
+            messages=CHAT,
+            response_format=Person,
+            max_completion_tokens=60,
+            temperature=1.0,
+            seed=seed,
+        )
+        choice = got.choices[0]
+        assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Person)
 
 
 @pytest.mark.parametrize(
