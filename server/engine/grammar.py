@@ -45,7 +45,7 @@ JSON_OPTIONS: JsonCompileOptions = {
 class GrammarKind(StrEnum):
     JSON_OBJECT = "json_object"  # any JSON object
     JSON_SCHEMA = "json_schema"  # spec: the schema, as JSON text
-    REGEX = "regex"  # spec: the pattern (the whole output matches it)
+    REGEX = "regex"  # spec: the pattern (the whole output matches it; `\d` is [0-9])
     CHOICE = "choice"  # spec: a JSON list of strings (the output is one of them)
 
 
@@ -56,7 +56,9 @@ def grammar_text(kind: GrammarKind, spec: str) -> str:
     if kind == GrammarKind.JSON_SCHEMA:
         return str(llg.LLMatcher.grammar_from_json_schema(spec, JSON_OPTIONS))
     if kind == GrammarKind.REGEX:
-        return str(llg.LLMatcher.grammar_from_regex(spec))
+        # `\d` is [0-9], as in a JSON schema's patterns (Rust's and Python's would also
+        # take the digits of every script); `\w` and `\s` keep Python's meaning
+        return str(llg.LLMatcher.grammar_from_lark(f"start: /{llg.regex_to_lark(spec, 'd')}/"))
     if kind == GrammarKind.CHOICE:
         # a Lark alternation of string literals (JSON's escapes are Lark's)
         lark = "start: " + " | ".join(json.dumps(c) for c in json.loads(spec))

@@ -312,8 +312,8 @@ def _allow(x: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor) -> torch.T
     words = packed.view(torch.int32)  # (C, W)
     shifts = torch.arange(32, dtype=torch.int32, device=x.device)
     bits = (words[:, :, None] >> shifts) & 1  # (C, W, 32)
-    allowed = bits.reshape(words.shape[0], -1)[:, : x.shape[1]] != 0  # (C, V)
-    picked = x.index_select(0, rows).masked_fill(~allowed, float("-inf"))
+    refused = bits.reshape(words.shape[0], -1)[:, : x.shape[1]] == 0  # (C, V)
+    picked = x.index_select(0, rows).masked_fill(refused, float("-inf"))
     return x.index_copy(0, rows, picked)
 
 
