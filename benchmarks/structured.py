@@ -340,7 +340,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="mask: matchers per step")
     ap.add_argument("--serve-rows", type=int, default=8, help="serve: requests at once")
     ap.add_argument("--max-tokens", type=int, default=32, help="serve: tokens per request")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=20, help="mask: replays of the answer")
+    ap.add_argument("--serve-repeats", type=int, default=1, help="serve: runs per setting")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/structured.json"))
     args = ap.parse_args()
     # as benchmarks/mixed.py: without it, small ops ran ~1000x slower here (OpenMP's pool)
@@ -354,7 +355,7 @@ def main() -> None:
     if args.part in ("mask", "both"):
         result["mask"] = mask_part(base_dir, args.libraries, args.rows, args.repeats)
     if args.part in ("serve", "both"):
-        result["serve"] = serve_part(base_dir, args.serve_rows, args.max_tokens, args.repeats)
+        result["serve"] = serve_part(base_dir, args.serve_rows, args.max_tokens, args.serve_repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
 
