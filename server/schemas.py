@@ -16,7 +16,6 @@ UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "logit_bias": None,
     "tools": None,
     "tool_choice": None,
-    "response_format": None,
     "functions": None,
     "parallel_tool_calls": None,
 }
@@ -30,12 +29,35 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_MESSAGES = 256
 MAX_N = 128  # choices per prompt (as OpenAI's chat); all choices also fit the queue
 MAX_PROMPTS = 256  # prompts in one completion request
+MAX_GUIDE_CHARS = 16_384  # a guided_regex
+MAX_CHOICES = 1024  # guided_choice's strings
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`: the schema the output is held to."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the output always follows the schema, strict or not
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: text (no constraint), any JSON object, or JSON
+    that validates against a schema (server/structured.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(BaseModel):
@@ -58,6 +80,11 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
     min_tokens: int = Field(0, ge=0)
+    # structured output (server/structured.py): OpenAI's shape, or one of vLLM's
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None  # a JSON schema (or its text)
+    guided_regex: str | None = Field(None, max_length=MAX_GUIDE_CHARS)
+    guided_choice: list[str] | None = Field(None, max_length=MAX_CHOICES)
 
     @field_validator("stop")
     @classmethod

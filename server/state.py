@@ -9,7 +9,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
@@ -21,6 +21,9 @@ from server.engine.detokenizer import TokenTexts
 from server.engine.job import Piece
 from server.engine.llm_engine import EngineAPI
 from server.metrics import Metrics
+
+if TYPE_CHECKING:
+    from server.engine.grammar import Grammars
 
 T = TypeVar("T")
 
@@ -50,6 +53,8 @@ class AppState:
     tokenizer: Any = None
     texts: TokenTexts | None = None
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+    # structured output's compiled grammars (server/structured.py), built on first use
+    grammars: Grammars | None = None
     # admin actions on one name run one at a time (upload, replace, delete, preload…)
     _name_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
         default_factory=weakref.WeakValueDictionary

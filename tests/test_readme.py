@@ -113,8 +113,8 @@ def test_the_admin_walkthrough_runs_as_written(walkthrough, tiny_dirs, tmp_path)
 def test_the_vllm_walkthrough_runs_as_written(tiny_dirs, offline_hub, tmp_path):
     """The README's block for vLLM users, verbatim through bash and curl: a base by Hub
     id (a tiny model laid out under that id in an offline Hub cache), a LoRA adapter
-    made by `finetune`, loaded, queried and unloaded through vLLM's routes. Only the
-    address is the test's."""
+    made by `finetune`, loaded, queried (with `response_format` too) and unloaded
+    through vLLM's routes. Only the address is the test's."""
     import contextlib
     import shutil
     import signal
@@ -159,7 +159,12 @@ def test_the_vllm_walkthrough_runs_as_written(tiny_dirs, offline_hub, tmp_path):
         pos = text.find("{", end)
     listed = next(b for b in bodies if b.get("object") == "list")
     assert [m["id"] for m in listed["data"]] == [hub_id]
-    chat = next(b for b in bodies if "choices" in b)
+    chat, held = [b for b in bodies if "choices" in b]
     assert chat["model"] == "support-bot" and chat["choices"][0]["message"]["content"]
+    # response_format: JSON under the schema, from a tiny model that knows no JSON
+    assert held["choices"][0]["finish_reason"] == "stop", held
+    answer = json.loads(held["choices"][0]["message"]["content"])
+    assert set(answer) == {"name", "age", "city"} and 0 <= answer["age"] <= 150
+    assert isinstance(answer["name"], str) and isinstance(answer["city"], str)
     assert not (work / "store" / "support-bot.delta.safetensors").exists()  # unloaded
     assert (work / "adapters" / "support-bot" / "adapter_config.json").is_file()

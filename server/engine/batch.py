@@ -133,7 +133,7 @@ def pack(
                 dec_idx.append(n)
                 dec_slots.append(s.slot)
                 dec_lens.append(s.length)
-                rows.append(Row(len(logit_rows), s.sampling, s.ids))
+                rows.append(Row(len(logit_rows), s.sampling, s.ids, s.grammar))
                 sampled.append(s)
                 logit_rows.append(n)
                 continue
@@ -150,7 +150,7 @@ def pack(
                     scores.append(ScoreRows(len(logit_rows), targets, s.prompt_logprobs_k))
                     logit_rows.extend(range(n, n + k))
             if ends and s.samples:
-                rows.append(Row(len(logit_rows), s.sampling, s.ids))
+                rows.append(Row(len(logit_rows), s.sampling, s.ids, s.grammar))
                 sampled.append(s)
                 logit_rows.append(n + chunk - 1)
         groups.append(Group(variant, g_start, len(ids), g_row, len(logit_rows)))

@@ -11,7 +11,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.engine.grammar import Grammar
 
 from deltastore.merge import MergeMethod
 
@@ -37,6 +40,7 @@ class SamplingParams:
     min_tokens: int = 0  # end tokens and stop strings are held off until this many
     logprobs: int | None = None  # per generated token: its logprob and this many alternatives
     prompt_logprobs: int | None = None  # the same per prompt token (the first has none)
+    grammar: Grammar | None = None  # structured output: the only tokens the choice may take
 
 
 Versions = tuple[Any, ...]  # file stamps (inode, size, mtime); None for a file that is gone

@@ -6,11 +6,20 @@ logits into one int64 tensor on the device (the tokens, and the log-probabilitie
 requests asked for, as fp32 bits), and `read` unpacks that tensor once it is on the
 host: that copy is the step's one designed device-to-host transfer.
 
-The order is vLLM's: `min_tokens` masks the end tokens; repetition, frequency and
-presence penalties change the raw logits; then temperature, top_k, min_p and top_p
-shape the distribution sampled from. A temperature below GREEDY_BELOW is greedy (argmax
-after the penalties). Log-probabilities are those of the raw logits, before any
-processing (vLLM's default, "raw_logprobs"): they score what the model says.
+The order is vLLM's: a constrained row's grammar (structured output, grammar.py) puts
+-inf on the tokens it does not allow; `min_tokens` masks the end tokens; repetition,
+frequency and presence penalties change the logits; then temperature, top_k, min_p and
+top_p shape the distribution sampled from. A temperature below GREEDY_BELOW is greedy
+(argmax after the penalties). Log-probabilities are those of the raw logits, before any
+processing (vLLM's default, "raw_logprobs"): they score what the model says; for a
+constrained row, those of its logits after the grammar's mask, as vLLM reports them (its
+bitmask is applied to the logits before its sampler reads them): the distribution over
+the tokens the row could take, which its tokens were drawn from.
+
+A step with constrained rows sends their bitmask with its other inputs: the (C, W)
+int32 words travel as (C, W / 2) int64 words in the step's one host-to-device copy
+(transfer.py), so the step still moves one copy each way; a step without constrained
+rows sends and computes nothing for them.
 
 Random draws: each row draws one uniform number u from its choice's seed and its step
 (a counter-based hash, computed on the host, so a seed gives the same tokens on every
@@ -26,11 +35,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from server.engine.grammar import Matcher, fill_bitmask
 from server.engine.job import SamplingParams, TokenLogprob
 from server.engine.transfer import Packer
 
 # Below this a temperature is greedy (as vLLM): dividing logits by it would overflow.
 GREEDY_BELOW = 1e-5
+LOGPROB_FLOOR = -9999.0  # vLLM's value for a logprob of -inf
 _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
 
@@ -86,6 +97,7 @@ class Row:
     logit_row: int
     choice: ChoiceSampling
     generated: list[int]
+    grammar: Matcher | None = None  # structured output: the choice's place in its grammar
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,7 @@ class SamplingBatch:
         self.min_p = any(p.min_p > 0.0 for p in ps)
         self.repetition = any(p.repetition_penalty != 1.0 for p in ps)
         self.counted = any(p.frequency_penalty or p.presence_penalty for p in ps)
+        self.constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
         self.masked = [
             (i, t)
             for i, r in enumerate(rows)
@@ -138,6 +151,10 @@ class SamplingBatch:
     def pack(self, p: Packer) -> None:
         rows = self.rows
         p.ints("s.rows", [r.logit_row for r in rows])
+        if self.constrained:
+            words = fill_bitmask([r.grammar for r in rows if r.grammar is not None])  # (C, W)
+            p.ints("s.constrained", self.constrained)
+            p.ints("s.allowed", torch.from_numpy(words).view(torch.int64), (len(words), -1))
         if self.masked:
             p.ints("s.mask", [x for pair in self.masked for x in pair], (-1, 2))
         if self.repetition:
@@ -188,6 +205,8 @@ class SamplingBatch:
         if self.rows:
             whole = self.identity and logits.shape[0] == len(self.rows)
             raw = logits if whole else logits.index_select(0, f["s.rows"])
+            if self.constrained:
+                raw = _allow(raw, f["s.constrained"], f["s.allowed"])
             x = self._process(raw, f)
             token = x.argmax(-1)
             if self.random:
@@ -287,9 +306,21 @@ class SamplingBatch:
         return sampled, scored
 
 
+def _allow(x: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x (S, V) with -inf on the tokens the constrained `rows` (C,) do not allow (a copy):
+    `packed` (C, W / 2) int64 is their (C, W) int32 bitmask, bit t % 32 of word t // 32."""
+    words = packed.view(torch.int32)  # (C, W)
+    shifts = torch.arange(32, dtype=torch.int32, device=x.device)
+    bits = (words[:, :, None] >> shifts) & 1  # (C, W, 32)
+    refused = bits.reshape(words.shape[0], -1)[:, : x.shape[1]] == 0  # (C, V)
+    picked = x.index_select(0, rows).masked_fill(refused, float("-inf"))
+    return x.index_copy(0, rows, picked)
+
+
 def _logprobs(raw: torch.Tensor, chosen: torch.Tensor, k: int) -> list[torch.Tensor]:
-    """The raw log-probability of `chosen` per row, and the k most likely (ids, values)."""
-    lp = torch.log_softmax(raw.to(torch.float32), dim=-1)
+    """The raw log-probability of `chosen` per row, and the k most likely (ids, values).
+    A token a grammar forbids (-inf) reports LOGPROB_FLOOR, as vLLM (JSON has no -inf)."""
+    lp = torch.log_softmax(raw.to(torch.float32), dim=-1).clamp_min(LOGPROB_FLOOR)
     parts = [_bits(lp.gather(1, chosen[:, None])[:, 0])]
     if k > 0:
         values, ids = torch.topk(lp, k, dim=-1)

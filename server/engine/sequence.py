@@ -1,6 +1,8 @@
 """Per-choice state in the engine: prompt progress, generated tokens, text (one
 incremental detokenizer, detokenizer.py), stop checks, log-probabilities (labelled with
-their tokens' texts), and what the choice's sampling needs."""
+their tokens' texts), and what the choice's sampling needs (its grammar's place too,
+for structured output: a choice whose grammar is complete ends with finish_reason
+"stop")."""
 
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ class Sequence:
         self._searched = 0  # characters of text already searched for stop strings
         self.sampling = ChoiceSampling.of(job.params, job.prompt_ids, eos)
         self.stop_ids = set(job.params.stop_token_ids)
+        grammar = job.params.grammar
+        self.grammar = grammar.matcher() if grammar is not None else None
         if job.params.prompt_logprobs is not None and not job.prompt_logprobs:
             job.prompt_logprobs.append(None)  # the first token has no context
 
@@ -89,7 +93,10 @@ class Sequence:
         job = self.job
         if job.first_token is None:
             job.first_token = time.perf_counter()
-        if (token in self.eos and not job.params.ignore_eos) or token in self.stop_ids:
+        ends = (token in self.eos and not job.params.ignore_eos) or token in self.stop_ids
+        if self.grammar is not None and not ends:
+            self.grammar.advance(token)  # raises for a token the mask should have refused
+        if ends:
             job.finish_reason = Finish.STOP
             if entry is not None:  # as vLLM: the end token is scored, not in the text
                 job.logprobs.append(self.texts.label(entry))
@@ -99,8 +106,9 @@ class Sequence:
             if entry is not None:
                 job.logprobs.append(self.texts.label(entry))
             job.completion_tokens += 1
-            final = len(self.ids) >= job.params.max_tokens
-            text = job.text + self.detokenizer.add(token, final)
+            complete = self.grammar is not None and self.grammar.complete
+            last = complete or len(self.ids) >= job.params.max_tokens
+            text = job.text + self.detokenizer.add(token, last)
             cut = -1
             if len(self.ids) > job.params.min_tokens:  # as vLLM: no stop before min_tokens
                 cut = min(
@@ -110,6 +118,8 @@ class Sequence:
             self._searched = len(text)
             if cut >= 0:
                 text, job.finish_reason = text[:cut], Finish.STOP
+            elif complete:  # nothing but an end token could follow
+                job.finish_reason = Finish.STOP
             elif len(self.ids) >= job.params.max_tokens:
                 job.finish_reason = Finish.LENGTH
             job.text = text

@@ -42,6 +42,7 @@ from server.schemas import (
     TokenizeResponse,
 )
 from server.state import AppState
+from server.structured import grammar_of
 
 router = APIRouter(tags=["openai"], dependencies=[KeyDep])
 
@@ -96,11 +97,13 @@ async def completions(
             400, "max_tokens 0 needs echo (it scores the prompt)", "max_tokens", "max_tokens"
         )
     prompts, texts = await plan.prompt_ids(state, engine, req.prompt)
+    grammar = await grammar_of(state, engine, req)
     lp = req.logprobs
     plans = []
     for ids in prompts:
         budget = plan.max_tokens(state, engine, len(ids), req.max_tokens, plan.COMPLETION_DEFAULT)
-        plans.append((ids, plan.params(state, engine, req, budget, lp, lp if req.echo else None)))
+        params = plan.params(state, engine, req, budget, lp, lp if req.echo else None, grammar)
+        plans.append((ids, params))
     how = render.Render(False, req.echo, lp, tuple(texts))
     return await _serve(state, ready, request, req, target, plans, how)
 
@@ -123,7 +126,8 @@ async def chat_completions(
         state, engine, len(ids), wanted, state.settings.max_new_tokens, "messages", which
     )
     lp = (req.top_logprobs or 0) if req.logprobs else None
-    plans = [(ids, plan.params(state, engine, req, budget, lp, None))]
+    grammar = await grammar_of(state, engine, req)
+    plans = [(ids, plan.params(state, engine, req, budget, lp, None, grammar))]
     return await _serve(state, ready, request, req, target, plans, render.Render(True, False, lp))
 
 

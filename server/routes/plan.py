@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from server.engine.grammar import Grammar
 from server.engine.job import SamplingParams
 from server.errors import APIError
 from server.schemas import MAX_PROMPTS, SEED_MAX, SEED_MIN, ChatMessage, SamplingFields
@@ -121,6 +122,7 @@ def params(
     max_tokens: int,
     logprobs: int | None,
     prompt_logprobs: int | None,
+    grammar: Grammar | None = None,
 ) -> SamplingParams:
     if req.min_tokens > max_tokens:
         raise APIError(
@@ -147,6 +149,7 @@ def params(
         min_tokens=req.min_tokens,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        grammar=grammar,
     )
 
 

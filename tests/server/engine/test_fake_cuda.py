@@ -3,10 +3,11 @@ for a Llama (tied and untied head) and the families whose forward differs most (
 soft-capped attention and sandwich norms, Gemma 3's per-head norms and two ropes, Phi-3's
 fused checkpoint tensors, Qwen2's biases): a prompt chunk, decode rows of nine variants
 and the base, one variant merged in place beside them, the embedding and head deltas,
-vector deltas, and sampling with every processor, logprobs and prompt scoring. Every
-tensor of the step is on the device (a mix raises), no op depends on data for its
-shape (that raises too), and the step moves one copy in and one copy out, with no other
-host read of a device value."""
+vector deltas, and sampling with every processor, logprobs and prompt scoring, rows held
+to a grammar (structured output) among them. Every tensor of the step is on the device
+(a mix raises), no op depends on data for its shape (that raises too), and the step
+moves one copy in and one copy out, with no other host read of a device value: the
+constrained rows' token bitmask travels in the step's one copy in."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from deltastore.apply import FlatWeights, apply_delta_, bind, revert_delta_
 from deltastore.format import Delta, DeltaMeta, TensorDelta
 from deltastore.testing import family_model
 from server.engine.batch import Packing, pack
+from server.engine.grammar import GrammarKind, Grammars
 from server.engine.job import Job, SamplingParams
 from server.engine.kv_cache import KVCache
 from server.engine.model_runner import ModelRunner
@@ -49,6 +51,11 @@ def _sequence(
     return Sequence(job, slot, tiny_tokenizer(), {256})
 
 
+def _json_grammar(model: torch.nn.Module):
+    table = Grammars(tiny_tokenizer(), int(model.config.vocab_size), {256})
+    return table.get(GrammarKind.JSON_OBJECT, "")
+
+
 MODELS = {
     "llama-tied-head": lambda: make_model(0, tie_word_embeddings=True),
     "llama-own-head": lambda: make_model(0, tie_word_embeddings=False),
@@ -67,6 +74,7 @@ def test_a_mixed_step_runs_on_the_device_with_one_copy_each_way(kind):
         SamplingParams(8, temperature=1.2, seed=2, top_p=0.7, min_p=0.05),
         SamplingParams(8, temperature=0.5, repetition_penalty=1.2, frequency_penalty=0.3),
         SamplingParams(8, temperature=0.0, presence_penalty=0.5, min_tokens=4),
+        SamplingParams(8, temperature=0.9, seed=4, logprobs=2, grammar=_json_grammar(model)),
     ]
     FlatWeights.from_module(model)  # adjacent weights, as the engine lays them out
     host_runner = ModelRunner(
@@ -131,6 +139,7 @@ def test_a_mixed_step_runs_on_the_device_with_one_copy_each_way(kind):
         assert batch.step.sampling is not None
         out = batch.sampling.run(logits, batch.step.sampling)
         host = out.cpu()
+        assert batch.sampling.constrained, "rows held to a grammar are in the step"
         assert moved.h2d == 1, f"{moved.h2d} copies to the device in one step"
         assert moved.d2h == 1, f"{moved.d2h} copies back in one step"
         assert moved.reads == [], f"host reads of device values: {moved.reads}"
