@@ -29,7 +29,7 @@ def get_ready(state: StateDep) -> tuple[Engine, EngineAPI]:
             if state.load_error
             else "loading the base model"
         )
-        raise APIError(503, f"not ready: {reason}", "not_ready")
+        raise APIError(503, f"not ready: {reason}", "not_ready", retry_after=5)
     if state.engine.broken is not None:
         raise APIError(
             503, "not ready: the resident weights could not be verified", "weights_unavailable"

@@ -25,11 +25,20 @@ _TYPES = {
 
 
 class APIError(Exception):
+    """An error response. `retry_after` (seconds) goes out as the Retry-After header:
+    a client that honours it (the OpenAI SDK does) waits that long before retrying."""
+
     def __init__(
-        self, status: int, message: str, code: str | None = None, param: str | None = None
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.retry_after = retry_after
 
 
 def body(
@@ -73,7 +82,9 @@ def validation_body(e: RequestValidationError) -> dict[str, object]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api(request: Request, e: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
+        if e.retry_after is not None:
+            headers["Retry-After"] = str(e.retry_after)
         message = e.message
         rid = getattr(request.state, "request_id", None)
         if e.status >= 500 and rid:

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from server.engine.grammar import Grammar, GrammarKind, Grammars
 from server.engine.sequence import end_token_ids
 from server.errors import APIError
-from server.schemas import _Sampling
+from server.schemas import SamplingFields
 from server.state import AppState
 
 MAX_MESSAGE = 400  # characters of the grammar library's reason shown to the client
@@ -53,7 +53,7 @@ def _schema_text(schema: Any, param: str) -> str:
     return json.dumps(schema, sort_keys=True, separators=(",", ":"))
 
 
-def spec_of(req: _Sampling) -> Spec | None:
+def spec_of(req: SamplingFields) -> Spec | None:
     """The constraint a request asks for (None: none); a 400 when it asks for several
     or for one that cannot be (an empty guided_choice, a json_schema without schema)."""
     fmt = (
@@ -111,7 +111,7 @@ def grammars(state: AppState, engine: Any) -> Grammars:
     return state.grammars
 
 
-async def grammar_of(state: AppState, engine: Any, req: _Sampling) -> Grammar | None:
+async def grammar_of(state: AppState, engine: Any, req: SamplingFields) -> Grammar | None:
     """The compiled grammar the request's choices are held to (None: unconstrained);
     a 400 naming the field when it cannot be compiled."""
     spec = spec_of(req)

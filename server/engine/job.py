@@ -126,6 +126,7 @@ class JobError:
     message: str
     status: int = 500
     code: str = "generation_failed"
+    retry_after: int | None = None  # seconds, for the Retry-After header
 
 
 INTERNAL = JobError("generation failed on an internal error")
@@ -134,6 +135,7 @@ NO_ROOM = JobError(
     "pinned there; retry later, or ask the operator to raise --mixed-cache-bytes",
     503,
     "layout_cache_full",
+    retry_after=5,  # pinned layouts are released as their requests finish
 )
 UNAVAILABLE = JobError(
     "the server cannot verify its resident weights and refuses to serve", 503, "weights_unavailable"

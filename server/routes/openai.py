@@ -206,7 +206,7 @@ async def _serve(
             scheduler.submit(job)
     except QueueFull as e:
         pending.cancel()  # the choices already queued are dropped at admission
-        raise APIError(429, f"server busy: {e}", "queue_full") from e
+        raise APIError(429, f"server busy: {e}", "queue_full", retry_after=1) from e
     fp = target.fingerprint if target is not None else base_fingerprint(state)
     rid = f"{'chatcmpl' if how.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     head = render.Head(rid, int(time.time()), req.model, fp, how.chat)

@@ -261,7 +261,7 @@ async def wait(pending: Pending, request: Request) -> list[Job]:
             elif kind == Event.ERROR:
                 pending.cancel()
                 error: JobError = payload
-                raise APIError(error.status, error.message, error.code)
+                raise APIError(error.status, error.message, error.code, None, error.retry_after)
         return pending.jobs
 
     async def disconnected() -> None:

@@ -162,7 +162,9 @@ async def door(
         return None
     if any(n in state.replacing for n in target.files):
         if state.at_door >= state.settings.queue_limit:  # they count as queued
-            raise APIError(429, f"server busy: {target.key!r} is being replaced", "queue_full")
+            raise APIError(
+                429, f"server busy: {target.key!r} is being replaced", "queue_full", retry_after=1
+            )
         state.at_door += 1
         try:
             loop = asyncio.get_running_loop()

@@ -452,6 +452,7 @@ def test_requests_waiting_for_a_replace_are_bounded(live):
     try:
         r = live.client.post("/v1/completions", json={"model": "v0", "prompt": PROMPT})
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        assert r.headers["retry-after"] == "1"  # the OpenAI SDK waits that long, then retries
         other = live.client.post("/v1/completions", json={"model": "v1", "prompt": PROMPT})
         assert other.status_code == 200
     finally:

@@ -343,7 +343,7 @@ def test_not_ready_is_503(tmp_path):
         assert r.status_code == 503 and "server log" in message
         assert "no-such-base" not in message  # internal detail stays in the log
         r = srv.client.post("/v1/completions", json={"model": "x", "prompt": "y"})
-        assert r.status_code == 503
+        assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
         assert srv.client.get("/health").status_code == 200
     finally:
         srv.stop()
