@@ -2,7 +2,8 @@
 over the whole q range.
 
     python -m benchmarks.qcurve [--finetunes arith-large,...] [--methods darex-q,mix]
-                                [--rates 0.99,0.999] [--report]
+                                [--rates 0.99,0.999] [--no-val] [--max-multiple K]
+                                [--report]
 
 For one fine-tune of the fidelity study (benchmarks/fidelity.py, same cache), one
 mask (one method and rate, seed 0, as `deltaserve compress` draws it) and each q of
@@ -12,9 +13,9 @@ calibration text (deltastore.calib.measure: logit MSE, KL with and without its t
 bucket, hidden-state MSE, the position-weighted KL, the KL on the fine-tune's greedy
 replies to the calibration prompts, and the share of those replies' tokens and of
 whole replies the candidate reproduces), and score exact match on the validation and
-the test split. The fine-tune and the base are measured the same way once per
-fine-tune: the base's agreement with the fine-tune's continuations is the floor of
-the fidelity estimate (deltastore.fidelity).
+the test split (--no-val: the test split only). The fine-tune and the base are
+measured the same way once per fine-tune: the base's agreement with the fine-tune's
+continuations is the floor of the fidelity estimate (deltastore.fidelity).
 
 Then: which q each objective's optimum picks on that grid, and what it scores on
 test, beside the labelled pick (best validation accuracy) and the best test cell;
@@ -144,7 +145,8 @@ def run(args: argparse.Namespace) -> None:
                 pruned = _prune(ft, opts, Calibration(stats=stats))
                 trial = ScaledDeltaModel(model, pruned.tensors, pruned.fixed)
                 sparse = [t.name for t in pruned.tensors if not t.dense]
-                for q in tqdm(grid(opts.q_min), desc=f"{ft_name} {method} {rate}"):
+                q_max = min(1.0, opts.q_min * args.max_multiple)
+                for q in tqdm(grid(opts.q_min, q_max), desc=f"{ft_name} {method} {rate}"):
                     key = f"{ft_name}|{method}|{rate}|{q}"
                     old = results.get(key)
                     if old is not None and old.get(REPLIES):
@@ -156,11 +158,11 @@ def run(args: argparse.Namespace) -> None:
                             _save(args.out, results)
                             continue
                         point = measure_all(m, ids, ref)
-                        acc_val = exact_match(m, tokenizer, val, batch=SCORE_BATCH)
+                        if args.val:
+                            point["val"] = exact_match(m, tokenizer, val, batch=SCORE_BATCH)
                         acc_test = exact_match(m, tokenizer, test, batch=SCORE_BATCH)
                     results[key] = {
                         **point,
-                        "val": acc_val,
                         "test": acc_test,
                         "seconds": round(time.perf_counter() - t0, 1),
                         REPLIES: True,
@@ -406,6 +408,19 @@ def main() -> None:
     ap.add_argument("--methods", type=_csv(str, METHODS), default=["darex-q"])
     ap.add_argument("--rates", type=_csv(float), default=[0.99, 0.999])
     ap.add_argument("--n-test", type=int, default=64, help="validation and test examples")
+    ap.add_argument(
+        "--no-val",
+        dest="val",
+        action="store_false",
+        help="score each point on the test split only (no labelled pick; a third faster)",
+    )
+    ap.add_argument(
+        "--max-multiple",
+        type=float,
+        default=math.inf,
+        help="end the grid at this multiple of 1-p (default: q = 1); on a small delta the "
+        "accuracy is the base's long before q = 1",
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/qcurve-objectives.json"))
     ap.add_argument("--plot", type=Path, default=Path("benchmarks/results/qcurve-objectives.png"))
     ap.add_argument("--report", action="store_true", help="only print the tables and plot")
