@@ -115,10 +115,13 @@ def add_commands(sub: Any) -> None:
         type=_arg(parse_objective),
         choices=list(Objective),
         default=DEFAULT_OBJECTIVE,
-        help="what an unlabelled q search minimises on the calibration text: kl (default; "
-        "KL divergence from the fine-tune's next-token distribution), logit-mse (the "
-        "DAREx paper's: MSE of the fine-tune's top-5 logits) or hidden-mse (every layer's "
-        "hidden state)",
+        help="what an unlabelled q search minimises: generated-kl (default: the KL "
+        "divergence from the fine-tune on its own greedy replies to the calibration "
+        "prompts; kl on a text with no prompt in the chat format), kl (on the whole "
+        "calibration text), weighted-kl (positions weighted by how far the fine-tune "
+        "moved there), agreement (the share of the replies' tokens reproduced), "
+        "logit-mse (the DAREx paper's: MSE of the fine-tune's top-5 logits) or "
+        "hidden-mse (every layer's hidden state)",
     )
     c.add_argument(
         "--q-groups",

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from deltastore.apply import FlatWeights, apply_delta_, bind, revert_delta_
 from deltastore.calib import (
     DEFAULT_OBJECTIVE,
+    FALLBACK_OBJECTIVE,
     Example,
     InputStats,
     Objective,
@@ -225,6 +226,9 @@ class Calibration:
     stats: InputStats | None = None
     examples: list[Example] = field(default_factory=list)
     base_agreement: Agreement | None = None  # the estimate's floor (filled when first used)
+    # what an unlabelled search minimises on this calibration: the one asked for, or,
+    # for the default on a text with no prompt in the chat format, FALLBACK_OBJECTIVE
+    objective: Objective | None = None
 
 
 def _calibrate(
@@ -244,10 +248,20 @@ def _calibrate(
     if opts.estimates or (o is not None and o.on_continuations):
         prompts = load_prompts(opts.calib, tokenizer)
         if not prompts and o is not None and o.on_continuations:
-            raise ValueError(
-                f"--q-objective {o}: {opts.calib} holds no prompt in the chat format (text "
-                f"that holds the chat template's reply header {generation_header(tokenizer)!r})"
+            if o is not DEFAULT_OBJECTIVE:
+                raise ValueError(
+                    f"--q-objective {o}: {opts.calib} holds no prompt in the chat format "
+                    "(text that holds the chat template's reply header "
+                    f"{generation_header(tokenizer)!r})"
+                )
+            log.warning(
+                "%s holds no prompt in the chat format: the q search minimises %s, not %s",
+                opts.calib,
+                FALLBACK_OBJECTIVE,
+                o,
             )
+            o = FALLBACK_OBJECTIVE
+    cal.objective = o
     base_lp = None
     if o is not None and o.needs_base:
         log.info("calibration: %s tokens through the base", cal.ids.numel())
@@ -335,7 +349,7 @@ def _search(
     """Returns per-tensor q and the search record for the metadata."""
     assert opts.q_search is not None
     tensors = trial.tensors
-    objective = opts.objective_in_use or DEFAULT_OBJECTIVE
+    objective = cal.objective or opts.objective_in_use or DEFAULT_OBJECTIVE
 
     def score(scales: dict[str, float], how: QSearch) -> float:
         with trial.scaled(scales) as m:

@@ -166,7 +166,9 @@ def delta_stats(ft: FinetuneSource, progress: bool = True) -> list[TensorStats]:
 
 
 def _on(have_labels: bool) -> str:
-    return "on labels (q_v)" if have_labels else "on calibration text (q_e, by KL divergence)"
+    if have_labels:
+        return "on labels (q_v)"
+    return f"on calibration text (q_e, by {DEFAULT_OBJECTIVE.value})"
 
 
 @dataclass(frozen=True)

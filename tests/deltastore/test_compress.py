@@ -366,7 +366,7 @@ def test_mix_search_scores_the_delta_it_stores(pair, tiny_dirs):
     model = base.load_model(torch.float32)
     weights = FlatWeights.from_module(model)
     apply_delta_(weights, bind(delta, weights))
-    assert rec["objective"] == "kl"  # the default
+    assert rec["objective"] == "kl"  # the default's, on a text with no chat prompt
     kl = objectives(model, ids, ref, (Objective.KL,))[Objective.KL]
     assert kl == pytest.approx(rec["best_value"], rel=0.02)
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from deltastore.calib import Example
+from deltastore.calib import DEFAULT_OBJECTIVE, FALLBACK_OBJECTIVE, Example
 from deltastore.compress import CompressOptions, Compressor, compress
 from deltastore.fidelity import (
     THRESHOLD,
@@ -74,7 +74,10 @@ def test_the_estimate_falls_with_the_rate_and_is_whole_without_pruning(decisive)
     kept = {}
     for rate in (0.0, 0.5, 0.99):
         opts = _opts(decisive, rate) if rate else _opts(decisive, rate, q_search=None, q=1.0)
-        fid = run(opts).meta.fidelity
+        meta = run(opts).meta
+        if rate:  # the default objective: the KL on the fine-tune's replies
+            assert meta.q_search["objective"] == DEFAULT_OBJECTIVE.value.replace("-", "_")
+        fid = meta.fidelity
         assert fid is not None
         est = Estimate.from_dict(fid)
         assert est.continuations >= 8 and est.finetune == 1.0 and est.base == 0.0
@@ -147,7 +150,10 @@ def test_no_estimate_without_prompts_in_the_chat_format(decisive, tmp_path, caps
     args = ["compress", decisive["base"], decisive["ft"], "-o", out, "--rate", "0.99"]
     assert main([str(a) for a in [*args, "--q-search", "unlabelled", "--calib", raw]]) == 0
     assert "holds no prompt in the chat format" in capsys.readouterr().out
-    assert load_delta(out).meta.fidelity is None
+    stored = load_delta(out).meta
+    assert stored.fidelity is None
+    # the default objective needs replies to prompts: on this text it is the KL
+    assert stored.q_search["objective"] == FALLBACK_OBJECTIVE.value.replace("-", "_")
     bad = [*args, "--force", "--q-search", "unlabelled", "--q-objective", "agreement"]
     assert main([str(a) for a in [*bad, "--calib", raw]]) == 2
     assert "no prompt in the chat format" in capsys.readouterr().err
