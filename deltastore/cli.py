@@ -22,8 +22,6 @@ from deltastore.materialize import materialize
 from deltastore.merge import MergeMethod, merge
 from deltastore.methods import MIX_TOP, Method, check_rate, parse_method
 from deltastore.progress import show_progress
-from deltastore.qsearch import QGroups, QSearch, parse_q_grid, parse_q_groups, parse_q_search
-from deltastore.recommend import Recommendation, delta_stats, natural_key, recommend
 from deltastore.qsearch import (
     QGrid,
     QGroups,
@@ -316,6 +314,8 @@ def add_commands(sub: Any) -> None:
 
 class FidelityRefused(ValueError):
     """compress would write a variant estimated to have lost its fine-tune."""
+
+
 MODEL_REF = (
     "a Hugging Face model directory (safetensors), a GGUF file, or a Hub id org/name "
     "(through the Hugging Face cache; HF_HUB_OFFLINE, HF_TOKEN from the environment)"

@@ -89,6 +89,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
 def lay_out_hub(hub: Path, repo_id: str, src: Path, revision: str = "main") -> Path:
     """Put the files of directory `src` into a Hugging Face Hub cache rooted at `hub`
     as `huggingface_hub` lays them out: content-addressed blobs, a snapshot of

@@ -196,6 +196,8 @@ def test_the_app_refuses_it_too_and_never_falls_back(tmp_path):
         assert r.status_code == 503 and "failed" in r.text
     finally:
         srv.stop()
+
+
 def _serve(args: list[str], port: int) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", *args, "--port", str(port), "--no-demo"],
