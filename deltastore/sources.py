@@ -307,6 +307,10 @@ class FullFinetune(FinetuneSource):
                 f"not in base {extra}"
             )
 
+    @property
+    def finetuned(self) -> ModelSource:
+        return self._ft
+
     def deltas(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.base.names():
             b, f = self.base.get(name), self._ft.get(name)
@@ -378,20 +382,29 @@ class LoraFinetune(FinetuneSource):
                 alpha = float(value)
         return alpha / math.sqrt(r) if self._cfg.get("use_rslora") else alpha / r
 
+    def delta(self, name: str) -> torch.Tensor | None:
+        """The fp32 delta of base tensor `name`; None when the adapter leaves it alone."""
+        m = name.removesuffix(".weight")
+        if m == name or m not in self._modules:
+            return None
+        a = self._tensors[f"{self._PREFIX}{m}.lora_A.weight"].to(torch.float32)
+        b = self._tensors.get(f"{self._PREFIX}{m}.lora_B.weight")
+        if b is None:
+            raise SourceError(f"{self.path}: {m} has lora_A but no lora_B")
+        delta = self._scale(m, a.shape[0]) * (b.to(torch.float32) @ a)
+        if self._cfg.get("fan_in_fan_out"):
+            delta = delta.T
+        if tuple(delta.shape) != self.base.shape(name):
+            raise SourceError(
+                f"{name}: LoRA delta shape {tuple(delta.shape)}, base {self.base.shape(name)}"
+            )
+        return delta
+
     def deltas(self) -> Iterator[tuple[str, torch.Tensor]]:
         for m in self._modules:
-            a = self._tensors[f"{self._PREFIX}{m}.lora_A.weight"].to(torch.float32)
-            b = self._tensors.get(f"{self._PREFIX}{m}.lora_B.weight")
-            if b is None:
-                raise SourceError(f"{self.path}: {m} has lora_A but no lora_B")
-            delta = self._scale(m, a.shape[0]) * (b.to(torch.float32) @ a)
-            if self._cfg.get("fan_in_fan_out"):
-                delta = delta.T
             name = f"{m}.weight"
-            if tuple(delta.shape) != self.base.shape(name):
-                raise SourceError(
-                    f"{name}: LoRA delta shape {tuple(delta.shape)}, base {self.base.shape(name)}"
-                )
+            delta = self.delta(name)
+            assert delta is not None
             yield name, delta
 
 
