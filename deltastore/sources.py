@@ -318,7 +318,11 @@ class FullFinetune(FinetuneSource):
                 raise SourceError(
                     f"{name}: shape {tuple(f.shape)} in fine-tune, {tuple(b.shape)} in base"
                 )
-            yield name, f.to(torch.float32) - b.to(torch.float32)
+            # fp32 arithmetic without a second fp32 copy (an 8B's embedding: 2 GB each)
+            delta = f.to(torch.float32, copy=True)
+            delta.sub_(b)
+            del b, f  # not held while the caller prunes
+            yield name, delta
 
     def load_model(self, dtype: torch.dtype = torch.float32) -> Any:
         return self._ft.load_model(dtype)
