@@ -29,8 +29,10 @@ actions reach it as jobs run on that thread between batches.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -109,14 +111,54 @@ class WeightsUnavailable(RuntimeError):
     """The resident weights could not be restored to a known state: refuse to serve."""
 
 
-def digest(weights: FlatWeights) -> str:
-    """sha256 over every resident byte (on CPU; a GPU buffer is copied in chunks)."""
+def digest(weights: FlatWeights, lock: threading.Lock | None = None) -> str:
+    """sha256 over every resident byte (on CPU; a GPU buffer is copied in chunks),
+    each 64 MB chunk read under `lock` when given."""
     h = hashlib.sha256()
     for buf in weights.buffers:
         raw = buf.view(torch.uint8)
         for s in range(0, raw.numel(), 1 << 26):
-            h.update(raw[s : s + (1 << 26)].cpu().numpy().data)
+            with lock or contextlib.nullcontext():
+                h.update(raw[s : s + (1 << 26)].cpu().numpy().data)
     return h.hexdigest()
+
+
+class BaseDigest:
+    """`digest` of the resident base, taken in a background thread from load on, so
+    that /ready does not wait for it (16 GB at 8B: ~10 s on 2 cores). `value()` waits
+    for it; the engine asks before its first write to the weights, so the digest is of
+    the base as loaded. A write that cannot wait (the cost model's timing of a swap at
+    startup) holds `lock`: the digest reads each chunk under it."""
+
+    def __init__(self, weights: FlatWeights) -> None:
+        self._value: str | None = None
+        self._error: BaseException | None = None
+        self.seconds = 0.0
+        self.lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._take, args=(weights,), name="base-digest", daemon=True
+        )
+        self._thread.start()
+
+    def _take(self, weights: FlatWeights) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._value = digest(weights, self.lock)  # hashlib releases the GIL: serving goes on
+        except BaseException as e:  # raised to whoever needs the value
+            self._error = e
+        self.seconds = time.perf_counter() - t0
+        log.info("base digest taken in %.1f s", self.seconds)
+
+    @property
+    def ready(self) -> bool:
+        return not self._thread.is_alive()
+
+    def value(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise WeightsUnavailable("the base's digest could not be taken") from self._error
+        assert self._value is not None
+        return self._value
 
 
 class Engine:
@@ -139,7 +181,7 @@ class Engine:
         self.params = dict(self.model.named_parameters())  # tied weights appear once
         self._views = {n: self.weights.tensor(n) for n in self.params}
         self._ptrs = {n: v.data_ptr() for n, v in self._views.items()}
-        self.base_digest = digest(self.weights)
+        self._digest = BaseDigest(self.weights)  # in the background: /ready does not wait
         self.broken: str | None = None  # set when the base could not be restored
         self._dirty = False  # a write to the weights or their bindings is under way
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
@@ -161,6 +203,16 @@ class Engine:
         self._uses: dict[str, float] = {}  # variant -> recent activations (aged)
         self._activations = 0
         self.materialize_after = settings.materialize_after
+
+    @property
+    def digest_lock(self) -> threading.Lock:
+        """Held by a write to the resident weights made while the digest may be taken."""
+        return self._digest.lock
+
+    @property
+    def base_digest(self) -> str:
+        """sha256 of the resident base as loaded (waits while it is being taken)."""
+        return self._digest.value()
 
     @property
     def tiers(self) -> tuple[ByteLRU[Any], ...]:
@@ -213,6 +265,7 @@ class Engine:
         return victim is None or uses > self._uses.get(victim, 0.0)
 
     def _activate(self, name: str, force: bool) -> None:
+        self._digest.value()  # taken before any write: the digest is of the base as loaded
         self.revalidate(name)
         self._count_use(name)
         tensors = self.materialized.get(name)

@@ -288,10 +288,14 @@ def _choice_seed(seed: int | None, j: int) -> int | None:
 
 
 async def fingerprint(state: AppState, variant: str | None) -> str | None:
-    """`system_fingerprint`: of the base's weights, or of the variant's delta file."""
+    """`system_fingerprint`: of the base's weights (their files' fingerprint and the
+    dtype they are served in), or of the variant's delta file."""
     if variant is None:
-        digest = getattr(state.engine, "base_digest", None)
-        return f"fp_{digest[:16]}" if digest else None
+        engine = state.engine
+        if engine is None:
+            return None
+        served = f"{engine.fingerprint}|{engine.dtype}".encode()
+        return f"fp_{hashlib.sha256(served).hexdigest()[:16]}"
     comp = state.compositions.resolve(variant)
     try:
         if comp is None:
