@@ -130,6 +130,14 @@ class SafetensorsModel(ModelSource):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> torch.dtype:
+        from deltastore.shards import DTYPE_OF
+
+        stored = self._handle(name).get_slice(name).get_dtype()
+        if stored not in DTYPE_OF:
+            raise SourceError(f"{self.path}: {name} has dtype {stored!r}, which is not read")
+        return DTYPE_OF[stored]
+
     def get(self, name: str) -> torch.Tensor:
         return self._handle(name).get_tensor(name)
 
