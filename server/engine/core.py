@@ -34,10 +34,11 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -60,6 +61,7 @@ from server.config import Settings
 from server.engine.cache import ByteLRU, CacheFull
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 AGE_EVERY = 1000  # activations between halvings of the use counts
 
 
@@ -123,40 +125,40 @@ def digest(weights: FlatWeights, lock: threading.Lock | None = None) -> str:
     return h.hexdigest()
 
 
-class BaseDigest:
-    """`digest` of the resident base, taken in a background thread from load on, so
-    that /ready does not wait for it (16 GB at 8B: ~10 s on 2 cores). `value()` waits
-    for it; the engine asks before its first write to the weights, so the digest is of
-    the base as loaded. A write that cannot wait (the cost model's timing of a swap at
-    startup) holds `lock`: the digest reads each chunk under it."""
+class Background(Generic[T]):
+    """A value made in a background thread from load on, so that /ready does not wait
+    for it (an 8B base's digest or fingerprint: ~10 s or more on 2 cores). `value()`
+    waits for it and raises what making it raised."""
 
-    def __init__(self, weights: FlatWeights) -> None:
-        self._value: str | None = None
+    def __init__(self, what: str, make: Callable[[], T]) -> None:
+        self.what = what
+        self._value: T | None = None
         self._error: BaseException | None = None
         self.seconds = 0.0
-        self.lock = threading.Lock()
-        self._thread = threading.Thread(
-            target=self._take, args=(weights,), name="base-digest", daemon=True
-        )
+        self._thread = threading.Thread(target=self._make, args=(make,), name=what, daemon=True)
         self._thread.start()
 
-    def _take(self, weights: FlatWeights) -> None:
+    def _make(self, make: Callable[[], T]) -> None:
         t0 = time.perf_counter()
         try:
-            self._value = digest(weights, self.lock)  # hashlib releases the GIL: serving goes on
+            self._value = make()  # hashlib releases the GIL: serving goes on meanwhile
         except BaseException as e:  # raised to whoever needs the value
             self._error = e
         self.seconds = time.perf_counter() - t0
-        log.info("base digest taken in %.1f s", self.seconds)
+        log.info("%s taken in %.1f s", self.what, self.seconds)
 
     @property
     def ready(self) -> bool:
         return not self._thread.is_alive()
 
-    def value(self) -> str:
+    def known(self) -> T | None:
+        """The value if made, else None (never waits)."""
+        return self._value if self.ready else None
+
+    def value(self) -> T:
         self._thread.join()
         if self._error is not None:
-            raise WeightsUnavailable("the base's digest could not be taken") from self._error
+            raise WeightsUnavailable(f"the {self.what} could not be taken") from self._error
         assert self._value is not None
         return self._value
 
@@ -174,14 +176,21 @@ class Engine:
         self.compositions = compositions or Compositions(store, settings.max_composition_members)
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
-        self.fingerprint = fingerprint(source)
+        # the files' fingerprint (cached beside them: computed on a first start only)
+        # and the resident bytes' digest are made in the background: /ready waits for
+        # neither; a delta's check waits for the first, a write to the weights for the
+        # second (so the digest is of the base as loaded)
+        self._fingerprint = Background("base fingerprint", lambda: fingerprint(source))
         self.tokenizer: Any = source.load_tokenizer()
         self.model: Any = source.load_model(self.dtype).to(self.device).eval()
-        self.weights = FlatWeights.from_module(self.model, self.fingerprint)
+        self.weights = FlatWeights.from_module(self.model, self._fingerprint.value)
         self.params = dict(self.model.named_parameters())  # tied weights appear once
         self._views = {n: self.weights.tensor(n) for n in self.params}
         self._ptrs = {n: v.data_ptr() for n, v in self._views.items()}
-        self._digest = BaseDigest(self.weights)  # in the background: /ready does not wait
+        # held by a write to the weights made while the digest may be read (the cost
+        # model's swap timing at startup): the digest reads each chunk under it
+        self.digest_lock = threading.Lock()
+        self._digest = Background("base digest", lambda: digest(self.weights, self.digest_lock))
         self.broken: str | None = None  # set when the base could not be restored
         self._dirty = False  # a write to the weights or their bindings is under way
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
@@ -205,9 +214,13 @@ class Engine:
         self.materialize_after = settings.materialize_after
 
     @property
-    def digest_lock(self) -> threading.Lock:
-        """Held by a write to the resident weights made while the digest may be taken."""
-        return self._digest.lock
+    def fingerprint(self) -> str:
+        """The base files' fingerprint (waits while it is being taken)."""
+        return self._fingerprint.value()
+
+    def known_fingerprint(self) -> str | None:
+        """The fingerprint, or None while it is being taken (never waits)."""
+        return self._fingerprint.known()
 
     @property
     def base_digest(self) -> str:

@@ -131,7 +131,9 @@ def _not_found(state: AppState, name: str, what: str = "model") -> APIError:
 
 
 def check_members(state: AppState, name: str, comp: Composition) -> None:
-    base = getattr(state.engine, "fingerprint", None)
+    # the engine checks each member against the base when it loads it; this earlier
+    # check needs the base's fingerprint, which a first start takes in the background
+    base = state.engine.known_fingerprint() if state.engine is not None else None
     for member, _ in comp.members:
         if member in state.retiring or not state.store.exists(member):
             raise _not_found(state, member, f"composition {name!r}: member")
@@ -294,7 +296,8 @@ async def fingerprint(state: AppState, variant: str | None) -> str | None:
         engine = state.engine
         if engine is None:
             return None
-        served = f"{engine.fingerprint}|{engine.dtype}".encode()
+        fp = await run_in_threadpool(lambda: engine.fingerprint)  # waits on a first start
+        served = f"{fp}|{engine.dtype}".encode()
         return f"fp_{hashlib.sha256(served).hexdigest()[:16]}"
     comp = state.compositions.resolve(variant)
     try:

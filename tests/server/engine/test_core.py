@@ -89,3 +89,29 @@ def test_the_base_digest_is_taken_in_the_background_before_any_write(
     assert e.base_digest == want and e._digest.ready
     e.activate(None)
     assert real(e.weights) == e.base_digest
+
+
+def test_the_base_fingerprint_is_taken_in_the_background_before_any_check(
+    tiny_dirs, variant_files, tmp_path, monkeypatch
+):
+    """A first start (no cached fingerprint beside the base) does not wait for it;
+    loading a delta, which is checked against it, does."""
+    import server.engine.core as core
+
+    release = threading.Event()
+    real = core.fingerprint
+
+    def slow(source):
+        release.wait(30)
+        return real(source)
+
+    monkeypatch.setattr(core, "fingerprint", slow)
+    e = _engine(tiny_dirs, variant_files, tmp_path)
+    assert e.known_fingerprint() is None
+    swap = ThreadPoolExecutor(1).submit(e.activate, "v0")
+    time.sleep(0.3)
+    assert not swap.done()
+    release.set()
+    assert swap.result(30).switched
+    assert e.fingerprint == e.known_fingerprint() == e.weights.fingerprint
+    assert e.fingerprint == real(open_model(tiny_dirs["base"]))
