@@ -27,12 +27,14 @@ memory it allocated, what must fit beside everything else):
   --calib-tokens of deltastore/data/calib.txt, bf16) resident (135m, 1b) and with
   --stream-weights (all); file size against the dense bf16 fine-tune;
 - inspect and materialize of the DARE file;
-- serve: time to /ready, the server's peak memory, the background digest of the
-  resident base (from its log), tokens/s of the base alone and with 4 and 16 variants
-  (uniform over them, --concurrency closed-loop clients, ignore_eos), the variants
-  DARE-shaped random deltas at --serve-rate; then, in a process of its own, apply +
-  revert of one variant on the resident bf16 weights beside its memory-bandwidth
-  bound (benchmarks/swap.py's).
+- serve: time to /ready on a first start (the fingerprint's record removed), the
+  server's peak memory, the fingerprint and the digest of the resident base that it
+  takes in the background (from its log), tokens/s of the base alone and with 4 and
+  16 variants (uniform over them, --concurrency closed-loop clients, ignore_eos; at
+  8B one request per client), the variants DARE-shaped random deltas at --serve-rate
+  (--serve-rate-8b at 8B: sixteen 8B variants at p = 0.99 would not fit beside the
+  base); then, in a process of its own, apply + revert of one variant on the
+  resident bf16 weights beside its memory-bandwidth bound (benchmarks/swap.py's).
 
 Before each 8B stage the memory available (/proc/meminfo) is checked against what it
 needs (--need-compress-gb, --need-serve-gb); short of it the stage waits (up to
@@ -119,6 +121,17 @@ SHAPES: dict[str, dict[str, Any]] = {
         },
     ),
 }
+SHAPES["tiny"] = dict(  # the benchmark's own smoke test: seconds
+    LLAMA3,
+    vocab_size=1024,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    tie_word_embeddings=False,
+)
 SHARD_BYTES = 4_900_000_000  # Meta's 8B checkpoint: four shards of ~5 GB
 DELTA_REL = 0.05  # the fine-tune's noise: std 5% of each matrix's RMS
 DELTA_VECTOR = 1e-3
@@ -464,6 +477,8 @@ def stage_serve(run: Run) -> dict[str, Any]:
     for i, n in enumerate(tqdm(names, desc=f"{run.shape} variants")):
         random_variant(base, store / f"{n}.delta.safetensors", i + 1, a.serve_rate, fp)
     log = run.work / f"{run.shape}-serve.log"
+    # a first start: the server takes the fingerprint again, in the background
+    (run.base / ".deltaserve-fingerprint.json").unlink(missing_ok=True)
     cmd = cli("serve", "--no-demo", "--base", str(run.base))
     t0 = time.perf_counter()
     proc = start(cmd, PORT, _serve_env(run, store), timeout_s=1800, log=log)
@@ -485,8 +500,10 @@ def stage_serve(run: Run) -> dict[str, Any]:
         mem = peak.stop()
     out |= mem
     out["peak_rss_gb"] = max(out["peak_rss_gb"], with_rss / GB)
-    m = re.search(r"base digest taken in ([\d.]+) s", log.read_text(errors="replace"))
-    out["background_digest_s"] = float(m.group(1)) if m else None
+    text = log.read_text(errors="replace")
+    for what in ("digest", "fingerprint"):  # made in the background (server/engine/core.py)
+        m = re.search(rf"base {what} taken in ([\d.]+) s", text)
+        out[f"background_{what}_s"] = float(m.group(1)) if m else None
     tqdm.write(f"{run.shape} serve: {json.dumps(out)}")
     swap = _swap_child(run, store / "v00.delta.safetensors")
     return {"serve": out, "swap": swap}
@@ -549,6 +566,7 @@ def table(results: dict[str, Any]) -> str:
     s = lambda r: r.get("serve")  # noqa: E731
     add("serve: time to ready (s)", lambda r: cell(s(r), "time_to_ready_s", ".1f"))
     add("  peak RSS / anon (GB)", lambda r: _mem(s(r)))
+    add("  background fingerprint (s)", lambda r: cell(s(r), "background_fingerprint_s", ".1f"))
     add("  background digest (s)", lambda r: cell(s(r), "background_digest_s", ".1f"))
     for k in ("base", "4 variants", "16 variants"):
         add(f"  tokens/s, {k}", lambda r, k=k: cell((s(r) or {}).get(k), "tokens_per_s", ".1f"))
@@ -635,7 +653,7 @@ def main() -> None:
             for shape in args.shapes:
                 shutil.rmtree(args.work / f"llama-{shape}", ignore_errors=True)
                 shutil.rmtree(args.work / f"{shape}-ft", ignore_errors=True)
-    print(table({k: results[k] for k in ("135m", "1b", "8b") if k in results}))
+    print(table({k: results[k] for k in ("135m", "1b", "8b", "tiny") if k in results}))
 
 
 def _write(args: argparse.Namespace, results: dict[str, Any]) -> None:
