@@ -9,9 +9,12 @@ Where things live:
                  fine-tune's greedy continuations, exact match
 - fidelity.py    the fidelity estimate (what a variant keeps, without labels), the rate walk
 - compress.py    the compress pipeline
+- streamed.py    a model whose weights stay in their files, read per module at each
+                 forward (compress --stream-weights: an 8B in a few GB)
 - format.py      the delta file (safetensors, gap-coded positions) and its validation
 - apply.py       apply_delta_ / revert_delta_ over flat resident weights (the hot path)
 - materialize.py base + delta -> HF model directory
+- shards.py      safetensors shards written one tensor at a time (and their index)
 - merge.py       merge deltas of one base: sum, ties, dare-merge (compositions)
 - recommend.py   delta statistics and the method to use
 - auto.py        any fine-tune, adapter or delta file -> a delta with recommend's defaults

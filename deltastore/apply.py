@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +49,12 @@ class FlatWeights:
     model computes with whatever the buffers hold. Tied parameters appear once.
     """
 
-    def __init__(self, named: Iterable[tuple[str, torch.Tensor]], fingerprint: str | None = None):
-        self.fingerprint = fingerprint
+    def __init__(
+        self,
+        named: Iterable[tuple[str, torch.Tensor]],
+        fingerprint: str | Callable[[], str] | None = None,
+    ):
+        self._fingerprint = fingerprint
         self.buffers: list[torch.Tensor] = []
         self.slots: dict[str, Slot] = {}
         self._applied: list[int] = []  # ids of applied undo logs, innermost last
@@ -72,8 +76,18 @@ class FlatWeights:
             self.buffers.append(flat)
 
     @classmethod
-    def from_module(cls, module: nn.Module, fingerprint: str | None = None) -> FlatWeights:
+    def from_module(
+        cls, module: nn.Module, fingerprint: str | Callable[[], str] | None = None
+    ) -> FlatWeights:
         return cls(module.named_parameters(), fingerprint)
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The base's fingerprint (None: unknown, deltas are not checked against it).
+        Given as a function (taken in the background), the first read waits for it."""
+        if callable(self._fingerprint):
+            self._fingerprint = self._fingerprint()
+        return self._fingerprint
 
     def tensor(self, name: str) -> torch.Tensor:
         slot = self.slots[name]

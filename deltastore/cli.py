@@ -150,6 +150,13 @@ def add_commands(sub: Any) -> None:
         default="float32",
         help="dtype of the one model a q search or calibration holds (bfloat16: half the memory)",
     )
+    c.add_argument(
+        "--stream-weights",
+        action="store_true",
+        help="read each module's weights from the files at every forward instead of "
+        "holding the model: the calibration and the q search hold one module at a time "
+        "(an 8B model compresses in a few GB), each pass reads the model again",
+    )
     c.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
     c.add_argument("--name", default="", help="source name recorded in the file")
     c.add_argument(
@@ -368,6 +375,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         eta_search=args.eta_search,
         val_limit=args.val_limit,
         search_dtype=args.search_dtype,
+        stream_weights=args.stream_weights,
         progress=show_progress(),
         source_name=args.name,
         fidelity=not args.no_estimate,

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from deltastore.apply import FlatWeights, apply_delta_, bind, revert_delta_
+from deltastore.apply import FlatWeights
 from deltastore.calib import (
     DEFAULT_OBJECTIVE,
     FALLBACK_OBJECTIVE,
@@ -77,6 +77,7 @@ from deltastore.qsearch import (
     tensor_groups,
 )
 from deltastore.sources import FinetuneSource, ModelSource, fingerprint
+from deltastore.streamed import StreamedDeltaModel, streamed
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,9 @@ class CompressOptions:
     q_objective: Objective = DEFAULT_OBJECTIVE  # what an unlabelled search minimises
     val_limit: int = 64
     search_dtype: str = "float32"  # bfloat16 halves the q search's memory (7B on 24 GB)
+    # read each module's weights from the files at each forward instead of holding the
+    # model (deltastore.streamed): one module in memory, the model re-read per pass
+    stream_weights: bool = False
     progress: bool = True
     source_name: str = ""
     fidelity: bool = True  # estimate what the variant keeps (with calibration text)
@@ -265,12 +269,12 @@ def _calibrate(
     base_lp = None
     if o is not None and o.needs_base:
         log.info("calibration: %s tokens through the base", cal.ids.numel())
-        model = base.load_model(dtype)
+        model = _load(base, opts, dtype)
         base_lp = log_probs(model, cal.ids)
         del model
         gc.collect()
     log.info("calibration: %s tokens through the fine-tuned model", cal.ids.numel())
-    model = ft.load_model(dtype)
+    model = _load(ft, opts, dtype)
     cal.reference, cal.stats = collect(
         model,
         cal.ids,
@@ -281,6 +285,11 @@ def _calibrate(
     del model, base_lp
     gc.collect()
     return cal
+
+
+def _load(source: ModelSource | FinetuneSource, opts: CompressOptions, dtype: torch.dtype) -> Any:
+    """`source`'s model in `dtype`: resident, or streamed from its files."""
+    return streamed(source, dtype) if opts.stream_weights else source.load_model(dtype)
 
 
 @dataclass
@@ -340,7 +349,7 @@ def prune_deltas(ft: FinetuneSource, opts: CompressOptions, cal: Calibration) ->
 
 
 def _search(
-    trial: ScaledDeltaModel,
+    trial: ScaledDeltaModel | StreamedDeltaModel,
     rows: dict[str, RowStats],
     tokenizer: Any,
     opts: CompressOptions,
@@ -452,6 +461,19 @@ class Compressor:
             self._model = (opts.search_dtype, model, FlatWeights.from_module(model))
         return self._model[1], self._model[2]
 
+    def trial(
+        self,
+        opts: CompressOptions,
+        tensors: list[TensorDelta],
+        fixed: dict[str, torch.Tensor] | None = None,
+    ) -> ScaledDeltaModel | StreamedDeltaModel:
+        """The base under trial scales of `tensors`: resident (kept between calls) or
+        streamed from its files."""
+        if opts.stream_weights:
+            return StreamedDeltaModel(self.base, getattr(torch, opts.search_dtype), tensors, fixed)
+        model, weights = self.model(opts)
+        return ScaledDeltaModel(model, tensors, fixed, weights)
+
     def __call__(self, opts: CompressOptions) -> Delta:
         """Compress with `opts` into a decoded `Delta` (save it with save_delta)."""
         cal = self.calibration(opts)
@@ -462,8 +484,7 @@ class Compressor:
         record = None
         scales: dict[str, float] = {}
         if opts.q_search is not None:
-            model, weights = self.model(opts)
-            trial = ScaledDeltaModel(model, pruned.tensors, pruned.fixed, weights)
+            trial = self.trial(opts, pruned.tensors, pruned.fixed)
             qs, record = _search(trial, pruned.rows, self.tokenizer(), opts, cal)
             scales = {n: 1.0 / v for n, v in qs.items()}
             distinct = set(qs.values())
@@ -495,14 +516,11 @@ class Compressor:
         cont = cal.reference.continuations
         if cont is None:
             return None
-        model, weights = self.model(opts)
+        trial = self.trial(opts, tensors)
         if cal.base_agreement is None:
-            cal.base_agreement = agreement(model, cont)
-        undo = apply_delta_(weights, bind(tensors, weights))
-        try:
-            variant = agreement(model, cont)
-        finally:
-            revert_delta_(weights, undo)
+            cal.base_agreement = agreement(trial.model, cont)
+        with trial.scaled({}) as variant_model:
+            variant = agreement(variant_model, cont)
         return estimate(variant, cal.base_agreement, cont)
 
 

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from deltastore.apply import BaseMismatchError
 from deltastore.format import Delta, TensorDelta
+from deltastore.shards import SHARD_BYTES, Spec, write_shards
 from deltastore.sources import SafetensorsModel, SourceError, fingerprint
 
-SHARD_BYTES = 4 << 30
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
@@ -33,7 +30,7 @@ def _copy_side_files(base: SafetensorsModel, out: Path) -> None:
 
 
 def materialize(base: SafetensorsModel, delta: Delta, out: Path, progress: bool = True) -> Path:
-    """Write base+delta shard by shard (one shard in memory at a time)."""
+    """Write base+delta tensor by tensor (one tensor in memory at a time)."""
     if not isinstance(base, SafetensorsModel):
         raise SourceError(f"{base.path}: materialize needs a safetensors model directory as base")
     fp = fingerprint(base)
@@ -48,26 +45,11 @@ def materialize(base: SafetensorsModel, delta: Delta, out: Path, progress: bool 
         raise FileExistsError(f"{out}: exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
     _copy_side_files(base, out)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in tqdm(base.names(), desc="materialize", disable=not progress):
+    specs = [Spec(n, base.shape(n), base.dtype(n)) for n in base.names()]
+
+    def tensor(name: str) -> torch.Tensor:
         t = base.get(name)
-        if name in delta.tensors:
-            t = add_tensor_delta(t, delta.tensors[name])
-        if size and size + t.nbytes > SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.contiguous()
-        size += t.nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return out
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-    total = sum(t.nbytes for s in shards for t in s.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return add_tensor_delta(t, delta.tensors[name]) if name in delta.tensors else t
+
+    write_shards(out, specs, tensor, SHARD_BYTES, progress, "materialize")
     return out

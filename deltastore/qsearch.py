@@ -263,25 +263,32 @@ class ScaledDeltaModel:
         self.tensors = tensors
         self.fixed = fixed or {}
 
-    def _trial(self, scales: dict[str, float]) -> list[TensorDelta]:
-        out = []
-        for t in self.tensors:
-            mask = self.fixed.get(t.name)
-            if mask is not None:
-                s = scales.get(t.name, t.scale)
-                v = fix_values(t.values.to(torch.float32), mask, s)
-                t = TensorDelta(t.name, t.shape, t.positions, v, s)
-            out.append(t)
-        return out
-
     @contextmanager
     def scaled(self, scales: dict[str, float]) -> Iterator[nn.Module]:
-        tensors = self._trial(scales) if self.fixed else self.tensors
+        tensors = trial_tensors(self.tensors, self.fixed, scales)
         undo = apply_delta_(self.weights, bind(tensors, self.weights, scales))
         try:
             yield self.model
         finally:
             revert_delta_(self.weights, undo)
+
+
+def trial_tensors(
+    tensors: list[TensorDelta], fixed: dict[str, torch.Tensor], scales: dict[str, float]
+) -> list[TensorDelta]:
+    """The tensors to apply under trial `scales`: those with `fixed` entries have their
+    values folded for their scale (`fix_values`), the others are as given."""
+    if not fixed:
+        return tensors
+    out = []
+    for t in tensors:
+        mask = fixed.get(t.name)
+        if mask is not None:
+            s = scales.get(t.name, t.scale)
+            v = fix_values(t.values.to(torch.float32), mask, s)
+            t = TensorDelta(t.name, t.shape, t.positions, v, s)
+        out.append(t)
+    return out
 
 
 def global_scales(tensors: list[TensorDelta], q: float) -> dict[str, float]:

@@ -130,6 +130,14 @@ class SafetensorsModel(ModelSource):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> torch.dtype:
+        from deltastore.shards import DTYPE_OF
+
+        stored = self._handle(name).get_slice(name).get_dtype()
+        if stored not in DTYPE_OF:
+            raise SourceError(f"{self.path}: {name} has dtype {stored!r}, which is not read")
+        return DTYPE_OF[stored]
+
     def get(self, name: str) -> torch.Tensor:
         return self._handle(name).get_tensor(name)
 
@@ -307,6 +315,10 @@ class FullFinetune(FinetuneSource):
                 f"not in base {extra}"
             )
 
+    @property
+    def finetuned(self) -> ModelSource:
+        return self._ft
+
     def deltas(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.base.names():
             b, f = self.base.get(name), self._ft.get(name)
@@ -314,7 +326,11 @@ class FullFinetune(FinetuneSource):
                 raise SourceError(
                     f"{name}: shape {tuple(f.shape)} in fine-tune, {tuple(b.shape)} in base"
                 )
-            yield name, f.to(torch.float32) - b.to(torch.float32)
+            # fp32 arithmetic without a second fp32 copy (an 8B's embedding: 2 GB each)
+            delta = f.to(torch.float32, copy=True)
+            delta.sub_(b)
+            del b, f  # not held while the caller prunes
+            yield name, delta
 
     def load_model(self, dtype: torch.dtype = torch.float32) -> Any:
         return self._ft.load_model(dtype)
@@ -378,20 +394,29 @@ class LoraFinetune(FinetuneSource):
                 alpha = float(value)
         return alpha / math.sqrt(r) if self._cfg.get("use_rslora") else alpha / r
 
+    def delta(self, name: str) -> torch.Tensor | None:
+        """The fp32 delta of base tensor `name`; None when the adapter leaves it alone."""
+        m = name.removesuffix(".weight")
+        if m == name or m not in self._modules:
+            return None
+        a = self._tensors[f"{self._PREFIX}{m}.lora_A.weight"].to(torch.float32)
+        b = self._tensors.get(f"{self._PREFIX}{m}.lora_B.weight")
+        if b is None:
+            raise SourceError(f"{self.path}: {m} has lora_A but no lora_B")
+        delta = self._scale(m, a.shape[0]) * (b.to(torch.float32) @ a)
+        if self._cfg.get("fan_in_fan_out"):
+            delta = delta.T
+        if tuple(delta.shape) != self.base.shape(name):
+            raise SourceError(
+                f"{name}: LoRA delta shape {tuple(delta.shape)}, base {self.base.shape(name)}"
+            )
+        return delta
+
     def deltas(self) -> Iterator[tuple[str, torch.Tensor]]:
         for m in self._modules:
-            a = self._tensors[f"{self._PREFIX}{m}.lora_A.weight"].to(torch.float32)
-            b = self._tensors.get(f"{self._PREFIX}{m}.lora_B.weight")
-            if b is None:
-                raise SourceError(f"{self.path}: {m} has lora_A but no lora_B")
-            delta = self._scale(m, a.shape[0]) * (b.to(torch.float32) @ a)
-            if self._cfg.get("fan_in_fan_out"):
-                delta = delta.T
             name = f"{m}.weight"
-            if tuple(delta.shape) != self.base.shape(name):
-                raise SourceError(
-                    f"{name}: LoRA delta shape {tuple(delta.shape)}, base {self.base.shape(name)}"
-                )
+            delta = self.delta(name)
+            assert delta is not None
             yield name, delta
 
 

@@ -36,13 +36,16 @@ actions reach it as jobs run on that thread between batches.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -66,6 +69,7 @@ from server.engine.detokenizer import TokenTexts, settle
 from server.engine.job import Target, Versions
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 AGE_EVERY = 1000  # activations between halvings of the use counts
 MAX_DEFINITIONS = 4096  # compositions remembered beyond those cached (clients write many)
 
@@ -118,14 +122,54 @@ class WeightsUnavailable(RuntimeError):
     """The resident weights could not be restored to a known state: refuse to serve."""
 
 
-def digest(weights: FlatWeights) -> str:
-    """sha256 over every resident byte (on CPU; a GPU buffer is copied in chunks)."""
+def digest(weights: FlatWeights, lock: threading.Lock | None = None) -> str:
+    """sha256 over every resident byte (on CPU; a GPU buffer is copied in chunks),
+    each 64 MB chunk read under `lock` when given."""
     h = hashlib.sha256()
     for buf in weights.buffers:
         raw = buf.view(torch.uint8)
         for s in range(0, raw.numel(), 1 << 26):
-            h.update(raw[s : s + (1 << 26)].cpu().numpy().data)
+            with lock or contextlib.nullcontext():
+                h.update(raw[s : s + (1 << 26)].cpu().numpy().data)
     return h.hexdigest()
+
+
+class Background(Generic[T]):
+    """A value made in a background thread from load on, so that /ready does not wait
+    for it (an 8B base's digest or fingerprint: ~10 s or more on 2 cores). `value()`
+    waits for it and raises what making it raised."""
+
+    def __init__(self, what: str, make: Callable[[], T]) -> None:
+        self.what = what
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._make, args=(make,), name=what, daemon=True)
+        self._thread.start()
+
+    def _make(self, make: Callable[[], T]) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._value = make()  # hashlib releases the GIL: serving goes on meanwhile
+        except BaseException as e:  # raised to whoever needs the value
+            self._error = e
+        self.seconds = time.perf_counter() - t0
+        log.info("%s taken in %.1f s", self.what, self.seconds)
+
+    @property
+    def ready(self) -> bool:
+        return not self._thread.is_alive()
+
+    def known(self) -> T | None:
+        """The value if made, else None (never waits)."""
+        return self._value if self.ready else None
+
+    def value(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise WeightsUnavailable(f"the {self.what} could not be taken") from self._error
+        assert self._value is not None
+        return self._value
 
 
 class Engine:
@@ -134,16 +178,23 @@ class Engine:
         self.store = store
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
-        self.fingerprint = fingerprint(source)
+        # the files' fingerprint (cached beside them: computed on a first start only)
+        # and the resident bytes' digest are made in the background: /ready waits for
+        # neither; a delta's check waits for the first, a write to the weights for the
+        # second (so the digest is of the base as loaded)
+        self._fingerprint = Background("base fingerprint", lambda: fingerprint(source))
         # the server's one tokenizer (the HTTP side encodes with it too)
         self.tokenizer: Any = settle(source.load_tokenizer())
         self.texts = TokenTexts(self.tokenizer)  # single tokens' texts, for logprobs
         self.model: Any = source.load_model(self.dtype).to(self.device).eval()
-        self.weights = FlatWeights.from_module(self.model, self.fingerprint)
+        self.weights = FlatWeights.from_module(self.model, self._fingerprint.value)
         self.params = dict(self.model.named_parameters())  # tied weights appear once
         self._views = {n: self.weights.tensor(n) for n in self.params}
         self._ptrs = {n: v.data_ptr() for n, v in self._views.items()}
-        self.base_digest = digest(self.weights)
+        # held by a write to the weights made while the digest may be read (the cost
+        # model's swap timing at startup): the digest reads each chunk under it
+        self.digest_lock = threading.Lock()
+        self._digest = Background("base digest", lambda: digest(self.weights, self.digest_lock))
         self.broken: str | None = None  # set when the base could not be restored
         self._dirty = False  # a write to the weights or their bindings is under way
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
@@ -167,6 +218,20 @@ class Engine:
         self._uses: dict[str, float] = {}  # variant -> recent activations (aged)
         self._activations = 0
         self.materialize_after = settings.materialize_after
+
+    @property
+    def fingerprint(self) -> str:
+        """The base files' fingerprint (waits while it is being taken)."""
+        return self._fingerprint.value()
+
+    def known_fingerprint(self) -> str | None:
+        """The fingerprint, or None while it is being taken (never waits)."""
+        return self._fingerprint.known()
+
+    @property
+    def base_digest(self) -> str:
+        """sha256 of the resident base as loaded (waits while it is being taken)."""
+        return self._digest.value()
 
     @property
     def tiers(self) -> tuple[ByteLRU[Any], ...]:
@@ -219,6 +284,7 @@ class Engine:
         return victim is None or uses > self._uses.get(victim, 0.0)
 
     def _activate(self, name: str, force: bool) -> None:
+        self._digest.value()  # taken before any write: the digest is of the base as loaded
         self._drop_stale(name)
         self._count_use(name)
         tensors = self.materialized.get(name)

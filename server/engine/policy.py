@@ -157,8 +157,9 @@ def _measure_swap(engine: Any) -> float:
     bound = BoundDelta((BoundGroup(group, index, torch.zeros(k, device=flat.device)),))
     times = []
     for _ in range(3):
-        t0 = time.perf_counter()
-        revert_delta_(weights, apply_delta_(weights, bound))
-        float(flat[0])  # waits for the device
-        times.append(time.perf_counter() - t0)
+        with engine.digest_lock:  # the base's digest, taken meanwhile, sees no write
+            t0 = time.perf_counter()
+            revert_delta_(weights, apply_delta_(weights, bound))
+            float(flat[0])  # waits for the device
+            times.append(time.perf_counter() - t0)
     return statistics.median(times) / k

@@ -103,7 +103,9 @@ def not_found(state: AppState, name: str, what: str = "model") -> APIError:
 
 
 def check_members(state: AppState, name: str, comp: Composition) -> None:
-    base = getattr(state.engine, "fingerprint", None)
+    # the engine checks each member against the base when it loads it; this earlier
+    # check needs the base's fingerprint, which a first start takes in the background
+    base = state.engine.known_fingerprint() if state.engine is not None else None
     for member, _ in comp.members:
         if member in state.retiring or not state.store.exists(member):
             raise not_found(state, member, f"composition {name!r}: member")
@@ -131,9 +133,14 @@ def store_names(state: AppState, variant: str) -> list[str]:
 
 
 def base_fingerprint(state: AppState) -> str | None:
-    """`system_fingerprint` of the base: of its weights."""
-    digest = getattr(state.engine, "base_digest", None)
-    return f"fp_{digest[:16]}" if digest else None
+    """`system_fingerprint` of the base: of its files' fingerprint and the dtype they are
+    served in (None while a first start still takes the fingerprint: never waited for
+    on the event loop)."""
+    engine = state.engine
+    fp = engine.known_fingerprint() if engine is not None else None
+    if engine is None or fp is None:
+        return None
+    return f"fp_{hashlib.sha256(f'{fp}|{engine.dtype}'.encode()).hexdigest()[:16]}"
 
 
 async def fingerprint(state: AppState, name: str, comp: Composition | None = None) -> str | None:

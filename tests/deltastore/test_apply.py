@@ -86,6 +86,21 @@ def test_different_base_is_refused():
         bind(_random_delta(original, 0), weights)
 
 
+def test_a_fingerprint_given_as_a_function_is_read_when_first_checked():
+    original = _tensors()
+    calls = []
+
+    def later() -> str:
+        calls.append(1)
+        return "sha256:other"
+
+    weights = FlatWeights(original.items(), fingerprint=later)
+    assert calls == []  # not at construction
+    with pytest.raises(BaseMismatchError, match="sha256:other"):
+        bind(_random_delta(original, 0), weights)
+    assert weights.fingerprint == "sha256:other" and calls == [1]  # once
+
+
 def test_unknown_tensor_and_shape_mismatch():
     original = _tensors()
     weights = FlatWeights(original.items())

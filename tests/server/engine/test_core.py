@@ -1,9 +1,12 @@
 """Engine admission to the materialized tier: frequency-aware, so one-off variants
-do not evict hot ones."""
+do not evict hot ones; the base's digest, taken in the background."""
 
 from __future__ import annotations
 
 import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -58,3 +61,57 @@ def test_switching_back_to_base_is_bit_exact(tiny_dirs, variant_files, tmp_path)
         e.activate(name)
     for n, p in e.params.items():
         assert torch.equal(p.detach(), src.get(n)), n
+
+
+def test_the_base_digest_is_taken_in_the_background_before_any_write(
+    tiny_dirs, variant_files, tmp_path, monkeypatch
+):
+    """Loading does not wait for the digest (an 8B base's takes ~10 s); the first
+    write to the weights does, so the digest is of the base as loaded."""
+    import server.engine.core as core
+
+    release = threading.Event()
+    real = core.digest
+
+    def slow(weights, lock=None):
+        release.wait(30)
+        return real(weights, lock)
+
+    monkeypatch.setattr(core, "digest", slow)
+    e = _engine(tiny_dirs, variant_files, tmp_path)  # returns: the digest is pending
+    assert not e._digest.ready
+    want = real(e.weights)
+    swap = ThreadPoolExecutor(1).submit(e.activate, "v0")
+    time.sleep(0.3)
+    assert not swap.done() and real(e.weights) == want  # the write waits
+    release.set()
+    assert swap.result(30).switched
+    assert e.base_digest == want and e._digest.ready
+    e.activate(None)
+    assert real(e.weights) == e.base_digest
+
+
+def test_the_base_fingerprint_is_taken_in_the_background_before_any_check(
+    tiny_dirs, variant_files, tmp_path, monkeypatch
+):
+    """A first start (no cached fingerprint beside the base) does not wait for it;
+    loading a delta, which is checked against it, does."""
+    import server.engine.core as core
+
+    release = threading.Event()
+    real = core.fingerprint
+
+    def slow(source):
+        release.wait(30)
+        return real(source)
+
+    monkeypatch.setattr(core, "fingerprint", slow)
+    e = _engine(tiny_dirs, variant_files, tmp_path)
+    assert e.known_fingerprint() is None
+    swap = ThreadPoolExecutor(1).submit(e.activate, "v0")
+    time.sleep(0.3)
+    assert not swap.done()
+    release.set()
+    assert swap.result(30).switched
+    assert e.fingerprint == e.known_fingerprint() == e.weights.fingerprint
+    assert e.fingerprint == real(open_model(tiny_dirs["base"]))
