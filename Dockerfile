@@ -15,14 +15,6 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
-# cpu: torch's CPU wheel (no CUDA libraries, ~200 MB); cuda: the PyPI wheel with CUDA
-ARG TORCH=cpu
-ARG TORCH_VERSION=2.13.0
-# where pip finds torch's CPU wheel and its dependencies (TORCH=cpu only)
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# 1: fetch and convert the embedded base at build time (the container then needs no network)
-ARG FETCH_BASE=0
-
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -51,6 +43,14 @@ RUN --mount=type=secret,id=ca \
     && apt-get "$@" install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
+# Each ARG is declared just before the steps that read it: a build argument is in the
+# environment of every later RUN, so changing one rebuilds only the layers after it.
+# cpu: torch's CPU wheel (no CUDA libraries: ~190 MB to download, ~870 MB installed);
+# cuda: the PyPI wheel with CUDA
+ARG TORCH=cpu
+ARG TORCH_VERSION=2.13.0
+# where pip finds torch's CPU wheel and its dependencies (TORCH=cpu only)
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     if [ "$TORCH" = "cpu" ]; then \
@@ -70,6 +70,8 @@ RUN --mount=type=secret,id=ca \
 COPY --chmod=755 docker/entrypoint.sh /usr/local/bin/deltaserve-entrypoint
 
 USER 10001:10001
+# 1: fetch and convert the embedded base at build time (the container then needs no network)
+ARG FETCH_BASE=0
 RUN --mount=type=secret,id=ca,uid=10001 \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     if [ "$FETCH_BASE" = "1" ]; then python -m deltastore.embedded; fi
