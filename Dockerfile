@@ -11,6 +11,10 @@
 # The CA bundle (one that holds the proxy's CA) is used by pip and apt during the
 # build and is not left in any layer. docker/check.sh builds and runs the image.
 #
+# Needs BuildKit (RUN --mount): the default builder since Docker 23; DOCKER_BUILDKIT=1
+# before that. No `# syntax=` line: the Dockerfile frontend built into the engine
+# is used, so a build pulls nothing from a registry but the base image.
+#
 # No secrets are baked in: the admin token comes from the environment at run time.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
