@@ -115,3 +115,26 @@ def test_the_base_fingerprint_is_taken_in_the_background_before_any_check(
     assert swap.result(30).switched
     assert e.fingerprint == e.known_fingerprint() == e.weights.fingerprint
     assert e.fingerprint == real(open_model(tiny_dirs["base"]))
+
+
+def test_the_swap_calibration_never_permutes_the_whole_weights(
+    tiny_dirs, variant_files, tmp_path, monkeypatch
+):
+    """The startup swap timing draws its positions without a permutation of the
+    resident buffer (8 bytes per weight: 10 GB and minutes for a 1B base, before
+    /ready), and its zero delta leaves every bit of the base as it was."""
+    from server.engine import policy
+
+    e = _engine(tiny_dirs, variant_files, tmp_path)
+    before = [b.clone() for b in e.weights.buffers]
+    largest = max(b.numel() for b in e.weights.buffers)
+    randperm = torch.randperm
+
+    def bounded(n, *args, **kwargs):
+        assert n < largest, f"randperm({n}) over the whole weights"
+        return randperm(n, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "randperm", bounded)
+    seconds = policy._measure_swap(e)
+    assert 0 < seconds < 1e-3
+    assert all(torch.equal(b, a) for b, a in zip(e.weights.buffers, before, strict=True))
