@@ -51,16 +51,7 @@ def test_serve_starts_answers_and_stops(tiny_dirs, tmp_path):
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "server not ready in 60 s"
-            time.sleep(0.2)
+        _ready(proc, url)
         r = httpx.post(
             f"{url}/v1/completions", json={"model": "base", "prompt": "the", "max_tokens": 3}
         )
