@@ -27,6 +27,7 @@ from server.config import Settings
 from server.engine.core import Engine
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_runner import family_of
+from server.engine.threads import serial_torch
 from server.metrics import Metrics
 from server.middleware import Guard
 from server.routes import adapters, admin, health, openai
@@ -86,6 +87,7 @@ def _install_demos(state: AppState, base_dir: Path) -> None:
     each appears in /v1/models once it is in the store."""
     from deltastore.demo import install_demos
 
+    serial_torch()  # serving goes first: the step's OpenMP team stays the only one
     state.demos = "building"
     try:
         install_demos(base_dir, state.store)
@@ -99,6 +101,7 @@ def _install_lora_modules(state: AppState, base_dir: Path) -> None:
     """Compress --lora-modules into the store while the base serves (once: a module
     already compressed from the same content is kept); each appears in /v1/models
     when it is in the store."""
+    serial_torch()  # serving goes first: the step's OpenMP team stays the only one
     state.lora_modules = "building"
     try:
         install_lora_modules(state.settings, base_dir, state.store)

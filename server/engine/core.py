@@ -67,6 +67,7 @@ from server.config import Settings
 from server.engine.cache import ByteLRU, CacheFull
 from server.engine.detokenizer import TokenTexts, settle
 from server.engine.job import Target, Versions
+from server.engine.threads import serial_torch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -148,6 +149,7 @@ class Background(Generic[T]):
         self._thread.start()
 
     def _make(self, make: Callable[[], T]) -> None:
+        serial_torch()  # the step's OpenMP team stays the only one (engine/threads.py)
         t0 = time.perf_counter()
         try:
             self._value = make()  # hashlib releases the GIL: serving goes on meanwhile

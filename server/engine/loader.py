@@ -13,9 +13,10 @@ stall every running request. The loader does that work on a thread of its own:
   only the worker touches the engine's state;
 - a load that fails is handed over as its error, for the requests that wait on it.
 
-Work per load is numpy and small torch ops on one core; it competes for the CPU with
-the steps (on 2 cores each runs a little slower while a load is under way) but never
-holds them up.
+Work per load is numpy and small torch ops on one core (`serial_torch`: the loader's
+torch ops never start an OpenMP team of their own, which would slow every step's
+parallel ops, engine/threads.py); it competes for the CPU with the steps (on 2 cores
+each runs a little slower while a load is under way) but never holds them up.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from server.engine.threads import serial_torch
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,7 @@ class Loader:
         return done
 
     def _run(self) -> None:
+        serial_torch()  # the step's OpenMP team is the only one (engine/threads.py)
         while True:
             with self._cond:
                 while not (self._stop or self._queue):

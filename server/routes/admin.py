@@ -32,6 +32,7 @@ from server.compose import CompositionError
 from server.deps import AdminDep, ReadyDep, StateDep
 from server.engine.cache import ByteLRU, CacheFull, EntryInfo
 from server.engine.core import Engine, InUse, WeightsUnavailable
+from server.engine.threads import serial
 from server.errors import APIError
 from server.routes.resolve import check_members, store_names
 from server.schemas import CacheInfo, CompositionRequest, DeltaInfo, Fidelity, TierInfo
@@ -183,7 +184,7 @@ async def by_reference(state: AppState, name: str, path: Path, ref: str) -> Path
     base = open_model(state.base_dir)
     async with state.import_lock():
         try:
-            return await run_in_threadpool(make_upload, state.store, base, path, ref)
+            return await run_in_threadpool(serial(make_upload), state.store, base, path, ref)
         except ValueError as e:  # SourceError, DeltaFormatError, BaseMismatchError
             raise APIError(400, f"cannot serve {ref!r} as {name!r}: {e}", "invalid_source") from e
 
