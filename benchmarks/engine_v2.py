@@ -126,6 +126,11 @@ def measure(
         "e2e_ms": d["e2e_ms"],
         "peak_rss_bytes": rss,
     }
+    server = d["server"]  # deltaserve's own counters over the run (none from vLLM)
+    if server.get("steps"):
+        row["steps"] = int(server["steps"])
+        row["step_ms"] = 1e3 * server["step_seconds"] / server["steps"]
+        row["rows_per_step"] = server["step_rows"] / server["steps"]
     print(json.dumps(row), flush=True)
     return row
 

@@ -128,6 +128,8 @@ SERVER_COUNTERS = {
     "cache_evictions": "deltaserve_cache_evictions_total",
     "generated_tokens": "deltaserve_generated_tokens_total",
     "steps": "deltaserve_steps_total",  # engine v2: forward passes, merged or not
+    "step_seconds": "deltaserve_step_seconds_sum",  # their time: forward and sampling
+    "step_rows": "deltaserve_step_rows_sum",  # tokens they computed (prefill included)
 }
 
 

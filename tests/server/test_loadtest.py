@@ -35,9 +35,12 @@ def test_scrape_sums_over_labels():
         'deltaserve_swap_seconds_count{mode="materialized"} 2.0\n'
         'deltaserve_cache_hits_total{tier="host"} 5.0\n'
         "# HELP something\n"
+        "deltaserve_step_seconds_sum 1.5\n"
+        "deltaserve_step_seconds_count 3.0\n"
     )
     got = scrape(text)
     assert got["swaps"] == 5.0 and got["cache_hits"] == 5.0 and got["cache_evictions"] == 0.0
+    assert got["step_seconds"] == 1.5 and got["step_rows"] == 0.0
 
 
 def test_closed_loop_report_json_and_plot(live, tmp_path, capsys):
@@ -73,6 +76,9 @@ def test_closed_loop_report_json_and_plot(live, tmp_path, capsys):
     assert rep["tokens_per_s"] > 0 and rep["ttft_ms"]["p50"] <= rep["e2e_ms"]["p99"]
     assert rep["server"]["generated_tokens"] > 0
     assert rep["server"]["steps"] > 0  # many variants per step: it steps
+    # every step computed at least one token, and the tokens generated were computed
+    assert rep["server"]["step_rows"] >= max(rep["server"]["steps"], 24 * 6)
+    assert rep["server"]["step_seconds"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
