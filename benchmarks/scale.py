@@ -631,6 +631,8 @@ def run_shape(shape: str, args: argparse.Namespace, smol: Path) -> dict[str, Any
         result["digest"] = stage_digest(run)
     if "compress" in args.stages:
         result |= stage_compress(run)
+        if run.big and not args.keep:  # compress alone reads it: room on disk to materialize
+            shutil.rmtree(ft_dir, ignore_errors=True)
     dare = work / f"{shape}-dare.delta.safetensors"
     if "materialize" in args.stages and dare.is_file():
         result |= stage_inspect_materialize(run, dare)
@@ -677,7 +679,8 @@ def main() -> None:
             if shape == "8b":
                 sub.serve_rate = args.serve_rate_8b
                 sub.requests = args.concurrency  # one request per client
-            results[shape] = run_shape(shape, sub, smol)
+            # stages run now replace their rows; the shape's other stages stay
+            results[shape] = results.get(shape, {}) | run_shape(shape, sub, smol)
             _write(args, results)
     finally:
         if not args.keep:
