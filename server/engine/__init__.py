@@ -12,6 +12,10 @@
 - sequence.py      per-choice state (prompt progress, text, stops, logprobs)
 - detokenizer.py   incremental detokenization per sequence; single tokens' texts (logprobs)
 - model_runner.py  one step's forward over packed tokens of many variants; the family table
+- loader.py        variants read, verified and laid out on a thread off the step loop
+- grammar.py       structured output's token masks, packed into the step's one copy
+- threads.py       helper threads run torch on themselves alone: the step's OpenMP team
+                   is the only one
 - sparse.py        deltas laid out for mixed steps, a step's delta work items
 - kernels/         the sparse ops (torch.library): C on CPU, Triton on CUDA, torch reference
 - kv_cache.py      static KV slots
