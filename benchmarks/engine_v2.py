@@ -55,38 +55,46 @@ from server.clients.loadtest import Workload, parse_mix, run
 PORT = 8951
 
 
-def prepare(base_dir: Path, n: int, sparse_rate: float | None = None) -> dict[str, Path]:
+def prepare(
+    base_dir: Path, n: int, sparse_rate: float | None = None, lora: bool = True
+) -> dict[str, Path]:
     """Stores of exactly n full-fine-tune deltas (p = 0.99, and p = sparse_rate if
-    given) and n LoRA deltas, and n adapters."""
+    given) and, with `lora`, n LoRA deltas and n adapters (v00, v01, ..., v999: each
+    made once, cached in a pool shared by every n)."""
     work = cache_dir() / "bench" / "engine_v2"
     pool = {k: work / k for k in ("deltas", "adapters", "lora-deltas", "sparse-deltas")}
     for d in pool.values():
         d.mkdir(parents=True, exist_ok=True)
     base = open_model(base_dir)
-    for i in tqdm(range(n), desc="variants, adapters and their deltas"):
+    for i in tqdm(range(n), desc="variants" + (", adapters and their deltas" if lora else "")):
         delta = pool["deltas"] / f"v{i:02d}.delta.safetensors"
         if not delta.is_file():
             synthetic_variant(base_dir, delta, seed=i + 1)
-        adapter = pool["adapters"] / f"lora{i:02d}"
-        if not (adapter / "adapter_model.safetensors").is_file():
-            make_adapter(base, adapter, seed=1000 + i)
         sdelta = pool["sparse-deltas"] / f"v{i:02d}.delta.safetensors"
         if sparse_rate is not None and not sdelta.is_file():
             synthetic_variant(base_dir, sdelta, seed=i + 1, rate=sparse_rate)
+        if not lora:
+            continue
+        adapter = pool["adapters"] / f"lora{i:02d}"
+        if not (adapter / "adapter_model.safetensors").is_file():
+            make_adapter(base, adapter, seed=1000 + i)
         ldelta = pool["lora-deltas"] / f"lora{i:02d}.delta.safetensors"
         if not ldelta.is_file():
             opts = CompressOptions(method=Method.DARE, rate=0.99, progress=False)
             save_delta(ldelta, compress(base, open_finetune(base, adapter), opts))
     out = {}
-    keys = [("deltas", "v*.delta.safetensors"), ("lora-deltas", "lora*")]
+    keys = [("deltas", "v{:02d}.delta.safetensors")]
+    if lora:
+        keys.append(("lora-deltas", "lora{:02d}.delta.safetensors"))
     if sparse_rate is not None:
-        keys.append(("sparse-deltas", "v*.delta.safetensors"))
+        keys.append(("sparse-deltas", "v{:02d}.delta.safetensors"))
     for key, pattern in keys:
         store = work / f"{key}-{n}"
         shutil.rmtree(store, ignore_errors=True)
         store.mkdir()
-        for p in sorted(pool[key].glob(pattern))[:n]:
-            os.link(p, store / p.name)
+        for i in range(n):
+            name = pattern.format(i)
+            os.link(pool[key] / name, store / name)
         out[key] = store
     out["adapters"] = pool["adapters"]
     return out
@@ -243,7 +251,7 @@ def main() -> None:
         if args.vllm:
             configs.append(("vLLM CPU: base alone", vllm([]), vllm_env, "/v1/models", [base]))
     for n in args.variants:
-        stores = prepare(base_dir, n, args.sparse_rate)
+        stores = prepare(base_dir, n, args.sparse_rate, lora=not args.skip_lora)
         names = [f"v{i:02d}" for i in range(n)]
         lnames = [f"lora{i:02d}" for i in range(n)]
         configs.append(

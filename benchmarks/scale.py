@@ -69,7 +69,7 @@ from deltastore.format import Delta, DeltaMeta, TensorDelta, save_delta
 from deltastore.paths import cache_dir
 from deltastore.shards import Spec, write_shards
 from deltastore.sources import ModelSource, fingerprint, open_model
-from deltastore.testing import tiny_tokenizer
+from deltastore.testing import dare_positions, tiny_tokenizer
 
 CALIB = Path(__file__).resolve().parent.parent / "deltastore" / "data" / "calib.txt"
 GB = 1e9
@@ -441,9 +441,7 @@ def random_variant(base: ModelSource, path: Path, seed: int, rate: float, fp: st
         if len(shape) < 2:
             continue
         g = torch.Generator().manual_seed(seed * 100_003 + i)
-        numel = math.prod(shape)
-        k = max(1, round(numel * (1 - rate)))
-        pos = torch.unique(torch.randint(numel, (k,), generator=g))
+        pos = dare_positions(math.prod(shape), rate, g)
         vals = (torch.randn(pos.numel(), generator=g) * DELTA_REL * 0.02).bfloat16()
         tensors[name] = TensorDelta(name, shape, pos, vals, 1 / (1 - rate))
     meta = DeltaMeta(base_fingerprint=fp, method="dare", rate=rate, q=1 - rate)

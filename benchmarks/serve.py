@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shutil
 import statistics
@@ -41,9 +42,9 @@ from deltastore.embedded import ensure_embedded_base
 from deltastore.finetune import format_prompt
 from deltastore.format import Delta, DeltaMeta, TensorDelta, load_delta, save_delta
 from deltastore.materialize import materialize
-from deltastore.methods import Method, select, tensor_generator
 from deltastore.sources import fingerprint, open_model
 from deltastore.store import DeltaStore
+from deltastore.testing import dare_positions
 from server.config import Settings
 from server.engine.core import Engine
 
@@ -108,7 +109,9 @@ def swap_times(base_dir: Path, store: Path, repeats: int) -> dict[str, float]:
 
 
 def synthetic_variant(base_dir: Path, path: Path, seed: int = 0, rate: float = 0.99) -> Path:
-    """An SFT-scale delta over every matrix (Laplace, mean |delta| 2e-4), DARE at `rate`."""
+    """An SFT-scale delta over every matrix (Laplace, mean |delta| 2e-4), DARE at `rate`:
+    the kept entries drawn directly (uniform positions, Laplace values, scaled 1/(1-p)),
+    as DARE keeps them from a dense delta of that distribution."""
     src = open_model(base_dir)
     tensors = {}
     for i, name in enumerate(src.names()):
@@ -116,11 +119,10 @@ def synthetic_variant(base_dir: Path, path: Path, seed: int = 0, rate: float = 0
         if len(shape) < 2:
             continue
         g = torch.Generator().manual_seed(seed * 100_003 + i)
-        d = torch.empty(shape).exponential_(generator=g) * 2e-4
-        d *= torch.randint(0, 2, shape, generator=g) * 2 - 1  # Laplace: signed exponential
-        pos = select(Method.DARE, d, rate, tensor_generator(seed, name))
-        scale = 1 / (1 - rate)
-        tensors[name] = TensorDelta(name, shape, pos, d.reshape(-1)[pos].bfloat16(), scale)
+        pos = dare_positions(math.prod(shape), rate, g)
+        d = torch.empty(pos.numel()).exponential_(generator=g) * 2e-4
+        d *= torch.randint(0, 2, d.shape, generator=g) * 2 - 1  # Laplace: signed exponential
+        tensors[name] = TensorDelta(name, shape, pos, d.bfloat16(), 1 / (1 - rate))
     meta = DeltaMeta(base_fingerprint=fingerprint(src), method="dare", rate=rate, q=1 - rate)
     save_delta(path, Delta(meta, tensors))
     return path
