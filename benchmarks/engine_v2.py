@@ -100,6 +100,18 @@ def prepare(
     return out
 
 
+def drop_page_cache() -> None:
+    """Drop the kernel's clean page cache (root on Linux), so the store's files are read
+    from the disk: a cold store."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as e:
+        raise SystemExit(
+            f"--drop-caches: cannot drop the page cache here ({e}); run as root"
+        ) from e
+
+
 def measure(
     label: str,
     cmd: list[str],
@@ -109,6 +121,8 @@ def measure(
     args: Any,
     cwd: Path | None = None,
 ) -> dict[str, Any]:
+    if args.drop_caches:  # every file the server reads comes from the disk
+        drop_page_cache()
     proc = start(cmd, PORT, env, ready, cwd=cwd)
     try:
         for name in names[:16]:  # warm-up: first use of each of the most popular models
@@ -133,6 +147,7 @@ def measure(
         "ttft_ms": d["ttft_ms"],
         "e2e_ms": d["e2e_ms"],
         "peak_rss_bytes": rss,
+        "page_cache": "dropped before start" if args.drop_caches else "as left",
     }
     server = d["server"]  # deltaserve's own counters over the run (none from vLLM)
     if server.get("steps"):
@@ -173,6 +188,11 @@ def main() -> None:
         type=int,
         default=1,
         help="run every configuration this many times, alternated (medians and spreads)",
+    )
+    ap.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="drop the page cache before each server starts (root): a cold store",
     )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_v2.json"))
     ap.add_argument("--replot", action="store_true", help="only redraw --out's PNG and table")
