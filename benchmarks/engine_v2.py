@@ -154,6 +154,8 @@ def measure(
         row["steps"] = int(server["steps"])
         row["step_ms"] = 1e3 * server["step_seconds"] / server["steps"]
         row["rows_per_step"] = server["step_rows"] / server["steps"]
+        row["layout_loads"] = int(server["layout_loads"])
+        row["layout_wait_s"] = server["layout_wait_seconds"]
     print(json.dumps(row), flush=True)
     return row
 

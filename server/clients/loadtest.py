@@ -130,6 +130,8 @@ SERVER_COUNTERS = {
     "steps": "deltaserve_steps_total",  # engine v2: forward passes, merged or not
     "step_seconds": "deltaserve_step_seconds_sum",  # their time: forward and sampling
     "step_rows": "deltaserve_step_rows_sum",  # tokens they computed (prefill included)
+    "layout_loads": "deltaserve_layout_loads_total",  # variants laid out (loader or step)
+    "layout_wait_seconds": "deltaserve_layout_wait_seconds_sum",  # requests' waits for them
 }
 
 

@@ -37,10 +37,13 @@ def test_scrape_sums_over_labels():
         "# HELP something\n"
         "deltaserve_step_seconds_sum 1.5\n"
         "deltaserve_step_seconds_count 3.0\n"
+        'deltaserve_layout_loads_total{where="loader",outcome="ok"} 4.0\n'
+        'deltaserve_layout_loads_total{where="step",outcome="ok"} 1.0\n'
     )
     got = scrape(text)
     assert got["swaps"] == 5.0 and got["cache_hits"] == 5.0 and got["cache_evictions"] == 0.0
     assert got["step_seconds"] == 1.5 and got["step_rows"] == 0.0
+    assert got["layout_loads"] == 5.0 and got["layout_wait_seconds"] == 0.0
 
 
 def test_closed_loop_report_json_and_plot(live, tmp_path, capsys):
