@@ -27,7 +27,7 @@ from server.config import Settings
 from server.engine.core import Engine
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_runner import family_of
-from server.engine.threads import serial_torch
+from server.engine.threads import prefer_the_step, serial_torch
 from server.metrics import Metrics
 from server.middleware import Guard
 from server.routes import adapters, admin, health, openai
@@ -126,6 +126,7 @@ def check_servable(base: Path) -> None:
 def start(settings: Settings) -> tuple[AppState, threading.Thread]:
     """The app's state, with the base loading (then the scheduler running) on a worker
     thread of its own. The lifespan starts one; so does each Ray replica."""
+    prefer_the_step()  # the step loop takes the GIL back sooner (engine/threads.py)
     state = AppState(settings, DeltaStore(settings.store), Metrics())
     state.base_name = settings.served_name()
     state.metrics.watch_engine(lambda: state.engine)

@@ -10,12 +10,21 @@ a 16-variant mixed step ~35% slower (BENCHMARKS.md, "The CPU path after the GPU 
 
 So a helper thread calls `serial_torch()` first: its torch ops run on it alone, and
 the step's team is the only one.
+
+The step also shares the GIL with the HTTP side's event loop. It lets go of it in
+every torch op (hundreds a step) and must take it back after each; with Python's
+default switch interval (5 ms) a thread that holds it runs on for up to 5 ms before it
+is asked to let go. py-spy put 18% of a 16-variant step in taking the GIL back after
+a GEMM or a sparse call. `GIL_SWITCH_S` (0.5 ms) shortens that wait: 60 against 68
+ms a step on average over five alternated pairs of runs (BENCHMARKS.md, "The CPU path
+after the GPU work").
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import sys
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -23,6 +32,8 @@ import torch
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+GIL_SWITCH_S = 0.0005  # sys.setswitchinterval while a server runs (Python's default: 5 ms)
 
 
 @functools.cache
@@ -65,3 +76,10 @@ def serial(fn: Callable[P, T]) -> Callable[P, T]:
         return fn(*args, **kwargs)
 
     return run
+
+
+def prefer_the_step() -> None:
+    """Ask a thread that holds the GIL to let go after GIL_SWITCH_S, so the step loop
+    takes it back sooner after each torch op (process-wide: called when a server
+    starts)."""
+    sys.setswitchinterval(GIL_SWITCH_S)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from server.engine.loader import Loader
-from server.engine.threads import serial, serial_torch
+from server.engine.threads import GIL_SWITCH_S, serial, serial_torch
 
 needs_threads = pytest.mark.skipif(
     torch.get_num_threads() < 2, reason="torch runs one thread here: nothing to tell apart"
@@ -70,3 +71,10 @@ def test_the_loader_thread_runs_torch_serially():
         loader.stop()
     assert seen == [1]
     assert torch.get_num_threads() > 1
+
+
+def test_a_running_server_asks_for_the_gil_back_sooner(live):
+    """The step loop takes the GIL back after each torch op; a server shortens the
+    switch interval from Python's 5 ms (engine/threads.py)."""
+    assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_S)
+    assert live.client.get("/ready").status_code == 200
