@@ -16,7 +16,8 @@ every torch op (hundreds a step) and must take it back after each; with Python's
 default switch interval (5 ms) a thread that holds it runs on for up to 5 ms before it
 is asked to let go. py-spy put 18% of a 16-variant step in taking the GIL back after
 a GEMM or a sparse call. `GIL_SWITCH_S` (0.5 ms) shortens that wait: 60 against 68
-ms a step on average over five alternated pairs of runs (BENCHMARKS.md, "The CPU path
+ms a step on average over five alternated pairs of runs of one load, though the
+engine_v2 benchmark's A/B could not tell the two apart (BENCHMARKS.md, "The CPU path
 after the GPU work").
 """
 
