@@ -209,6 +209,6 @@ def family_model(family: str, seed: int = 0, **kw: Any) -> PreTrainedModel:
 def dare_positions(numel: int, rate: float, g: torch.Generator) -> torch.Tensor:
     """The kept positions of a DARE mask at `rate` over `numel` entries, drawn directly
     (sorted, unique, about numel·(1-p) of them): what a Bernoulli mask keeps, without a
-    pass over every entry (a thousand variants of a 135M base in about a minute)."""
+    pass over every entry (a variant of the 135M base in ~0.5 s, its file written)."""
     k = max(1, round(numel * (1 - rate)))
     return torch.unique(torch.randint(numel, (k,), generator=g))
