@@ -85,6 +85,13 @@ class KVCache:
             v[slot, :, start:end].zero_()
         self._clean[slot] = end
 
+    def clean_for_decode(self, rows: list[tuple[int, int]]) -> None:
+        """Batched decode attention reads every row's slot up to the longest row: make
+        that range finite in each row's slot. `rows`: (slot, length) of each decode row."""
+        upto = max((n for _, n in rows), default=0)
+        for slot, n in rows:
+            self.clean_(slot, n, upto)
+
     def write_(
         self,
         layer: int,

@@ -306,7 +306,7 @@ class LLMEngine:
         decode, chunks = self.scheduler.plan(running)
         self._in_step = decode + [s for s, _ in chunks]
         merged = self._merge(decode, chunks)
-        self._clean_kv(decode)
+        self.kv.clean_for_decode([(s.slot, s.length) for s in decode])
         batch = pack(decode, chunks, merged, self.packing)
         t0 = time.perf_counter()
         out = self._run(batch)
@@ -332,12 +332,6 @@ class LLMEngine:
         logits = self.runner.forward(batch.step)
         assert batch.step.sampling is not None
         return batch.sampling.run(logits, batch.step.sampling).cpu()
-
-    def _clean_kv(self, decode: list[Sequence]) -> None:
-        """Batched decode attention reads every row's slot up to the longest row."""
-        upto = max((s.length for s in decode), default=0)
-        for s in decode:
-            self.kv.clean_(s.slot, s.length, upto)
 
     def _wake(self) -> None:
         with self._cond:

@@ -131,9 +131,7 @@ def test_a_mixed_step_runs_on_the_device_with_one_copy_each_way(kind):
         how = Packing(layouts.__getitem__, cfg.vocab_size, runner.vector_size, CUDA)
 
         moved.reset()
-        upto = max(s.length for s in decode)
-        for s in decode:
-            kv.clean_(s.slot, s.length, upto)
+        kv.clean_for_decode([(s.slot, s.length) for s in decode])
         batch = pack(decode, [(chunked, 20)], "v0", how)
         logits = runner.forward(batch.step)
         assert batch.step.sampling is not None

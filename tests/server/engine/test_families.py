@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import torch
 
-from deltastore.apply import FlatWeights
 from deltastore.compress import CompressOptions, compress
 from deltastore.format import load_delta, save_delta
 from deltastore.materialize import materialize
@@ -29,12 +28,11 @@ from deltastore.testing import (
     save,
     tiny_tokenizer,
 )
-from server.engine.batch import Packing, pack
 from server.engine.job import Job, SamplingParams
-from server.engine.kv_cache import KVCache
-from server.engine.model_runner import SUPPORTED, ModelRunner, UnsupportedModel, family_of
+from server.engine.model_runner import SUPPORTED, UnsupportedModel, family_of
 from server.engine.sequence import Sequence
 from tests.server.conftest import PROMPTS, reference_texts
+from tests.server.engine.stepping import forward, nan_runner
 from tests.server.engine.test_llm_engine import (
     assert_base_restored,
     assert_matches_reference,
@@ -43,7 +41,6 @@ from tests.server.engine.test_llm_engine import (
     serving,
 )
 
-CPU = torch.device("cpu")
 TOL = dict(atol=1e-4, rtol=1e-4)
 # longrope: a sequence longer than the original context gets the long factors. A full
 # forward over such a sequence (and generate, which drops its cache at the crossing and
@@ -51,17 +48,6 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 # cannot, so the runner rotates position p by the long factors from the original length
 # on: the model's forward step by step over a cache, as compared below.
 ROPE_BY_LENGTH = {"phi4-mini"}
-
-
-def _runner(model: Any, max_len: int = 64) -> tuple[ModelRunner, Packing]:
-    FlatWeights.from_module(model)  # adjacent weights, as the engine lays them out
-    cfg = model.config
-    kv = KVCache(
-        cfg.num_hidden_layers, cfg.num_key_value_heads, 8, max_len, 1 << 22, 4, torch.float32, CPU
-    )
-    runner = ModelRunner(model, kv)
-    how = Packing(lambda name: None, cfg.vocab_size, runner.vector_size, CPU)  # type: ignore[arg-type]
-    return runner, how
 
 
 def _seq(prompt: list[int], slot: int) -> Sequence:
@@ -122,19 +108,19 @@ def _check_logits(model: Any) -> None:
     beside it, then decode rows of both: logits as transformers' full forward."""
     a_ids, b_ids = list(range(5, 19)), [40, 41, 42]
     want_a, want_b = _hf_logits(model, a_ids), _hf_logits(model, [*b_ids, 43])
-    runner, how = _runner(model)
+    runner, how = nan_runner(model)
     a, b = _seq(a_ids[:-1], 0), _seq(b_ids, 1)
     # a's prompt in two chunks (the second reaches past every window), then b's beside it
-    first = runner.forward(pack([], [(a, 9)], None, how).step)
+    first = forward(runner, how, [], [(a, 9)])
     assert first.shape == (0, model.config.vocab_size)
     a.prefilled = 9
-    logits = runner.forward(pack([], [(a, 4), (b, 3)], None, how).step)
+    logits = forward(runner, how, [], [(a, 4), (b, 3)])
     torch.testing.assert_close(logits[0], want_a[12], **TOL)
     torch.testing.assert_close(logits[1], want_b[2], **TOL)
     a.prefilled, b.prefilled = 13, 3
     a.ids.append(a_ids[-1])
     b.ids.append(43)
-    logits = runner.forward(pack([a, b], [], None, how).step)  # decode rows of both
+    logits = forward(runner, how, [a, b], [])  # decode rows of both
     torch.testing.assert_close(logits[0], want_a[13], **TOL)
     torch.testing.assert_close(logits[1], want_b[3], **TOL)
 
@@ -148,15 +134,15 @@ def test_greedy_tokens_equal_transformers(family):
     n_new = 12
     reference = _stepwise if family in ROPE_BY_LENGTH else _generate
     want = [reference(model, p, n_new) for p in prompts]
-    runner, how = _runner(model)
+    runner, how = nan_runner(model)
     seqs = [_seq(p, i) for i, p in enumerate(prompts)]
-    logits = runner.forward(pack([], [(s, len(s.prompt)) for s in seqs], None, how).step)
+    logits = forward(runner, how, [], [(s, len(s.prompt)) for s in seqs])
     for s, row in zip(seqs, logits, strict=True):
         s.prefilled = len(s.prompt)
         s.ids.append(int(row.argmax()))
     while any(len(s.ids) < len(w) for s, w in zip(seqs, want, strict=True)):
         live = [s for s, w in zip(seqs, want, strict=True) if len(s.ids) < len(w)]
-        logits = runner.forward(pack(live, [], None, how).step)
+        logits = forward(runner, how, live, [])
         for s, row in zip(live, logits, strict=True):
             s.ids.append(int(row.argmax()))
     assert [s.ids for s in seqs] == want
@@ -179,7 +165,7 @@ def test_a_rope_that_rescales_with_the_batch_is_refused():
         "llama3", rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)
     )
     with pytest.raises(UnsupportedModel, match="dynamic"):
-        _runner(model)
+        nan_runner(model)
 
 
 # --------------------------------------------------------------------------- engine v2

@@ -7,15 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltastore.apply import FlatWeights
 from deltastore.testing import make_model, tiny_tokenizer
-from server.engine.batch import Packing, pack
 from server.engine.job import Job, SamplingParams
-from server.engine.kv_cache import KVCache
-from server.engine.model_runner import ModelRunner
 from server.engine.sequence import Sequence
-
-CPU = torch.device("cpu")
+from tests.server.engine.stepping import forward, nan_runner
 
 
 def _hf_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
@@ -29,11 +24,8 @@ def test_logits_equal_transformers(tied):
     want = {
         n: _hf_logits(model, p) for n, p in {"a": list(range(5, 19)), "b": [40, 41, 42]}.items()
     }
-    FlatWeights.from_module(model)
     cfg = model.config
-    kv = KVCache(2, 2, 8, 64, 1 << 22, 4, torch.float32, CPU)
-    runner = ModelRunner(model, kv)
-    how = Packing(lambda name: None, cfg.vocab_size, runner.vector_size, CPU)  # type: ignore[arg-type]
+    runner, how = nan_runner(model)
     tok = tiny_tokenizer()
 
     def seq(prompt: list[int], slot: int) -> Sequence:
@@ -42,18 +34,18 @@ def test_logits_equal_transformers(tied):
 
     a, b = seq(list(range(5, 18)), 0), seq([40, 41, 42], 1)
     # step 1: a's prompt in two chunks, the first alone
-    first = runner.forward(pack([], [(a, 9)], None, how).step)
+    first = forward(runner, how, [], [(a, 9)])
     assert first.shape == (0, cfg.vocab_size)  # a mid-prompt chunk samples nothing
     a.prefilled = 9
     # step 2: the rest of a's prompt beside all of b's
-    logits = runner.forward(pack([], [(a, 4), (b, 3)], None, how).step)
+    logits = forward(runner, how, [], [(a, 4), (b, 3)])
     torch.testing.assert_close(logits[0], want["a"][12], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits[1], want["b"][2], atol=1e-4, rtol=1e-4)
     a.prefilled, b.prefilled = 13, 3
     # step 3: decode rows of both (a's next token as transformers would see it)
     a.ids.append(18)
     b.ids.append(43)
-    logits = runner.forward(pack([a, b], [], None, how).step)
+    logits = forward(runner, how, [a, b], [])
     torch.testing.assert_close(
         logits[0], _hf_logits(model, list(range(5, 19)))[13], atol=1e-4, rtol=1e-4
     )
