@@ -1,6 +1,8 @@
 """The CPU implementation of the sparse delta ops: delta_kernels.c, compiled once with
 the system's C compiler and cached by source and machine under
-~/.cache/deltaserve/kernels, called through ctypes."""
+~/.cache/deltaserve/kernels, called through ctypes. Where the compiler targets
+AVX-512 the one-token products run vectorized; `portable=True` builds the scalar code
+every other machine runs (tests compare the two)."""
 
 from __future__ import annotations
 
@@ -24,17 +26,19 @@ class KernelUnavailable(RuntimeError):
     pass
 
 
-_lib: ctypes.CDLL | None = None
-_lib_error: str | None = None
+_libs: dict[bool, ctypes.CDLL] = {}
+_lib_errors: dict[bool, str] = {}
 _lib_lock = threading.Lock()
 
 
-def _build(path: Path) -> None:
+def _build(path: Path, portable: bool) -> None:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise KernelUnavailable("no C compiler found (set CC, or install gcc)")
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-o", str(tmp), str(SOURCE)]
+    if portable:
+        cmd.insert(1, "-DDELTA_PORTABLE")
     try:
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     except (OSError, subprocess.SubprocessError) as e:
@@ -43,27 +47,28 @@ def _build(path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_kernels() -> ctypes.CDLL:
+def load_kernels(portable: bool = False) -> ctypes.CDLL:
     """The compiled kernels (built on first use, cached by source and machine)."""
-    global _lib, _lib_error
-    if _lib is not None:  # every step asks: no lock once built
-        return _lib
+    lib = _libs.get(portable)
+    if lib is not None:  # every step asks: no lock once built
+        return lib
     with _lib_lock:
-        if _lib is not None:
-            return _lib
-        if _lib_error is not None:
-            raise KernelUnavailable(_lib_error)
+        if portable in _libs:
+            return _libs[portable]
+        if portable in _lib_errors:
+            raise KernelUnavailable(_lib_errors[portable])
         key = hashlib.sha256(SOURCE.read_bytes() + platform.machine().encode())
         key.update(Path("/proc/cpuinfo").read_bytes() if Path("/proc/cpuinfo").exists() else b"")
-        path = cache_dir() / "kernels" / f"delta_kernels-{key.hexdigest()[:16]}.so"
+        kind = "-portable" if portable else ""
+        path = cache_dir() / "kernels" / f"delta_kernels{kind}-{key.hexdigest()[:16]}.so"
         try:
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _build(path)
+                _build(path, portable)
             lib = ctypes.CDLL(str(path))
         except (KernelUnavailable, OSError) as e:
-            _lib_error = str(e)
-            raise KernelUnavailable(_lib_error) from e
+            _lib_errors[portable] = str(e)
+            raise KernelUnavailable(str(e)) from e
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         for name in ("spmm_add_f32", "spmm_add_bf16"):
             getattr(lib, name).argtypes = [p, i64, p, i64, i64, i64, i64, p, i64, p, i64, i64]
@@ -71,7 +76,7 @@ def load_kernels() -> ctypes.CDLL:
         for name in ("rowgather_add_f32", "rowgather_add_bf16"):
             getattr(lib, name).argtypes = [p, i64, p, p, i64, p, i64, i64]
             getattr(lib, name).restype = ctypes.c_int
-        _lib = lib
+        _libs[portable] = lib
         return lib
 
 
@@ -103,6 +108,7 @@ def spmm_add_(
     bases: torch.Tensor,
     items: torch.Tensor,
     slot: int,
+    portable: bool = False,
 ) -> None:
     if not items.numel():
         return
@@ -111,7 +117,7 @@ def spmm_add_(
     _tables(bases, items)
     if x.dtype != y.dtype:
         raise TypeError(f"x is {x.dtype}, y is {y.dtype}: the kernel needs one dtype")
-    lib = load_kernels()
+    lib = load_kernels(portable)
     fn = lib.spmm_add_f32 if y.dtype == torch.float32 else lib.spmm_add_bf16
     n, inp = x.shape
     rc = fn(

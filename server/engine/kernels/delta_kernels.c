@@ -17,7 +17,9 @@
  * Threads split W's rows in the same static ranges for every term, so terms may
  * overlap in tokens without races. A one-token term walks its rows with four partial
  * sums; a longer one reads x transposed (in x (N + 8), tokens contiguous, room for a
- * whole block past the last token) and keeps 8 tokens' sums per row in vectors. A call
+ * whole block past the last token) and keeps 8 tokens' sums per row in vectors. Where
+ * the compiler targets AVX-512 (and DELTA_PORTABLE is not defined) a one-token term's
+ * rows with bf16 values run vectorized (row_dot_bf16), four rows at a time. A call
  * with no entries to add returns at once, and a small one runs on the calling thread
  * (PARALLEL_WORK). The OpenMP runtime is torch's own (its libgomp is already loaded
  * when this library is, so both share one thread pool). x and y are both float32 or
@@ -30,6 +32,43 @@
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(DELTA_PORTABLE)
+#include <immintrin.h>
+#define VECTOR_ROWS 1
+/* one row's dot product over bf16 values (a one-token term: the decode case): masked
+ * loads of the columns and values (a masked-off lane reads nothing, so no load runs
+ * past a row's end) and a gather of x, 8 entries in one 256-bit step where the row has
+ * no more (most rows at p = 0.99: ~6 entries per 576 inputs), else 16 per step. Against
+ * the scalar walk (branches on each row's length, mispredicted as often as not) this
+ * took one SmolLM2 layer's products for 16 one-token variants from 0.59 to 0.28 ms
+ * here (AMD EPYC, 2 threads; the 512-bit gather alone: 0.40 ms). */
+static inline float row_dot_bf16(const uint16_t *v, const uint16_t *cols, int32_t e,
+                                 int32_t end, const float *xt) {
+    if (end - e <= 8) {
+        const __mmask8 m = (__mmask8)((1u << (end - e)) - 1u);
+        const __m256i idx = _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(m, cols + e));
+        const __m256 xv = _mm256_mmask_i32gather_ps(_mm256_setzero_ps(), m, idx, xt, 4);
+        const __m256i raw = _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(m, v + e));
+        const __m256 p = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)), xv);
+        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(p), _mm256_extractf128_ps(p, 1));
+        const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+    }
+    __m512 acc = _mm512_setzero_ps();
+    for (; e < end; e += 16) {
+        const int32_t left = end - e;
+        const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+        const __m512i idx = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, cols + e));
+        const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, xt, 4);
+        const __m512i raw = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, v + e));
+        acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)), xv, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+#else
+#define VECTOR_ROWS 0
 #endif
 
 #define HEADER 8
@@ -121,6 +160,31 @@ static int64_t resolve(Seg *segs, const int64_t *bases, int64_t nbases, const in
         }                                                                         \
     }
 
+#if VECTOR_ROWS
+/* four rows at a time: their gathers overlap; a row without entries keeps its bits */
+#define ONE_TOKEN_VEC(T, STORE_ADD, tok)                                          \
+    {                                                                             \
+        const float *xt = x + (tok) * ldx;                                        \
+        T *yt = y + (tok) * ldy;                                                  \
+        const uint16_t *v = (const uint16_t *)g->vals;                            \
+        const uint16_t *cols = g->cols;                                           \
+        const int32_t *rp = g->rowptr;                                            \
+        int64_t r = r0;                                                           \
+        for (; r + 3 < r1; r += 4) {                                              \
+            float d[4];                                                           \
+            for (int j = 0; j < 4; j++)                                           \
+                d[j] = row_dot_bf16(v, cols, rp[r + j], rp[r + j + 1], xt);       \
+            for (int j = 0; j < 4; j++)                                           \
+                if (rp[r + j] != rp[r + j + 1]) STORE_ADD(yt[r + j], sc * d[j]);  \
+        }                                                                         \
+        for (; r < r1; r++)                                                       \
+            if (rp[r] != rp[r + 1])                                               \
+                STORE_ADD(yt[r], sc * row_dot_bf16(v, cols, rp[r], rp[r + 1], xt)); \
+    }
+#else
+#define ONE_TOKEN_VEC(T, STORE_ADD, tok) ONE_TOKEN(T, STORE_ADD, uint16_t, bf2f, tok)
+#endif
+
 /* several tokens: per row, BLOCK tokens at a time from xT, two vector sums per block */
 #define MULTI_TOKEN(T, STORE_ADD, VT, VLOAD)                                             \
     {                                                                                    \
@@ -163,6 +227,7 @@ static int64_t resolve(Seg *segs, const int64_t *bases, int64_t nbases, const in
             if (g->t1 - g->t0 == 1 || !xT) {                                              \
                 for (int64_t t = g->t0; t < g->t1; t++) {                                 \
                     if (g->f32) ONE_TOKEN(T, STORE_ADD, float, ID, t)                     \
+                    else if (VECTOR_ROWS) ONE_TOKEN_VEC(T, STORE_ADD, t)                  \
                     else ONE_TOKEN(T, STORE_ADD, uint16_t, bf2f, t)                       \
                 }                                                                         \
                 continue;                                                                 \

@@ -23,6 +23,7 @@ An element no segment reaches (cover 0) has tolerance 0: it must keep its bits.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -33,7 +34,7 @@ import torch
 
 from deltastore.format import Delta, DeltaMeta, TensorDelta
 from server.engine import kernels
-from server.engine.kernels import MAX_COLS, KernelUnavailable, load_kernels, reference
+from server.engine.kernels import MAX_COLS, KernelUnavailable, cpu, load_kernels, reference
 from server.engine.kernels.layout import CSR
 from server.engine.sparse import (
     ITEM_TOKENS,
@@ -140,14 +141,19 @@ def triton_interpreted() -> object:
     return gpu
 
 
-@pytest.fixture(params=["cpu-kernel", "triton", "reference"])
+@pytest.fixture(params=["cpu-kernel", "cpu-kernel-portable", "triton", "reference"])
 def impl(request) -> tuple[Op, Op]:
-    """(spmm_add_, rowgather_add_) of one implementation, called on CPU tensors."""
-    if request.param == "cpu-kernel":
+    """(spmm_add_, rowgather_add_) of one implementation, called on CPU tensors.
+    cpu-kernel-portable: the C kernel without its AVX-512 path, as a machine without
+    AVX-512 runs it (here the same as cpu-kernel where the compiler has none)."""
+    if request.param.startswith("cpu-kernel"):
+        portable = request.param.endswith("portable")
         try:
-            load_kernels()
+            load_kernels(portable)
         except KernelUnavailable as e:
             pytest.skip(f"C kernel unavailable: {e}")
+        if portable:
+            return functools.partial(cpu.spmm_add_, portable=True), kernels.rowgather_add_
         return kernels.spmm_add_, kernels.rowgather_add_  # the op dispatches to cpu.py
     if request.param == "triton":
         gpu = request.getfixturevalue("triton_interpreted")
