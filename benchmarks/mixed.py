@@ -11,7 +11,9 @@ row on the base). The variants are SFT-scale deltas over every matrix (mean |Δ|
 Reported: generated tokens/s from the first submission to the last token (prefill
 included; after one untimed run that lays the variants out), the median step time,
 and the ratio to the base in the same run.
-Also the sparse product per layer shape against the dense GEMM (`--kernel-only`).
+Also the sparse product per layer shape against the dense GEMM (`--kernel-only`), and
+one layer's products by the kernel as built here against its portable build
+(`--kernel-layer`).
 """
 
 from __future__ import annotations
@@ -171,6 +173,77 @@ def kernel_table(rates: list[float], dtypes: list[str], rows: int) -> list[dict]
     return out
 
 
+LAYER_SHAPES = {  # one SmolLM2-135M layer as the runner computes it (q/k/v, gate/up fused)
+    "qkv": (960, 576),
+    "o": (576, 576),
+    "gate_up": (3072, 576),
+    "down": (576, 1536),
+}
+
+
+def _layer_call(
+    step: StepDeltas, xs: list[torch.Tensor], ys: list[torch.Tensor], portable: bool
+) -> float:
+    from server.engine.kernels import cpu
+
+    t = time.perf_counter()
+    for i in range(len(LAYER_SHAPES)):
+        cpu.spmm_add_(ys[i], xs[i], step.layouts, step.bases, step.items, i, portable=portable)
+    return time.perf_counter() - t
+
+
+def layer_table(rate: float, cases: list[tuple[int, int]], repeats: int = 200) -> list[dict]:
+    """One layer's sparse products (bf16 values and activations) for `variants` items of
+    `tokens` tokens each, by the C kernel as built here and by its portable build (the
+    scalar code a machine without AVX-512 runs), alternated call by call."""
+    out = []
+    for variants_, tokens in cases:
+        layouts = []
+        for v in range(variants_):
+            g = torch.Generator().manual_seed(v)
+            csrs, matrices = {}, {}
+            for i, (name, shape) in enumerate(LAYER_SHAPES.items()):
+                n = shape[0] * shape[1]
+                k = int(n * (1 - rate))
+                pos = torch.randperm(n, generator=g)[:k].sort().values
+                vals = torch.randn(k, generator=g).bfloat16() * 1e-3
+                csrs[i] = CSR.from_positions(pos, vals, 100.0, shape)
+                matrices[name] = Matrix(i, shape, k)
+            layouts.append(VariantLayout(f"v{v}", pack(csrs, len(LAYER_SHAPES)), None, matrices))
+        segments = [
+            Segment(i * tokens, (i + 1) * tokens, lay, 1.0) for i, lay in enumerate(layouts)
+        ]
+        step = StepDeltas.build(segments, torch.device("cpu"))
+        n_tok = variants_ * tokens
+        xs = [torch.randn(n_tok, s[1]).bfloat16() for s in LAYER_SHAPES.values()]
+        ys = [torch.zeros(n_tok, s[0]).bfloat16() for s in LAYER_SHAPES.values()]
+
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for i in range(repeats + 20):
+            for portable in (False, True):
+                dt = _layer_call(step, xs, ys, portable)
+                if i >= 20:
+                    times[portable].append(dt)
+        entries = sum(int(a * b * (1 - rate)) for a, b in LAYER_SHAPES.values()) * n_tok
+        row = {
+            "variants": variants_,
+            "tokens": tokens,
+            "rate": rate,
+            "built_ms": statistics.median(times[False]) * 1e3,
+            "portable_ms": statistics.median(times[True]) * 1e3,
+        }
+        row["built_ns_per_entry"] = row["built_ms"] * 1e6 / entries
+        row["portable_ns_per_entry"] = row["portable_ms"] * 1e6 / entries
+        out.append(row)
+        print(
+            f"{variants_} variants x {tokens} tokens: built {row['built_ms']:.3f} ms, "
+            f"portable {row['portable_ms']:.3f} ms per layer "
+            f"({row['built_ns_per_entry']:.2f} / {row['portable_ns_per_entry']:.2f} "
+            "ns an entry-token)"
+        )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -182,6 +255,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--kernel-only", action="store_true")
+    ap.add_argument(
+        "--kernel-layer",
+        action="store_true",
+        help="one layer's products for 16x1, 8x2, 5x3, 4x4, 2x8, 1x16, 1x46 (variants x tokens): "
+        "the kernel as built here against its portable build",
+    )
     ap.add_argument("--kernel-rates", type=float, nargs="+", default=[0.9, 0.99])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed.json"))
     args = ap.parse_args()
@@ -192,6 +271,11 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+    if args.kernel_layer:
+        cases = [(16, 1), (8, 2), (5, 3), (4, 4), (2, 8), (1, 16), (1, 46)]
+        result["layer"] = layer_table(0.99, cases)
+        args.out.with_name("mixed-layer.json").write_text(json.dumps(result, indent=1))
+        return
     if args.kernel_only:
         result["kernel"] = kernel_table(args.kernel_rates, args.dtypes, 8)
         args.out.with_name("mixed-kernel.json").write_text(json.dumps(result, indent=1))

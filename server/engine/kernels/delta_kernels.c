@@ -134,9 +134,10 @@ static int64_t resolve(Seg *segs, const int64_t *bases, int64_t nbases, const in
 
 /* a term run token by token (row-major x) rather than in blocks of tokens (xT): one
  * token; with the vectorized rows, up to BY_TOKEN_MAX tokens of bf16 values (a few
- * decode rows of one variant: per token-row 0.67 ns/entry against 1.07 in a block of
- * two, 0.84 of three, 0.69 of four; from eight tokens the blocks win, 0.27) */
-#define BY_TOKEN_MAX 4
+ * decode rows of one variant). One layer's products, alternated with the portable
+ * build here (`python -m benchmarks.mixed --kernel-layer`): token by token takes 0.5x
+ * the time of the blocks at two tokens, 0.9x at three, 1.15x at four, 1.8x at eight */
+#define BY_TOKEN_MAX 3
 #define BY_TOKEN(g) ((g)->t1 - (g)->t0 == 1 || \
                      (VECTOR_ROWS && !(g)->f32 && (g)->t1 - (g)->t0 <= BY_TOKEN_MAX))
 
