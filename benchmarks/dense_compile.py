@@ -13,7 +13,10 @@ variants, at M rows (one per running sequence). Modes:
 - default: torch.compile (inductor), default mode;
 - max-autotune: torch.compile with inductor's CPU GEMM templates benchmarked against
   the ATen GEMM per shape, weights frozen (inductor's `freezing`), so they may be
-  pre-packed.
+  pre-packed. Frozen weights are constants of the compiled graph: a variant merged
+  in place afterwards would not be seen, so the server could not use this mode as is;
+- max-autotune-live: the same without freezing (weights stay inputs the merge policy
+  may change in place).
 Reported per mode and M: the median of --repeats timed calls (after warm-up), the
 ratio to eager, and the ratio to the weight-read floor (the weights' bytes over the
 copy bandwidth measured in the same run). Writes --out (JSON) and prints a table.
@@ -35,7 +38,7 @@ from tqdm.auto import tqdm
 from benchmarks.mixed import copy_bandwidth
 from deltastore.embedded import ensure_embedded_base
 
-MODES = ("eager", "default", "max-autotune")
+MODES = ("eager", "default", "max-autotune", "max-autotune-live")
 
 
 class DenseStep(torch.nn.Module):
@@ -81,7 +84,8 @@ def _compiled(step: DenseStep, mode: str) -> Any:
     import torch._inductor.config as inductor
 
     inductor.freezing = mode == "max-autotune"
-    return torch.compile(step, mode=None if mode == "default" else mode, dynamic=False)
+    how = {"default": None, "max-autotune-live": "max-autotune"}.get(mode, mode)
+    return torch.compile(step, mode=how, dynamic=False)
 
 
 def _time(fn: Any, x: torch.Tensor, repeats: int) -> float:

@@ -7,6 +7,7 @@ the same head) ending in [DONE]. Model cards for /v1/models too.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -297,6 +298,26 @@ class Head:
             "system_fingerprint": self.fingerprint,
         }
 
+    @functools.cached_property
+    def _text_prefix(self) -> str:
+        """`data: {...,"choices":[` of every chunk of this stream."""
+        empty = self.chunk([])
+        assert empty.endswith('"choices":[]}\n\n'), empty
+        return empty[: -len("]}\n\n")]
+
+    def text_chunk(self, index: int, text: str) -> str:
+        """The chunk of a choice's text with no logprobs and no finish reason (most of a
+        stream): the bytes `chunk` makes, written without building the models (it runs
+        once per token per stream on the event loop, beside the step for the GIL)."""
+        if self.chat:
+            choice: dict[str, Any] = {"index": index, "delta": {"content": text}}
+        else:
+            choice = {"index": index, "text": text}
+        choice["finish_reason"] = None
+        choice["logprobs"] = None
+        data = json.dumps(choice, ensure_ascii=False, separators=(",", ":"))
+        return f"{self._text_prefix}{data}]}}\n\n"
+
     def chunk(
         self, choices: list[CompletionChoice | ChatStreamChoice], usage: Usage | None = None
     ) -> str:
@@ -376,7 +397,10 @@ async def stream(
             if kind == Event.LOGPROBS:
                 ready[i] = payload
             elif kind == Event.TEXT:
-                yield head.chunk([choice(i, payload, None, await logprobs(i, ready[i]))])
+                if render.logprobs is None and payload:
+                    yield head.text_chunk(i, payload)
+                else:
+                    yield head.chunk([choice(i, payload, None, await logprobs(i, ready[i]))])
             elif kind == Event.ERROR:
                 pending.cancel()
                 status, message, code = payload.status, payload.message, payload.code
