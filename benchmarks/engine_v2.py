@@ -179,6 +179,13 @@ def main() -> None:
         help="also serve the full fine-tunes pruned at this rate (e.g. 0.999)",
     )
     ap.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="an argument for every deltaserve server (repeatable), e.g. "
+        "--server-arg=--max-batch-size=32",
+    )
+    ap.add_argument(
         "--before",
         type=Path,
         default=None,
@@ -215,7 +222,7 @@ def main() -> None:
     empty.mkdir(parents=True, exist_ok=True)
 
     def ds2(store: Path) -> list[str]:  # engine v2 in the chosen dtype
-        return [*ds, "--dtype", args.dtype, "--store", str(store)]
+        return [*ds, "--dtype", args.dtype, "--store", str(store), *args.server_arg]
 
     vllm_env = {
         "VLLM_TARGET_DEVICE": "cpu",
@@ -263,6 +270,7 @@ def main() -> None:
         "requests": args.requests,
         "max_tokens": args.max_tokens,
         "concurrency": args.concurrency,
+        "server_args": args.server_arg,
         "dtype": args.dtype,
         "rows": rows,
     }
