@@ -97,7 +97,10 @@ class Settings(BaseSettings):
         GiB, ge=0, description="budget for decoded deltas in host memory"
     )
     max_batch_size: int = Field(
-        8, ge=1, description="sequences running together (requests of any variants, one step)"
+        32,
+        ge=1,
+        description="sequences running together (requests of any variants, one step; "
+        "the KV cache budget may hold fewer)",
     )
     max_step_tokens: int = Field(
         256, ge=16, description="tokens per step (decode rows plus prefill chunks)"
