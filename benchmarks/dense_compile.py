@@ -1,7 +1,8 @@
-"""The dense part of a decode step: eager against torch.compile, beside the weight-read floor.
+"""The dense part of a decode step: eager against torch.compile and deltaserve's own
+dense kernel, beside the weight-read floor.
 
     python -m benchmarks.dense_compile                      # rows 8 16 32 64
-    python -m benchmarks.dense_compile --rows 8 --modes eager default
+    python -m benchmarks.dense_compile --rows 1 4 8 16 32 --modes eager kernel
 
 In process, the embedded base's own weights in bf16 (the CPU default), laid out as
 the runner computes them: per layer one q/k/v product, o, one gate/up product and
@@ -16,10 +17,15 @@ variants, at M rows (one per running sequence). Modes:
   pre-packed. Frozen weights are constants of the compiled graph: a variant merged
   in place afterwards would not be seen, so the server could not use this mode as is;
 - max-autotune-live: the same without freezing (weights stay inputs the merge policy
-  may change in place).
+  may change in place);
+- kernel: the products by the engine's dense CPU kernel (kernels.decode_kernels, as
+  the runner calls it with --decode-kernels auto: bf16 on a CPU with AVX512-BF16, up
+  to DENSE_KERNEL_ROWS rows; torch's GEMM past that).
 Reported per mode and M: the median of --repeats timed calls (after warm-up), the
-ratio to eager, and the ratio to the weight-read floor (the weights' bytes over the
-copy bandwidth measured in the same run). Writes --out (JSON) and prints a table.
+ratio to eager, and the ratio to the weight-read floor: the weights' bytes over the
+read rate of a plain sum over 512 MiB measured in the same run (`x floor`), and over
+half the copy bandwidth (`x copy floor`, the floor this table used first: a copy moves
+each byte twice, so it is the lower rate). Writes --out (JSON) and prints a table.
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ from tqdm.auto import tqdm
 
 from benchmarks.mixed import copy_bandwidth
 from deltastore.embedded import ensure_embedded_base
+from server.engine.kernels import decode_kernels
 
-MODES = ("eager", "default", "max-autotune", "max-autotune-live")
+MODES = ("eager", "default", "max-autotune", "max-autotune-live", "kernel")
 
 
 class DenseStep(torch.nn.Module):
@@ -68,24 +75,43 @@ class DenseStep(torch.nn.Module):
         return sum(int(w.nbytes) for w in self.weights) + int(self.head.nbytes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, torch.nn.functional.linear)
+
+    def run(self, x: torch.Tensor, linear: Any) -> torch.Tensor:
         h = x
         for i in range(0, len(self.weights), 4):
             qkv, o, gate_up, down = (self.weights[i + j] for j in range(4))
-            q = torch.nn.functional.linear(h, qkv)[:, : self.hidden]  # attention's stand-in
-            h = h + torch.nn.functional.linear(q, o)
-            g, u = torch.nn.functional.linear(h, gate_up).split(self.inter, dim=-1)
-            h = h + torch.nn.functional.linear(torch.nn.functional.silu(g) * u, down)
-        return torch.nn.functional.linear(h, self.head)
+            q = linear(h, qkv, None)[:, : self.hidden].contiguous()  # attention's stand-in
+            h = h + linear(q, o, None)
+            g, u = linear(h, gate_up, None).split(self.inter, dim=-1)
+            h = h + linear(torch.nn.functional.silu(g) * u, down, None)
+        return linear(h, self.head, None)
 
 
 def _compiled(step: DenseStep, mode: str) -> Any:
     if mode == "eager":
         return step
+    if mode == "kernel":
+        linear, _ = decode_kernels("auto", torch.device("cpu"), torch.bfloat16)
+        if linear is torch.nn.functional.linear:
+            raise SystemExit("the dense kernel is not built on this machine (no AVX512-BF16)")
+        return lambda x: step.run(x, linear)
     import torch._inductor.config as inductor
 
     inductor.freezing = mode == "max-autotune"
     how = {"default": None, "max-autotune-live": "max-autotune"}.get(mode, mode)
     return torch.compile(step, mode=how, dynamic=False)
+
+
+def read_bandwidth() -> float:
+    """GB/s of a plain read: an int64 sum over 512 MiB (on torch's threads), median of 5."""
+    src = torch.ones(1 << 26, dtype=torch.int64)
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        src.sum()
+        times.append(time.perf_counter() - t)
+    return src.nbytes / statistics.median(times[1:]) / 1e9
 
 
 def _time(fn: Any, x: torch.Tensor, repeats: int) -> float:
@@ -115,7 +141,9 @@ def main() -> None:
     step = DenseStep(model).eval()
     del model
     gbps = copy_bandwidth()
-    floor = step.nbytes / (gbps / 2 * 1e9)  # copy_bandwidth counts reads and writes
+    copy_floor = step.nbytes / (gbps / 2 * 1e9)  # copy_bandwidth counts reads and writes
+    read = read_bandwidth()
+    floor = step.nbytes / (read * 1e9)
     rows_out: list[dict[str, Any]] = []
     work = [(mode, m) for mode in args.modes for m in args.rows]
     fns: dict[str, Any] = {}
@@ -131,25 +159,29 @@ def main() -> None:
         rows_out.append({"mode": mode, "rows": m, "ms": t * 1e3, "first_call_s": first})
     eager = {r["rows"]: r["ms"] for r in rows_out if r["mode"] == "eager"}
     print(
-        f"weights {step.nbytes / 2**20:.0f} MiB, copy {gbps:.1f} GB/s, floor {floor * 1e3:.2f} ms"
+        f"weights {step.nbytes / 2**20:.0f} MiB, read {read:.1f} GB/s (floor "
+        f"{floor * 1e3:.2f} ms), copy {gbps:.1f} GB/s (floor {copy_floor * 1e3:.2f} ms)"
     )
-    print("| mode | rows | ms | × eager | × floor | first call (s) |")
-    print("|---|---|---|---|---|---|")
+    print("| mode | rows | ms | × eager | × floor | × copy floor | first call (s) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows_out:
         r["x_floor"] = r["ms"] / (floor * 1e3)
+        r["x_copy_floor"] = r["ms"] / (copy_floor * 1e3)
         r["x_eager"] = r["ms"] / eager[r["rows"]] if r["rows"] in eager else None
         xe = f"{r['x_eager']:.2f}" if r["x_eager"] is not None else "–"
         print(
             f"| {r['mode']} | {r['rows']} | {r['ms']:.2f} | {xe} | {r['x_floor']:.2f} "
-            f"| {r['first_call_s']:.1f} |"
+            f"| {r['x_copy_floor']:.2f} | {r['first_call_s']:.1f} |"
         )
     result = {
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "copy_gb_per_s": gbps,
+        "read_gb_per_s": read,
         "weight_bytes": step.nbytes,
         "floor_ms": floor * 1e3,
+        "copy_floor_ms": copy_floor * 1e3,
         "rows": rows_out,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -125,6 +125,12 @@ class Settings(BaseSettings):
         description="sparse delta products by the device's native kernel (C on CPU, "
         "Triton on CUDA; auto: when it works here, else torch), or the torch reference",
     )
+    decode_kernels: Literal["auto", "torch"] = Field(
+        "auto",
+        description="a decode step's dense products (up to 32 rows) and attention by "
+        "deltaserve's own CPU kernels where they are built (bf16 weights, a CPU with "
+        "AVX512-BF16; auto), else torch's GEMM and SDPA (torch: always)",
+    )
     merge_policy: Literal["auto", "never", "always"] = Field(
         "auto",
         description="merge the dominant variant into the weights per step by the cost "

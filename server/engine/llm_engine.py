@@ -47,6 +47,7 @@ from server.engine.job import (
     Target,
     TokenLogprob,
 )
+from server.engine.kernels import decode_kernels
 from server.engine.kv_cache import KVCache
 from server.engine.loader import Loader
 from server.engine.model_runner import ModelRunner
@@ -105,7 +106,9 @@ class LLMEngine:
             engine.dtype,
             engine.device,
         )
-        self.runner = ModelRunner(model, self.kv)
+        self.runner = ModelRunner(
+            model, self.kv, *decode_kernels(settings.decode_kernels, engine.device, engine.dtype)
+        )
         engine.matrix_names = self.runner.matrix_names
         engine.fused_matrices = self.runner.fused
         engine.vector_slots = self.runner.vector_slots

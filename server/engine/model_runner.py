@@ -56,11 +56,16 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.batch import StepInput
+from server.engine.kernels import ATTEND_MAX_GROUP, ATTEND_MAX_HEAD_DIM, Attend, Linear
 from server.engine.kv_cache import KVCache
 
 
 class UnsupportedModel(ValueError):
     pass
+
+
+# a step's attention masks by layer window (ModelRunner._masks), built on first use
+Masks = dict[int | None, list[torch.Tensor]]
 
 
 class Norm(StrEnum):
@@ -229,8 +234,13 @@ def _softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, model: Any, kv: KVCache) -> None:
+    def __init__(
+        self, model: Any, kv: KVCache, linear: Linear = F.linear, attend: Attend | None = None
+    ) -> None:
+        """`linear` computes the dense products and `attend` (if given) the decode rows'
+        attention: kernels.decode_kernels' choice for the device."""
         cfg = model.config
+        self.linear = linear
         self.family = family = family_of(cfg)
         self.model, self.kv = model, kv
         self.n_heads = cfg.num_attention_heads
@@ -246,6 +256,10 @@ class ModelRunner:
         self.final_cap = (
             getattr(cfg, "final_logit_softcapping", None) if family.final_softcap else None
         )
+        takes = self.head_dim <= ATTEND_MAX_HEAD_DIM and (
+            self.n_heads // self.n_kv <= ATTEND_MAX_GROUP
+        )  # soft-capped logits: SDPA's path computes them
+        self.attend = attend if takes and self.attn_cap is None else None
         self.layers = list(model.model.layers)
         self.embed = model.model.embed_tokens
         self.embed_scale = (
@@ -427,11 +441,11 @@ class ModelRunner:
         """x (N, in) -> (N, rows of p): the resident weights' GEMM plus the step's sparse
         deltas over their rows."""
         if p.stacked is not None and p.weights_in_place():
-            y = F.linear(x, p.stacked)
+            y = self.linear(x, p.stacked, None)
         elif len(p.mods) == 1:
-            y = F.linear(x, p.mods[0].weight, p.mods[0].bias)
+            y = self.linear(x, p.mods[0].weight, p.mods[0].bias)
         else:  # a materialized variant rebound the weights: stack the outputs instead
-            y = torch.cat([F.linear(x, m.weight, m.bias) for m in p.mods], dim=1)
+            y = torch.cat([self.linear(x, m.weight, m.bias) for m in p.mods], dim=1)
         step.deltas.spmm_add_(y, x, p.slot)
         if step.vectors is not None and step.token_group is not None:
             start = 0
@@ -449,6 +463,24 @@ class ModelRunner:
         split, or one output per product."""
         ys = [self._project(x, p, step) for p in self._products[layer][role]]
         return list(ys[0].split(splits, dim=1)) if len(ys) == 1 else ys
+
+    def _qkv(
+        self, x: torch.Tensor, layer: int, step: StepInput, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (N, H, D), k and v (N, Hkv, D) of a layer, q and k normed (if the family
+        norms them) and rotated. Without q/k norms, q and k are adjacent columns of one
+        product's output and are rotated as one (N, H + Hkv, D) tensor: half the ops."""
+        n, d, h = x.shape[0], self.head_dim, self.n_heads
+        products = self._products[layer]["qkv"]
+        if len(products) == 1 and "q" not in self._norms[layer]:
+            y = self._project(x, products[0], step)
+            qk = self._rotate(y[:, : (h + self.n_kv) * d].view(n, h + self.n_kv, d), cos, sin)
+            v = y[:, (h + self.n_kv) * d :].view(n, self.n_kv, d)
+            return qk[:, :h], qk[:, h:], v
+        q, k, v = self._group(x, layer, "qkv", self.qkv_splits, step)
+        q = self._norm(q.reshape(n, h, d), layer, "q", step)
+        k = self._norm(k.reshape(n, self.n_kv, d), layer, "k", step)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v.reshape(n, self.n_kv, d)
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -473,36 +505,60 @@ class ModelRunner:
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(weights, v)
 
-    def _attention(self, layer: int, q: torch.Tensor, step: StepInput) -> torch.Tensor:
+    def _masks(self, step: StepInput, window: int | None) -> list[torch.Tensor]:
+        """The step's attention masks for layers of `window`: the decode rows' (B, 1, 1,
+        L) if any (and SDPA attends for them), then each prefill chunk's (heads per kv
+        head * T, ctx); the same for every such layer, so built once a step (`Masks`)."""
+        device = step.ids.device
+        g = self.n_heads // self.n_kv
+        masks = []
+        if step.decode_idx.numel() and self.attend is None:
+            at = torch.arange(step.max_decode_len, device=device)[None]
+            keep = at < step.decode_lens[:, None]
+            if window is not None:  # positions within the window of the row's token
+                keep = torch.logical_and(keep, at >= step.decode_lens[:, None] - window)
+            masks.append(keep[:, None, None, :])
+        for p in step.prefills:
+            ctx = p.position + p.length
+            pos = torch.arange(p.position, ctx, device=device)[:, None]
+            at = torch.arange(ctx, device=device)[None]
+            keep = at <= pos  # (T, ctx) causal
+            if window is not None:
+                keep = torch.logical_and(keep, at > pos - window)
+            masks.append(keep.repeat(g, 1))
+        return masks
+
+    def _attention(
+        self, layer: int, q: torch.Tensor, step: StepInput, masks: Masks
+    ) -> torch.Tensor:
         """q (N, H, D) -> (N, H*D), reading keys/values from the KV slots."""
         n, hkv, d = q.shape[0], self.n_kv, self.head_dim
         g = self.n_heads // hkv
         window = self.attn[layer].window
+        if window not in masks:
+            masks[window] = self._masks(step, window)
+        keeps = iter(masks[window])
         out = torch.empty((n, self.n_heads * d), dtype=q.dtype, device=q.device)
         kc, vc = self.kv.k[layer], self.kv.v[layer]
         b = int(step.decode_idx.numel())
-        if b:
+        if b and self.attend is not None:
+            self.attend(
+                out, q, kc, vc, step.decode_idx, step.decode_slots, step.decode_lens,
+                window, self.scale,
+            )  # fmt: skip
+        elif b:
             length = step.max_decode_len
             qd = q.index_select(0, step.decode_idx).view(b, hkv, g, d)
             kd = kc[step.decode_slots, :, :length]  # (B, Hkv, L, D)
             vd = vc[step.decode_slots, :, :length]
-            at = torch.arange(length, device=q.device)[None]
-            keep = at < step.decode_lens[:, None]
-            if window is not None:  # positions within the window of the row's token
-                keep = torch.logical_and(keep, at >= step.decode_lens[:, None] - window)
-            od = self._sdpa(qd, kd, vd, keep[:, None, None, :])
+            od = self._sdpa(qd, kd, vd, next(keeps))
             out[step.decode_idx] = od.reshape(b, self.n_heads * d)
         for p in step.prefills:
             t, ctx = p.length, p.position + p.length
             qp = q[p.start : p.start + t].view(t, hkv, g, d).permute(1, 2, 0, 3)
             qp = qp.reshape(1, hkv, g * t, d)
             kp, vp = kc[p.slot, :, :ctx].unsqueeze(0), vc[p.slot, :, :ctx].unsqueeze(0)
-            pos = torch.arange(p.position, ctx, device=q.device)[:, None]
-            at = torch.arange(ctx, device=q.device)[None]
-            keep = at <= pos  # (T, ctx) causal
-            if window is not None:
-                keep = torch.logical_and(keep, at > pos - window)
-            op = self._sdpa(qp, kp, vp, keep.repeat(g, 1))
+            op = self._sdpa(qp, kp, vp, next(keeps))
             op = op.view(hkv, g, t, d).permute(2, 0, 1, 3).reshape(t, self.n_heads * d)
             out[p.start : p.start + t] = op
         return out
@@ -512,7 +568,6 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
         """Logits (R, vocab) in fp32 for the rows in step.logits_idx."""
-        n = int(step.ids.numel())
         h = F.embedding(step.ids, self.embed.weight)
         step.deltas.rowgather_add_(h, step.ids, self.slot_of[self.embed_name])
         if self.embed_scale is not None:
@@ -524,17 +579,14 @@ class ModelRunner:
             )
             for kind, (cos, sin) in self.rope.items()
         }  # (N, 1, R) each
+        masks: Masks = {}
         for i in range(len(self.layers)):
             x = self._norm(h, i, "attn_in", step)
-            q, k, v = self._group(x, i, "qkv", self.qkv_splits, step)
-            q = self._norm(q.reshape(n, self.n_heads, self.head_dim), i, "q", step)
-            k = self._norm(k.reshape(n, self.n_kv, self.head_dim), i, "k", step)
-            v = v.reshape(n, self.n_kv, self.head_dim)
             cos, sin = rope[self.attn[i].rope]
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            q, k, v = self._qkv(x, i, step, cos, sin)
             self.kv.write_(i, step.slots, step.positions, k, v)
             (o_proj,) = self._products[i]["o"]
-            a = self._project(self._attention(i, q, step), o_proj, step)
+            a = self._project(self._attention(i, q, step, masks), o_proj, step)
             h = h + self._norm(a, i, "attn_out", step)
             x = self._norm(h, i, "mlp_in", step)
             gate, up = self._group(x, i, "gate_up", self.gate_up_splits, step)
@@ -544,7 +596,7 @@ class ModelRunner:
         last = h.index_select(0, step.logits_idx)
         final = self.vector(step, self.final_norm_name)
         last = self._rmsnorm(last, self.norm.weight, final, step.row_group)
-        logits = F.linear(last, self.lm_head.weight)
+        logits = self.linear(last, self.lm_head.weight, None)
         step.head_deltas.spmm_add_(logits, last, self.slot_of[self.head_name])
         if self.final_cap is not None:
             logits = _softcap(logits, self.final_cap)

@@ -20,6 +20,13 @@ lives on y's device.
 The CPU and CUDA kernels need their toolchain; `native_available(device)` says whether
 it works here, and the engine falls back to the reference (`--delta-kernel torch`)
 when it does not.
+
+Beside them, a decode step's own CPU kernels (`decode_kernels`): on a CPU with
+AVX512-BF16 and bf16 weights, a product of a few rows runs by delta_kernels.c's
+linear_bf16 (one read of each weight for all the rows, as memory-bound as a decode
+step is) instead of torch's GEMM, and the decode rows' attention by
+decode_attention_bf16 (each row's own KV positions read in place) instead of SDPA
+over a gathered batch (`--decode-kernels torch` turns both off).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ __all__ = [
     "CSR",
     "MAX_COLS",
     "KernelUnavailable",
+    "decode_kernels",
     "fuse_rows",
     "load_kernels",
     "native_available",
@@ -141,3 +149,50 @@ def native_available(device: torch.device, dtype: torch.dtype | None = None) -> 
     except (KernelUnavailable, ImportError) as e:
         return str(e)
     return None
+
+
+Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# out, q, k cache, v cache, decode_idx, decode_slots, decode_lens, window, scale
+Attend = Callable[..., None]
+# products of up to this many rows (decode steps, short prompt chunks) by the CPU
+# kernel: it beat torch's GEMM on every SmolLM2 shape from 1 to 32 rows here, by 1.3-3.8x
+# (BENCHMARKS.md, "A decode step's own kernels")
+DENSE_KERNEL_ROWS = 32
+ATTEND_MAX_HEAD_DIM, ATTEND_MAX_GROUP = 256, 16  # what decode_attention_bf16 takes
+
+
+def _torch_only(x: torch.Tensor) -> bool:
+    return isinstance(x, FakeTensor) or torch.compiler.is_compiling()
+
+
+def decode_kernels(
+    choice: str, device: torch.device, dtype: torch.dtype
+) -> tuple[Linear, Attend | None]:
+    """(linear, attend) for a step (`--decode-kernels`). With auto, on a CPU whose
+    kernel build has the AVX512-BF16 path and for bf16 weights: `linear` sends products
+    of up to DENSE_KERNEL_ROWS rows to the dense kernel (F.linear for the rest), and
+    `attend` runs the decode rows' attention in place of SDPA. Elsewhere (and with
+    torch): F.linear and None."""
+    if choice not in ("auto", "torch"):
+        raise ValueError(f"decode kernels {choice!r}: choose auto or torch")
+    if choice == "torch" or device.type != "cpu" or dtype != torch.bfloat16:
+        return torch.nn.functional.linear, None
+    if not cpu.linear_available():
+        log.info("decode steps by torch's ops: this CPU's kernel build has no AVX512-BF16 path")
+        return torch.nn.functional.linear, None
+
+    def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if (
+            x.dim() != 2
+            or x.shape[0] > DENSE_KERNEL_ROWS
+            or x.dtype != torch.bfloat16
+            or w.dtype != torch.bfloat16
+            or x.stride(1) != 1
+            or w.stride(1) != 1
+            or (bias is not None and (bias.dtype != torch.bfloat16 or bias.stride(0) != 1))
+            or _torch_only(x)
+        ):
+            return torch.nn.functional.linear(x, w, bias)
+        return cpu.linear(x, w, bias)
+
+    return linear, cpu.decode_attention_

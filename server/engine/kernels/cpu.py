@@ -76,6 +76,12 @@ def load_kernels(portable: bool = False) -> ctypes.CDLL:
         for name in ("rowgather_add_f32", "rowgather_add_bf16"):
             getattr(lib, name).argtypes = [p, i64, p, p, i64, p, i64, i64]
             getattr(lib, name).restype = ctypes.c_int
+        lib.linear_bf16.argtypes = [p, i64, p, i64, i64, i64, p, i64, i64, p]
+        lib.linear_bf16.restype = ctypes.c_int
+        lib.linear_bf16_available.argtypes, lib.linear_bf16_available.restype = [], ctypes.c_int
+        lib.decode_attention_bf16.argtypes = [p, i64, p, i64, p, p, i64, i64, p, p, p]
+        lib.decode_attention_bf16.argtypes += [i64, i64, i64, i64, i64, ctypes.c_float]
+        lib.decode_attention_bf16.restype = ctypes.c_int
         _libs[portable] = lib
         return lib
 
@@ -164,3 +170,107 @@ def rowgather_add_(
         slot,
     )
     _check(rc, "rowgather_add_")
+
+
+def linear_available(portable: bool = False) -> bool:
+    """Whether `linear` runs its own kernel here (a build that targets AVX512-BF16)."""
+    try:
+        return bool(load_kernels(portable).linear_bf16_available())
+    except KernelUnavailable:
+        return False
+
+
+def linear(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, portable: bool = False
+) -> torch.Tensor:
+    """x (M, K) @ w (N, K).T (+ bias) in bf16 with fp32 sums, as F.linear computes it,
+    by the kernel's dense path (delta_kernels.c, linear_bf16: one read of w for every row
+    of x). Raises KernelUnavailable where that path is not built (linear_available)."""
+    _rows(x, "x")
+    _rows(w, "w")
+    if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+        raise TypeError(f"linear takes bf16 x and w, got {x.dtype} and {w.dtype}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} columns, w has {w.shape[1]}")
+    if bias is not None and (
+        bias.dtype != torch.bfloat16 or bias.shape != (w.shape[0],) or not bias.is_contiguous()
+    ):
+        raise ValueError(f"bias must be contiguous bf16 ({w.shape[0]},)")
+    m, k = x.shape
+    y = torch.empty((m, w.shape[0]), dtype=torch.bfloat16, device=x.device)
+    rc = load_kernels(portable).linear_bf16(
+        y.data_ptr(),
+        y.stride(0),
+        x.data_ptr(),
+        x.stride(0),
+        m,
+        k,
+        w.data_ptr(),
+        w.stride(0),
+        w.shape[0],
+        bias.data_ptr() if bias is not None else None,
+    )
+    if rc == -3:
+        raise KernelUnavailable("the dense bf16 path is not built for this machine")
+    return y
+
+
+def decode_attention_(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    slots: torch.Tensor,
+    lens: torch.Tensor,
+    window: int | None,
+    scale: float,
+    portable: bool = False,
+) -> None:
+    """out[idx[b]] (H*D) <- attention of q[idx[b]] (H, D) over the KV slot slots[b]'s
+    positions [0, lens[b]) (the last `window` with a window), in place, by the kernel
+    (delta_kernels.c, decode_attention_bf16). k, v: one layer's cache (slots, Hkv,
+    max_len, D); q (N, H, D) with contiguous heads; all bf16; idx, slots, lens int64,
+    each slot one of the cache's and each length at most max_len (the engine's own
+    StepInput: the kernel reads them unchecked)."""
+    hkv, d = k.shape[1], k.shape[3]
+    if q.dim() != 3 or q.stride(2) != 1 or q.stride(1) != d or q.shape[2] != d:
+        raise ValueError(f"q must be (N, H, {d}) with contiguous heads, got {tuple(q.shape)}")
+    if q.shape[1] % hkv:
+        raise ValueError(f"{q.shape[1]} query heads do not share {hkv} kv heads evenly")
+    if out.shape != (q.shape[0], q.shape[1] * d) or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous {(q.shape[0], q.shape[1] * d)}")
+    if not (k.is_contiguous() and v.is_contiguous() and v.shape == k.shape):
+        raise ValueError("k and v must be contiguous caches of one shape")
+    if any(t.dtype != torch.bfloat16 for t in (out, q, k, v)):
+        raise TypeError("decode attention takes bf16 q, caches and output")
+    if any(t.dtype != torch.int64 or not t.is_contiguous() for t in (idx, slots, lens)):
+        raise TypeError("idx, slots and lens must be contiguous int64")
+    b = idx.numel()
+    if slots.numel() != b or lens.numel() != b:
+        raise ValueError("idx, slots and lens need one entry per decode row")
+    rc = load_kernels(portable).decode_attention_bf16(
+        out.data_ptr(),
+        out.stride(0),
+        q.data_ptr(),
+        q.stride(0),
+        k.data_ptr(),
+        v.data_ptr(),
+        k.stride(0),
+        k.stride(1),
+        idx.data_ptr(),
+        slots.data_ptr(),
+        lens.data_ptr(),
+        b,
+        hkv,
+        q.shape[1] // hkv,
+        d,
+        window or 0,
+        scale,
+    )
+    if rc == -3:
+        raise KernelUnavailable("the bf16 decode attention is not built for this machine")
+    if rc == -2:
+        raise ValueError("decode attention takes head_dim <= 256 and <= 16 query heads per kv head")
+    if rc == -1:
+        raise MemoryError("decode attention could not allocate its buffers")

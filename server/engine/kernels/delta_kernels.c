@@ -327,3 +327,311 @@ int rowgather_add_bf16(uint16_t *h, int64_t ldh, const int64_t *ids, const int64
                        int64_t nbases, const int64_t *items, int64_t nitems, int64_t slot) {
     ROWGATHER_ENTRY(ADD_BF16)
 }
+
+/* The dense product of a decode step: y (M, N) = x (M, K) @ w (N, K)^T (+ bias), all
+ * bf16, fp32 accumulation, y rounded to nearest even once, for the few rows a decode
+ * step has. The weights are the model's resident rows as they are (row-major, the
+ * layout the in-place merges write): no packed copy to keep in step with a merge.
+ *
+ * A decode step reads every weight once for a handful of rows, so it is bound by the
+ * memory's read rate; a general GEMM (oneDNN's, through torch) reached 7-12 GB/s on
+ * those shapes here against 28 GB/s for a plain read (BENCHMARKS.md). Here each
+ * thread takes a static range of W's rows, two at a time, and keeps up to 8 x rows'
+ * dot products with them in AVX512-BF16 accumulators (VDPBF16PS: 32 products a
+ * step): each weight is read from memory once and used for 8 rows from registers; x
+ * stays in L1/L2. More than 8 rows run as blocks of 8 over the same W rows (then in
+ * L1). Built only where the compiler targets AVX512-BF16; elsewhere linear_bf16 says
+ * so (returns -3) and the caller runs torch's GEMM. */
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(DELTA_PORTABLE)
+#define DENSE_BF16 1
+#define DENSE_MB 8 /* x rows per block: 2 W rows x 8 = 16 accumulators */
+#ifndef DENSE_AHEAD
+#define DENSE_AHEAD 4 /* W rows read ahead of the pair in use */
+#endif
+
+static inline __m512bh ld_bh(const uint16_t *p, __mmask32 m) {
+    return (__m512bh)_mm512_maskz_loadu_epi16(m, p);
+}
+
+/* the sums of 16 vectors' lanes, in one vector (lane j: the sum of a[j]'s lanes), by a
+ * tree of shuffles and adds (15 adds, not 16 reductions of 4 each) */
+static inline __m512 reduce16(const __m512 *a) {
+    __m512 b[8], c[4], d[2];
+    for (int j = 0; j < 8; j++) /* 128-bit lanes: {a2j: 2 partials, a2j+1: 2 partials} */
+        b[j] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * j], a[2 * j + 1]),
+                             _mm512_unpackhi_ps(a[2 * j], a[2 * j + 1]));
+    for (int j = 0; j < 4; j++) { /* 128-bit lanes: one partial of a4j .. a4j+3 */
+        const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(b[2 * j]), _mm512_castps_pd(b[2 * j + 1]));
+        const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(b[2 * j]), _mm512_castps_pd(b[2 * j + 1]));
+        c[j] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+    }
+    for (int j = 0; j < 2; j++) /* 128-bit lanes: c2j (0+1, 2+3), c2j+1 (0+1, 2+3) */
+        d[j] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], 0x88),
+                             _mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88),
+                         _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
+}
+
+/* y[m0 .. m0 + mb) at W rows n, n + 1 (w0, w1) */
+static inline __attribute__((always_inline)) void dense_pair(
+    uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx, int64_t m0, const int mb,
+    int64_t K, const uint16_t *w0, const uint16_t *w1, int64_t ldw, const uint16_t *bias,
+    int64_t n, int prefetch) {
+    const int64_t kfull = K & ~(int64_t)31;
+    const __mmask32 tail = (__mmask32)((K & 31) ? ((1u << (K & 31)) - 1u) : 0u);
+    __m512 a0[DENSE_MB], a1[DENSE_MB];
+    for (int i = 0; i < mb; i++) { a0[i] = _mm512_setzero_ps(); a1[i] = _mm512_setzero_ps(); }
+    int64_t k = 0;
+    for (; k < kfull; k += 32) {
+        if (prefetch) { /* the pair DENSE_AHEAD rows on: in cache when its turn comes */
+            _mm_prefetch((const char *)(w0 + DENSE_AHEAD * ldw + k), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w1 + DENSE_AHEAD * ldw + k), _MM_HINT_T0);
+        }
+        const __m512bh v0 = (__m512bh)_mm512_loadu_si512(w0 + k);
+        const __m512bh v1 = (__m512bh)_mm512_loadu_si512(w1 + k);
+        for (int i = 0; i < mb; i++) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (m0 + i) * ldx + k);
+            a0[i] = _mm512_dpbf16_ps(a0[i], v0, xv);
+            a1[i] = _mm512_dpbf16_ps(a1[i], v1, xv);
+        }
+    }
+    if (tail) {
+        const __m512bh v0 = ld_bh(w0 + k, tail), v1 = ld_bh(w1 + k, tail);
+        for (int i = 0; i < mb; i++) {
+            const __m512bh xv = ld_bh(x + (m0 + i) * ldx + k, tail);
+            a0[i] = _mm512_dpbf16_ps(a0[i], v0, xv);
+            a1[i] = _mm512_dpbf16_ps(a1[i], v1, xv);
+        }
+    }
+    __m512 acc[16];
+    for (int i = 0; i < DENSE_MB; i++) {
+        acc[2 * i] = i < mb ? a0[i] : _mm512_setzero_ps();
+        acc[2 * i + 1] = i < mb ? a1[i] : _mm512_setzero_ps();
+    }
+    __m512 sums = reduce16(acc); /* lanes 2i, 2i + 1: x row m0 + i with W rows n, n + 1 */
+    if (bias) {
+        const uint32_t pair = (uint32_t)bias[n] | ((uint32_t)bias[n + 1] << 16);
+        const __m512i b = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_set1_epi32((int)pair)), 16);
+        sums = _mm512_add_ps(sums, _mm512_castsi512_ps(b));
+    }
+    uint32_t out[8];
+    _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(sums));
+    for (int i = 0; i < mb; i++) memcpy(y + (m0 + i) * ldy + n, out + i, 4);
+}
+
+/* rows [n0, n1) of y: each pair of W rows read from memory once, for every x row */
+static void dense_rows(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx, int64_t M,
+                       int64_t K, const uint16_t *w, int64_t ldw, const uint16_t *bias,
+                       int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + 1 < n1; n += 2) {
+        const uint16_t *w0 = w + n * ldw, *w1 = w0 + ldw;
+        for (int64_t m0 = 0; m0 < M; m0 += DENSE_MB) {
+            const int first = m0 == 0; /* later blocks find the pair in L1 */
+            switch (M - m0 >= DENSE_MB ? DENSE_MB : (int)(M - m0)) { /* constant mb: unrolled */
+            case 8: dense_pair(y, ldy, x, ldx, m0, 8, K, w0, w1, ldw, bias, n, first); break;
+            case 7: dense_pair(y, ldy, x, ldx, m0, 7, K, w0, w1, ldw, bias, n, first); break;
+            case 6: dense_pair(y, ldy, x, ldx, m0, 6, K, w0, w1, ldw, bias, n, first); break;
+            case 5: dense_pair(y, ldy, x, ldx, m0, 5, K, w0, w1, ldw, bias, n, first); break;
+            case 4: dense_pair(y, ldy, x, ldx, m0, 4, K, w0, w1, ldw, bias, n, first); break;
+            case 3: dense_pair(y, ldy, x, ldx, m0, 3, K, w0, w1, ldw, bias, n, first); break;
+            case 2: dense_pair(y, ldy, x, ldx, m0, 2, K, w0, w1, ldw, bias, n, first); break;
+            default: dense_pair(y, ldy, x, ldx, m0, 1, K, w0, w1, ldw, bias, n, first); break;
+            }
+        }
+    }
+    if (n < n1) { /* an odd row at the end of the range */
+        const uint16_t *w0 = w + n * ldw;
+        const __mmask32 tail = (__mmask32)((K & 31) ? ((1u << (K & 31)) - 1u) : 0u);
+        for (int64_t m = 0; m < M; m++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k += 32) {
+                const __mmask32 mk = K - k >= 32 ? (__mmask32)0xFFFFFFFFu : tail;
+                acc = _mm512_dpbf16_ps(acc, ld_bh(w0 + k, mk), ld_bh(x + m * ldx + k, mk));
+            }
+            y[m * ldy + n] = f2bf(_mm512_reduce_add_ps(acc) + (bias ? bf2f(bias[n]) : 0.0f));
+        }
+    }
+}
+#else
+#define DENSE_BF16 0
+#endif
+
+/* 1 where linear_bf16 runs here, 0 where it returns -3 */
+int linear_bf16_available(void) { return DENSE_BF16; }
+
+/* W rows a thread takes at a time: blocks of 64 rows keep each thread's reads in
+ * long runs */
+#define DENSE_CHUNK 64
+
+int linear_bf16(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx, int64_t M,
+                int64_t K, const uint16_t *w, int64_t ldw, int64_t N, const uint16_t *bias) {
+#if DENSE_BF16
+    if (M <= 0 || N <= 0) return 0;
+    const int64_t work = M * K * N, chunks = (N + DENSE_CHUNK - 1) / DENSE_CHUNK;
+    _Pragma("omp parallel if (work >= PARALLEL_WORK)")
+    {
+        int64_t nth = 1, me = 0;
+#ifdef _OPENMP
+        SPLIT(nth, me);
+#endif
+        /* contiguous ranges of whole chunks, as even as the chunks allow */
+        const int64_t c0 = chunks * me / nth, c1 = chunks * (me + 1) / nth;
+        const int64_t n0 = c0 * DENSE_CHUNK, n1 = c1 * DENSE_CHUNK < N ? c1 * DENSE_CHUNK : N;
+        if (n0 < n1) dense_rows(y, ldy, x, ldx, M, K, w, ldw, bias, n0, n1);
+    }
+    return 0;
+#else
+    (void)y; (void)ldy; (void)x; (void)ldx; (void)M; (void)K; (void)w; (void)ldw; (void)N;
+    (void)bias;
+    return -3;
+#endif
+}
+
+/* Decode attention: each decode row's query heads against its own KV slot, read where
+ * it lies in the cache (no gather of the rows' keys and values into a batch, no mask
+ * over the longest row), written into the row's place in the output.
+ *
+ *   out[idx[b], h*D:(h+1)*D] = softmax(scale * q[idx[b], h] . k[slot_b, h/g, s:L]) @ v[...]
+ *
+ * for the positions [s, L) of row b (L = lens[b]; s = L - window with a window, else 0),
+ * each of the g query heads that share a kv head. One task per (row, kv head): scores
+ * 16 positions at a time as bf16 dot products (VDPBF16PS) summed by reduce16, a softmax
+ * in fp32 (exp by scalef and a polynomial), then the values weighted in fp32; the output
+ * rounded to bf16 once. Only the positions a row attends to are read. Built where the
+ * dense path is (AVX512-BF16); elsewhere returns -3 and the caller runs SDPA. */
+#if DENSE_BF16
+static inline __m512 exp512(__m512 x) { /* e^x for x <= 0 (to within 2 ulp; 0 below -87) */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+#define ATT_MAX_G 16 /* query heads per kv head the kernel takes */
+
+static void attend_one(uint16_t *o, const uint16_t *q, int64_t qh_stride, const uint16_t *k,
+                       const uint16_t *v, int64_t pos_stride, int64_t s, int64_t L, int g,
+                       int64_t D, float scale, float *sc, float *acc) {
+    const int64_t n = L - s, chunks = (D + 31) / 32;
+    const __mmask32 dtail = (__mmask32)((D & 31) ? ((1u << (D & 31)) - 1u) : 0xFFFFFFFFu);
+    for (int j = 0; j < g; j++) {
+        const uint16_t *qj = q + j * qh_stride;
+        float *sj = sc + j * n;
+        __m512bh qv[8]; /* D <= 256 */
+        for (int64_t c = 0; c < chunks; c++)
+            qv[c] = ld_bh(qj + 32 * c, c == chunks - 1 ? dtail : (__mmask32)0xFFFFFFFFu);
+        for (int64_t l0 = 0; l0 < n; l0 += 16) {
+            const int m = n - l0 >= 16 ? 16 : (int)(n - l0);
+            __m512 a[16];
+            for (int i = 0; i < 16; i++) {
+                a[i] = _mm512_setzero_ps();
+                if (i < m) {
+                    const uint16_t *kr = k + (s + l0 + i) * pos_stride;
+                    for (int64_t c = 0; c < chunks; c++)
+                        a[i] = _mm512_dpbf16_ps(
+                            a[i], ld_bh(kr + 32 * c, c == chunks - 1 ? dtail : (__mmask32)0xFFFFFFFFu),
+                            qv[c]);
+                }
+            }
+            const __m512 sum = _mm512_mul_ps(reduce16(a), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(sj + l0, (__mmask16)((1u << m) - 1u), sum);
+        }
+        /* softmax over sj[0, n) */
+        __m512 mx = _mm512_set1_ps(-3.0e38f);
+        for (int64_t l = 0; l < n; l += 16) {
+            const __mmask16 mk = n - l >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - l)) - 1u);
+            mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_maskz_loadu_ps(mk, sj + l));
+        }
+        const __m512 mxv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 tot = _mm512_setzero_ps();
+        for (int64_t l = 0; l < n; l += 16) {
+            const __mmask16 mk = n - l >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - l)) - 1u);
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sj + l), mxv));
+            tot = _mm512_mask_add_ps(tot, mk, tot, e);
+            _mm512_mask_storeu_ps(sj + l, mk, e);
+        }
+        const float inv = 1.0f / _mm512_reduce_add_ps(tot);
+        /* out = sum_l p_l v_l */
+        for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
+        for (int64_t l = 0; l < n; l++) {
+            const __m512 p = _mm512_set1_ps(sj[l] * inv);
+            const uint16_t *vr = v + (s + l) * pos_stride;
+            for (int64_t d = 0; d < D; d += 16) {
+                const __mmask16 mk = D - d >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
+                const __m512 vv = _mm512_castsi512_ps(
+                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, vr + d)), 16));
+                _mm512_mask_storeu_ps(acc + d, mk,
+                                      _mm512_fmadd_ps(p, vv, _mm512_maskz_loadu_ps(mk, acc + d)));
+            }
+        }
+        uint16_t *oj = o + j * D;
+        for (int64_t d = 0; d < D; d += 16) {
+            const __mmask16 mk = D - d >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
+            const __m256i r = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, acc + d));
+            _mm256_mask_storeu_epi16(oj + d, mk, r);
+        }
+    }
+}
+#endif
+
+/* out (N, H*D) rows idx[b] <- attention of q (N, H, D) rows idx[b] over kc/vc (slots, Hkv,
+ * max_len, D: strides slot_stride, head_stride, D) of slot slots[b], positions up to
+ * lens[b] (the last `window` of them if window > 0). Returns 0, -1 if it could not
+ * allocate, -2 for a shape it does not take (D > 256, more than ATT_MAX_G query heads
+ * per kv head), -3 where it is not built. */
+int decode_attention_bf16(uint16_t *out, int64_t ldo, const uint16_t *q, int64_t ldq,
+                          const uint16_t *kc, const uint16_t *vc, int64_t slot_stride,
+                          int64_t head_stride, const int64_t *idx, const int64_t *slots,
+                          const int64_t *lens, int64_t B, int64_t Hkv, int64_t g, int64_t D,
+                          int64_t window, float scale) {
+#if DENSE_BF16
+    if (D > 256 || g > ATT_MAX_G || g < 1) return -2;
+    if (B <= 0) return 0;
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; b++) longest = lens[b] > longest ? lens[b] : longest;
+    const int parallel = B * Hkv * longest * D * g >= PARALLEL_WORK;
+    int threads = 1;
+#ifdef _OPENMP
+    if (parallel) threads = omp_get_max_threads();
+#endif
+    /* per thread: g rows of scores (one per query head) and D sums */
+    const int64_t per = g * longest + 16 + 256;
+    float *buf = malloc(sizeof(float) * (size_t)(per * threads));
+    if (!buf) return -1;
+    _Pragma("omp parallel if (parallel)")
+    {
+        int me = 0;
+#ifdef _OPENMP
+        me = omp_get_thread_num();
+#endif
+        float *sc = buf + per * me, *acc = sc + g * longest + 16;
+        _Pragma("omp for schedule(static)")
+        for (int64_t t = 0; t < B * Hkv; t++) {
+            const int64_t b = t / Hkv, h = t % Hkv, L = lens[b];
+            const int64_t s = window > 0 && L > window ? L - window : 0;
+            if (L <= 0) continue;
+            const uint16_t *qr = q + idx[b] * ldq + h * g * D;
+            const int64_t base = slots[b] * slot_stride + h * head_stride;
+            attend_one(out + idx[b] * ldo + h * g * D, qr, D, kc + base, vc + base, D, s, L,
+                       (int)g, D, scale, sc, acc);
+        }
+    }
+    free(buf);
+    return 0;
+#else
+    (void)out; (void)ldo; (void)q; (void)ldq; (void)kc; (void)vc; (void)slot_stride;
+    (void)head_stride; (void)idx; (void)slots; (void)lens; (void)B; (void)Hkv; (void)g;
+    (void)D; (void)window; (void)scale;
+    return -3;
+#endif
+}
