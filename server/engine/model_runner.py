@@ -36,6 +36,10 @@ place (apply_delta_) or materialized (parameter storage rebound) by the Engine i
 what the dense GEMMs see; `StepDeltas` then carries the other variants' deltas, with
 the merged one subtracted for rows that are not its own.
 
+On a CPU with AVX512-BF16 and bf16 weights, the dense products of a few rows and the
+decode rows' attention run by the engine's own kernels (`linear` and `attend`, from
+kernels.decode_kernels); elsewhere they are F.linear and SDPA.
+
 Device-independent: every tensor of a step lives on the engine's device, the sparse
 products are the ops of server/engine/kernels (one implementation per device), and
 nothing in the forward reads a device value on the host (shapes and loop bounds come

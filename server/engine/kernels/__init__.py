@@ -155,9 +155,10 @@ Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tenso
 # out, q, k cache, v cache, decode_idx, decode_slots, decode_lens, window, scale
 Attend = Callable[..., None]
 # products of up to this many rows (decode steps, short prompt chunks) by the CPU
-# kernel: it beat torch's GEMM on every SmolLM2 shape from 1 to 32 rows here, by 1.3-3.8x
-# (BENCHMARKS.md, "A decode step's own kernels")
-DENSE_KERNEL_ROWS = 32
+# kernel: here it beat torch's GEMM on the SmolLM2 shapes by 1.3-3.8x from 1 to 32 rows,
+# by 1.0-1.3x at 48 and 64, and lost from ~96 rows to 128 (BENCHMARKS.md, "A decode
+# step's own kernels")
+DENSE_KERNEL_ROWS = 64
 ATTEND_MAX_HEAD_DIM, ATTEND_MAX_GROUP = 256, 16  # what decode_attention_bf16 takes
 
 
