@@ -127,7 +127,7 @@ class Settings(BaseSettings):
     )
     decode_kernels: Literal["auto", "torch"] = Field(
         "auto",
-        description="a decode step's dense products (up to 64 rows) and attention by "
+        description="a decode step's dense products (up to 32 rows) and attention by "
         "deltaserve's own CPU kernels where they are built (bf16 weights, a CPU with "
         "AVX512-BF16; auto), else torch's GEMM and SDPA (torch: always)",
     )

@@ -155,10 +155,10 @@ Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tenso
 # out, q, k cache, v cache, decode_idx, decode_slots, decode_lens, window, scale
 Attend = Callable[..., None]
 # products of up to this many rows (decode steps, short prompt chunks) by the CPU
-# kernel: here it beat torch's GEMM on the SmolLM2 shapes by 1.3-3.8x from 1 to 32 rows,
-# by 1.0-1.3x at 48 and 64, and lost from ~96 rows to 128 (BENCHMARKS.md, "A decode
-# step's own kernels")
-DENSE_KERNEL_ROWS = 64
+# kernel: over the SmolLM2 step's weights streamed from memory it took 0.63x torch's
+# GEMM's time at 8 rows, 0.71x at 16, and was even with it at 32 and slower at 64
+# (BENCHMARKS.md, "A decode step's own kernels")
+DENSE_KERNEL_ROWS = 32
 ATTEND_MAX_HEAD_DIM, ATTEND_MAX_GROUP = 256, 16  # what decode_attention_bf16 takes
 
 
