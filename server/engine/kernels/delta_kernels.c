@@ -336,12 +336,15 @@ int rowgather_add_bf16(uint16_t *h, int64_t ldh, const int64_t *ids, const int64
  * A decode step reads every weight once for a handful of rows, so it is bound by the
  * memory's read rate; a general GEMM (oneDNN's, through torch) reached 7-12 GB/s on
  * those shapes here against 28 GB/s for a plain read (BENCHMARKS.md). Here each
- * thread takes a static range of W's rows, two at a time, and keeps up to 8 x rows'
- * dot products with them in AVX512-BF16 accumulators (VDPBF16PS: 32 products a
- * step): each weight is read from memory once and used for 8 rows from registers; x
- * stays in L1/L2. More than 8 rows run as blocks of 8 over the same W rows (then in
- * L1). Built only where the compiler targets AVX512-BF16; elsewhere linear_bf16 says
- * so (returns -3) and the caller runs torch's GEMM. */
+ * thread takes a static range of W's rows and keeps the x rows' dot products with
+ * them in AVX512-BF16 accumulators (VDPBF16PS: 32 products a step), so each weight is
+ * read from memory once and used for every x row from registers; x stays in L1/L2.
+ * Up to DENSE_ROWWISE x rows, one W row at a time (one stream of W per thread: two
+ * rows read side by side streamed from memory at a third of a plain read's rate);
+ * past that, two W rows at a time with up to 8 x rows per block (blocks of 8 over the
+ * same W rows, then in L1), which keeps more sums per weight loaded. Built only where
+ * the compiler targets AVX512-BF16; elsewhere linear_bf16 says so (returns -3) and the
+ * caller runs torch's GEMM. */
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(DELTA_PORTABLE)
 #define DENSE_BF16 1
 #define DENSE_MB 8 /* x rows per block: 2 W rows x 8 = 16 accumulators */
@@ -419,11 +422,55 @@ static inline __attribute__((always_inline)) void dense_pair(
     for (int i = 0; i < mb; i++) memcpy(y + (m0 + i) * ldy + n, out + i, 4);
 }
 
+/* y[m0 .. m0 + mb) at W row n: one stream of W, up to 16 x rows' sums */
+static inline __attribute__((always_inline)) void dense_row(
+    uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx, int64_t m0, const int mb,
+    int64_t K, const uint16_t *w0, int64_t ldw, const uint16_t *bias, int64_t n) {
+    const int64_t kfull = K & ~(int64_t)31;
+    const __mmask32 tail = (__mmask32)((K & 31) ? ((1u << (K & 31)) - 1u) : 0u);
+    __m512 a[16];
+    for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k < kfull; k += 32) {
+        _mm_prefetch((const char *)(w0 + DENSE_AHEAD * ldw + k), _MM_HINT_T0);
+        const __m512bh v0 = (__m512bh)_mm512_loadu_si512(w0 + k);
+        for (int i = 0; i < mb; i++)
+            a[i] = _mm512_dpbf16_ps(a[i], v0, (__m512bh)_mm512_loadu_si512(x + (m0 + i) * ldx + k));
+    }
+    if (tail) {
+        const __m512bh v0 = ld_bh(w0 + k, tail);
+        for (int i = 0; i < mb; i++)
+            a[i] = _mm512_dpbf16_ps(a[i], v0, ld_bh(x + (m0 + i) * ldx + k, tail));
+    }
+    __m512 sums = reduce16(a); /* lane i: x row m0 + i */
+    if (bias) sums = _mm512_add_ps(sums, _mm512_set1_ps(bf2f(bias[n])));
+    uint16_t out[16];
+    _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(sums));
+    for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + n] = out[i];
+}
+
+#ifndef DENSE_ROWWISE
+#define DENSE_ROWWISE 12 /* up to this many x rows: one W row at a time (BENCHMARKS.md) */
+#endif
+
 /* rows [n0, n1) of y: each pair of W rows read from memory once, for every x row */
 static void dense_rows(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx, int64_t M,
                        int64_t K, const uint16_t *w, int64_t ldw, const uint16_t *bias,
                        int64_t n0, int64_t n1) {
     int64_t n = n0;
+    if (M <= DENSE_ROWWISE) { /* one W row at a time, every x row in one block */
+        for (; n < n1; n++) {
+            const uint16_t *w0 = w + n * ldw;
+            switch ((int)M) {
+#define ROW(c) case c: dense_row(y, ldy, x, ldx, 0, c, K, w0, ldw, bias, n); break;
+            ROW(16) ROW(15) ROW(14) ROW(13) ROW(12) ROW(11) ROW(10) ROW(9)
+            ROW(8) ROW(7) ROW(6) ROW(5) ROW(4) ROW(3) ROW(2)
+            default: dense_row(y, ldy, x, ldx, 0, 1, K, w0, ldw, bias, n); break;
+#undef ROW
+            }
+        }
+        return;
+    }
     for (; n + 1 < n1; n += 2) {
         const uint16_t *w0 = w + n * ldw, *w1 = w0 + ldw;
         for (int64_t m0 = 0; m0 < M; m0 += DENSE_MB) {
