@@ -114,6 +114,12 @@ rowgather_add_ = torch.ops.deltaserve.rowgather_add_
 Op = Callable[..., None]
 
 
+def _torch_only(x: torch.Tensor) -> bool:
+    """The step is being traced (fake tensors, torch.compile): the registered ops and
+    torch's own, never a kernel called by address."""
+    return isinstance(x, FakeTensor) or torch.compiler.is_compiling()
+
+
 def resolve(like: torch.Tensor) -> tuple[Op, Op]:
     """(spmm_add_, rowgather_add_) for a step whose tensors are like `like`: the
     registered ops when they are traced (fake tensors, torch.compile), else the kernels
@@ -122,7 +128,7 @@ def resolve(like: torch.Tensor) -> tuple[Op, Op]:
     overload matched each call) cost more than the CPU kernel itself at decode: ~20% of
     a 16-variant step, measured with py-spy (BENCHMARKS.md). The choice is made once
     per step, from the op table above, so it cannot disagree with the dispatcher."""
-    if isinstance(like, FakeTensor) or torch.compiler.is_compiling():
+    if _torch_only(like):
         return spmm_add_, rowgather_add_
     if like.device.type == "cpu":
         return cpu.spmm_add_, cpu.rowgather_add_
@@ -160,10 +166,6 @@ Attend = Callable[..., None]
 # (BENCHMARKS.md, "A decode step's own kernels")
 DENSE_KERNEL_ROWS = 32
 ATTEND_MAX_HEAD_DIM, ATTEND_MAX_GROUP = 256, 16  # what decode_attention_bf16 takes
-
-
-def _torch_only(x: torch.Tensor) -> bool:
-    return isinstance(x, FakeTensor) or torch.compiler.is_compiling()
 
 
 def decode_kernels(
